@@ -1,0 +1,14 @@
+# The two commands of the README: `make demo` (main job) and `make test` (test suite).
+.PHONY: setup demo test bench cluster-up cluster-down
+
+setup:
+	bash scripts/setup.sh
+
+demo: setup
+	.venv/bin/c2seg demo
+
+test: setup
+	bash scripts/run_tests.sh
+
+bench: setup
+	.venv/bin/python benchmarks/run_all.py

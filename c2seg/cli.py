@@ -1,0 +1,79 @@
+"""The ``c2seg`` command: one sub-command group per stage, each owned by its package.
+
+Each stage package exposes ``cli.register(subparsers)``; handlers import their heavy dependencies
+lazily so that ``c2seg --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from pathlib import Path
+
+STAGES = (
+    ("data_prep.cli", "data"),
+    ("train.cli", "train"),
+    ("inference.cli", "infer"),
+    ("slurm.cli", "slurm"),
+    ("c2seg.demo", "demo"),
+)
+
+
+def add_spec_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    """The dataset-spec arguments every stage shares."""
+    parser.add_argument("--spec", required=required, type=Path,
+                        help="dataset spec YAML (configs/datasets/*.yaml): modalities, classes, cities")
+    parser.add_argument("--data-root", type=Path, default=None,
+                        help="folder holding the cities' files (overrides data_root in the spec)")
+
+
+def spec_from_args(args: argparse.Namespace):
+    """Load the spec named by :func:`add_spec_args` arguments."""
+    from c2seg.spec import load_spec
+
+    return load_spec(args.spec, data_root=args.data_root)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="c2seg",
+        description="Cross-city multimodal semantic segmentation of remote-sensing scenes, at scale. "
+        "Stages: data (generate, inspect, prep, verify) -> train (pretrain, finetune, export) -> "
+        "infer (run, evaluate); slurm chains them on a cluster; demo runs everything locally.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="stage", metavar="STAGE", required=True)
+    for module, _ in STAGES:
+        try:
+            importlib.import_module(module).register(sub)
+        except ModuleNotFoundError as exc:  # a stage package not installed in this environment
+            if exc.name and module.startswith(exc.name):
+                continue
+            raise
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    from c2seg.config import ConfigError
+
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, FileNotFoundError, KeyError, ValueError) as exc:
+        if args.verbose:
+            raise
+        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"c2seg {args.stage}: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

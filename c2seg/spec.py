@@ -1,0 +1,319 @@
+"""The dataset contract: modalities, bands, classes and cities, loaded from one YAML file.
+
+Every stage imports this module and nothing else to learn what a dataset holds. A user brings a new
+dataset by writing a spec under ``configs/datasets/``; see ``docs/dataset-spec.md``.
+
+Array conventions used by every stage: images are channel-first ``(C, H, W)``; labels are ``(H, W)``
+uint8 holding class ids after any remapping; ``ignore_id`` marks unlabelled pixels.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field, replace
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+from c2seg.config import ConfigError, from_dict, load_yaml, to_dict
+
+SceneFormat = Literal["geotiff", "mat_v5", "mat_v73", "tiles"]
+CityRole = Literal["source", "target"]
+_HEX = re.compile(r"^#[0-9a-fA-F]{6}$")
+_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+@dataclass(frozen=True)
+class Modality:
+    """One co-registered input modality (e.g. HSI, MSI, SAR)."""
+
+    name: str
+    bands: int
+    resolution_m: float
+    dtype: str = "float32"
+    unit: str = ""
+    nodata: float | None = None
+    wavelengths_nm: tuple[float, ...] | None = None
+    bandwidths_nm: tuple[float, ...] | None = None
+    band_names: tuple[str, ...] | None = None
+    spectral_range_nm: tuple[float, float] | None = None  # shorthand: evenly spaced band centres
+    mat_key: str | None = None  # key in the .mat release; default: name upper-cased
+    tile_dir: str | None = None  # folder in the tile release; default: name
+
+    def __post_init__(self) -> None:
+        if not _NAME.match(self.name):
+            raise ValueError(f"modality name '{self.name}' must be lower-case letters, digits, _")
+        if self.bands < 1:
+            raise ValueError(f"modalities.{self.name}.bands must be >= 1, got {self.bands}")
+        if self.resolution_m <= 0:
+            raise ValueError(f"modalities.{self.name}.resolution_m must be > 0, got {self.resolution_m}")
+        if self.spectral_range_nm is not None:
+            if self.wavelengths_nm is not None:
+                raise ValueError(f"modalities.{self.name}: give wavelengths_nm or spectral_range_nm, not both")
+            lo, hi = self.spectral_range_nm
+            if not 0 < lo < hi:
+                raise ValueError(f"modalities.{self.name}.spectral_range_nm must be 0 < start < end")
+            step = (hi - lo) / max(self.bands - 1, 1)
+            object.__setattr__(self, "wavelengths_nm", tuple(round(lo + i * step, 2) for i in range(self.bands)))
+            if self.bandwidths_nm is None:
+                object.__setattr__(self, "bandwidths_nm", tuple([round(step, 2)] * self.bands))
+            object.__setattr__(self, "spectral_range_nm", None)
+        for key in ("wavelengths_nm", "bandwidths_nm", "band_names"):
+            values = getattr(self, key)
+            if values is not None and len(values) != self.bands:
+                raise ValueError(
+                    f"modalities.{self.name}.{key} has {len(values)} entries for {self.bands} bands"
+                )
+        if self.wavelengths_nm is not None and any(w <= 0 for w in self.wavelengths_nm):
+            raise ValueError(f"modalities.{self.name}.wavelengths_nm must be positive")
+        if self.bandwidths_nm is not None and any(w <= 0 for w in self.bandwidths_nm):
+            raise ValueError(f"modalities.{self.name}.bandwidths_nm must be positive")
+        try:
+            import numpy as np
+
+            np.dtype(self.dtype)
+        except TypeError as exc:
+            raise ValueError(f"modalities.{self.name}.dtype '{self.dtype}' is not a numpy dtype") from exc
+
+    @property
+    def key_in_mat(self) -> str:
+        return self.mat_key or self.name.upper()
+
+    @property
+    def folder_in_tiles(self) -> str:
+        return self.tile_dir or self.name
+
+
+@dataclass(frozen=True)
+class ClassDef:
+    """One land-cover class: its id in label rasters, a name and a display colour."""
+
+    id: int
+    name: str
+    colour: str
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.id <= 254:
+            raise ValueError(f"class '{self.name}': id {self.id} must be in 0..254 (uint8 labels)")
+        if not _HEX.match(self.colour):
+            raise ValueError(f"class '{self.name}': colour '{self.colour}' must look like #rrggbb")
+
+    @property
+    def rgb(self) -> tuple[int, int, int]:
+        return tuple(int(self.colour[i : i + 2], 16) for i in (1, 3, 5))  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class LabelRemap:
+    """Raw label codes of some releases and the class id each maps onto.
+
+    When a label raster holds values outside the class set that all lie in ``codes``, readers remap
+    them and log that they did. ``nodata_codes`` map onto the spec's ``ignore_id``.
+    """
+
+    codes: dict[int, int]
+    nodata_codes: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class City:
+    """A city (scene or tile collection) of the dataset and its role in cross-city training.
+
+    ``files`` says where its data lies, relative to the spec's data root; keys by format:
+    geotiff: one key per modality plus optional ``label`` (one GeoTIFF each); mat_v5: ``scene``
+    (one .mat with every modality and ``label``); mat_v73: ``scene`` and optional ``label``
+    (HDF5-based .mat); tiles: ``root``, a folder with a sub-folder of ``N.tiff`` per modality and label.
+    """
+
+    name: str
+    role: CityRole
+    format: SceneFormat
+    files: dict[str, str]
+    labelled: bool = True
+    crs: str | None = None  # for formats with no georeferencing (.mat): EPSG code like "EPSG:32632"
+    origin: tuple[float, float] | None = None  # (x, y) of the upper-left corner in ``crs`` units
+
+    def __post_init__(self) -> None:
+        if not _NAME.match(self.name):
+            raise ValueError(f"city name '{self.name}' must be lower-case letters, digits, _")
+        required = {"geotiff": set(), "mat_v5": {"scene"}, "mat_v73": {"scene"}, "tiles": {"root"}}[self.format]
+        missing = required - set(self.files)
+        if missing:
+            raise ValueError(f"cities.{self.name}.files needs key(s) {sorted(missing)} for format {self.format}")
+
+
+@dataclass(frozen=True)
+class TileDefaults:
+    """Default tile size and stride for data preparation and sliding-window inference."""
+
+    size: int = 128
+    stride: int = 64
+
+    def __post_init__(self) -> None:
+        if self.size < 8 or self.stride < 1 or self.stride > self.size:
+            raise ValueError(f"tiling: need size >= 8 and 1 <= stride <= size, got {self.size}/{self.stride}")
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A whole dataset: modalities on one grid, classes, and the cities with their files."""
+
+    name: str
+    grid_resolution_m: float
+    modalities: tuple[Modality, ...]
+    classes: tuple[ClassDef, ...]
+    cities: tuple[City, ...]
+    description: str = ""
+    ignore_id: int = 0
+    label_remap: LabelRemap | None = None
+    data_root: str = "."
+    tiling: TileDefaults = field(default_factory=TileDefaults)
+    source_file: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.modalities:
+            raise ValueError("modalities: at least one modality is needed")
+        _unique("modalities", [m.name for m in self.modalities])
+        _unique("classes (ids)", [c.id for c in self.classes])
+        _unique("cities", [c.name for c in self.cities])
+        if not [c for c in self.classes if c.id != self.ignore_id]:
+            raise ValueError("classes: at least one class besides ignore_id is needed")
+        if not any(c.role == "source" for c in self.cities):
+            raise ValueError("cities: at least one city must have role 'source'")
+        if self.label_remap:
+            bad = sorted(set(self.label_remap.codes.values()) - set(self.class_ids))
+            if bad:
+                raise ValueError(f"label_remap.codes maps onto unknown class ids {bad}")
+
+    # ---- derived views -------------------------------------------------------------------
+    @property
+    def modality_names(self) -> tuple[str, ...]:
+        return tuple(m.name for m in self.modalities)
+
+    @property
+    def class_ids(self) -> tuple[int, ...]:
+        return tuple(c.id for c in self.classes)
+
+    @property
+    def scored_class_ids(self) -> tuple[int, ...]:
+        """Class ids that are trained and scored (every class but ``ignore_id``)."""
+        return tuple(c.id for c in self.classes if c.id != self.ignore_id)
+
+    @property
+    def num_logits(self) -> int:
+        """Number of model outputs: one per class id 0..max (the ignore id's logit is never used)."""
+        return max(self.class_ids) + 1
+
+    def modality(self, name: str) -> Modality:
+        for m in self.modalities:
+            if m.name == name:
+                return m
+        raise KeyError(f"dataset '{self.name}' has no modality '{name}' (has {list(self.modality_names)})")
+
+    def city(self, name: str) -> City:
+        for c in self.cities:
+            if c.name == name:
+                return c
+        raise KeyError(f"dataset '{self.name}' has no city '{name}' (has {[c.name for c in self.cities]})")
+
+    def cities_with_role(self, role: CityRole) -> tuple[City, ...]:
+        return tuple(c for c in self.cities if c.role == role)
+
+    def class_name(self, class_id: int) -> str:
+        for c in self.classes:
+            if c.id == class_id:
+                return c.name
+        return f"class {class_id}"
+
+    def resolve(self, city: City, key: str) -> Path:
+        """Absolute path of ``city.files[key]`` under the data root."""
+        if key not in city.files:
+            raise KeyError(f"city '{city.name}' has no file entry '{key}' (has {sorted(city.files)})")
+        return (Path(self.data_root) / city.files[key]).resolve()
+
+    def with_data_root(self, root: str | Path) -> DatasetSpec:
+        """The same spec reading its cities under another data root."""
+        return replace(self, data_root=str(root))
+
+    def to_dict(self) -> dict:
+        """Plain-data form, used for manifests and checkpoints (the data root is left out)."""
+        data = to_dict(self)
+        data.pop("source_file")
+        data.pop("data_root")
+        return data
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """sha256 of what defines the data contract (modalities and classes), for compatibility checks."""
+        core = {"modalities": [to_dict(m) for m in self.modalities], "classes": [to_dict(c) for c in self.classes],
+                "ignore_id": self.ignore_id}
+        return hashlib.sha256(json.dumps(core, sort_keys=True).encode()).hexdigest()
+
+    @cached_property
+    def spec_hash(self) -> str:
+        """sha256 of the whole spec (cities included)."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+
+
+def _unique(what: str, values: list) -> None:
+    seen = set()
+    for v in values:
+        if v in seen:
+            raise ValueError(f"{what}: '{v}' appears twice")
+        seen.add(v)
+
+
+def spec_from_dict(data: dict, source: str = "<spec>", data_root: str | Path | None = None) -> DatasetSpec:
+    """Build a spec from plain data (a parsed YAML file or a checkpoint's copy)."""
+    spec = from_dict(DatasetSpec, data, source=source)
+    if data_root is not None:
+        spec = spec.with_data_root(data_root)
+    return spec
+
+
+def read_spec_yaml(path: str | Path) -> dict:
+    """A spec file's mapping with ``extends: other.yaml`` resolved (top-level keys override)."""
+    path = Path(path)
+    data = load_yaml(path)
+    base = data.pop("extends", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: extends must be a file name, got {base!r}")
+    merged = read_spec_yaml(path.parent / base)
+    merged.update(data)
+    return merged
+
+
+def load_spec(path: str | Path, data_root: str | Path | None = None) -> DatasetSpec:
+    """Load a dataset spec YAML. A relative ``data_root`` in the file is taken from the current
+    directory; ``data_root`` here (e.g. from ``--data-root``) overrides it. A spec may start with
+    ``extends: base.yaml`` to reuse another spec's modalities and classes."""
+    path = Path(path)
+    spec = spec_from_dict(read_spec_yaml(path), source=str(path), data_root=data_root)
+
+    return replace(spec, source_file=str(path))
+
+
+def spec_compatible(expected: DatasetSpec, actual: DatasetSpec) -> list[str]:
+    """Reasons why data of ``actual`` cannot feed a model trained on ``expected`` (empty if it can)."""
+    problems = []
+    for m in expected.modalities:
+        try:
+            other = actual.modality(m.name)
+        except KeyError:
+            problems.append(f"modality '{m.name}' is missing")
+            continue
+        if other.bands != m.bands:
+            problems.append(f"modality '{m.name}' has {other.bands} bands, the model expects {m.bands}")
+    if expected.num_logits != actual.num_logits:
+        problems.append(f"{actual.num_logits} class outputs, the model has {expected.num_logits}")
+    return problems
+
+
+__all__ = [
+    "City", "ClassDef", "DatasetSpec", "LabelRemap", "Modality", "TileDefaults",
+    "load_spec", "read_spec_yaml", "spec_from_dict", "spec_compatible", "SceneFormat", "CityRole",
+]

@@ -1,0 +1,94 @@
+"""The scene interface every reader implements: co-registered modalities and an optional label on
+one grid, read by windows.
+
+Arrays are channel-first ``(C, h, w)`` float32 for images and ``(h, w)`` uint8 for labels (class ids
+after any remapping from the spec's ``label_remap``). Non-finite image values are replaced by the
+modality's ``nodata`` (0 when the spec gives none) and counted in :attr:`Scene.nonfinite_counts`.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from affine import Affine
+
+from c2seg.spec import City, DatasetSpec
+
+
+class SceneError(ValueError):
+    """A scene file is missing, corrupt or does not match the dataset spec. The message names the
+    file and the problem."""
+
+
+@dataclass(frozen=True)
+class Window:
+    """A pixel window: ``row`` / ``col`` of the upper-left corner, then its size."""
+
+    row: int
+    col: int
+    height: int
+    width: int
+
+    @property
+    def slices(self) -> tuple[slice, slice]:
+        return slice(self.row, self.row + self.height), slice(self.col, self.col + self.width)
+
+    def clipped(self, height: int, width: int) -> Window:
+        """The part of this window inside a ``height`` x ``width`` grid."""
+        r0, c0 = max(self.row, 0), max(self.col, 0)
+        r1, c1 = min(self.row + self.height, height), min(self.col + self.width, width)
+        return Window(r0, c0, max(r1 - r0, 0), max(c1 - c0, 0))
+
+
+def iter_windows(height: int, width: int, block: int) -> list[Window]:
+    """Row-major blocks covering a grid (edge blocks are smaller)."""
+    return [Window(r, c, min(block, height - r), min(block, width - c))
+            for r in range(0, height, block) for c in range(0, width, block)]
+
+
+class Scene(abc.ABC):
+    """One scene of a city: a full-scene release file set, a GeoTIFF stack or one challenge tile."""
+
+    def __init__(self, spec: DatasetSpec, city: City, name: str, path: Path, height: int, width: int,
+                 transform: Affine | None = None, crs: str | None = None) -> None:
+        self.spec, self.city, self.name, self.path = spec, city, name, Path(path)
+        self.height, self.width = height, width
+        self.transform = transform if transform is not None else Affine.identity()
+        self.crs = crs
+        self.nonfinite_counts: dict[str, int] = {}
+
+    @property
+    @abc.abstractmethod
+    def modalities(self) -> tuple[str, ...]:
+        """Names of the modalities this scene holds (a subset of the spec's)."""
+
+    @property
+    @abc.abstractmethod
+    def has_label(self) -> bool:
+        """Whether a label raster is present."""
+
+    @abc.abstractmethod
+    def read(self, modality: str, window: Window | None = None) -> np.ndarray:
+        """``(C, h, w)`` float32 values of ``modality`` inside ``window`` (whole scene if None)."""
+
+    @abc.abstractmethod
+    def read_label(self, window: Window | None = None) -> np.ndarray:
+        """``(h, w)`` uint8 class ids inside ``window``; raises :class:`SceneError` if unlabelled."""
+
+    def full_window(self) -> Window:
+        return Window(0, 0, self.height, self.width)
+
+    def close(self) -> None:
+        """Release open file handles."""
+
+    def __enter__(self) -> Scene:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.city.name}/{self.name}, {self.height}x{self.width}, {self.path})"

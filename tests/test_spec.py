@@ -1,0 +1,88 @@
+"""The dataset contract: shipped specs load, bad specs fail naming the file and the key."""
+
+from pathlib import Path
+
+import pytest
+
+from c2seg.config import ConfigError
+from c2seg.spec import load_spec, spec_compatible
+
+SPECS = sorted(Path("configs/datasets").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SPECS, ids=lambda p: p.stem)
+def test_shipped_specs_load(path):
+    spec = load_spec(path)
+    assert spec.cities_with_role("source")
+    for m in spec.modalities:
+        if m.wavelengths_nm is not None:
+            assert len(m.wavelengths_nm) == m.bands
+
+
+def test_real_figures():
+    ab = load_spec("configs/datasets/c2seg_ab.yaml")
+    bw = load_spec("configs/datasets/c2seg_bw.yaml")
+    assert [ab.modality(m).bands for m in ("hsi", "msi", "sar")] == [242, 4, 2]
+    assert [bw.modality(m).bands for m in ("hsi", "msi", "sar")] == [116, 4, 2]
+    assert bw.modality("hsi").resolution_m == 30
+    assert ab.scored_class_ids == tuple(range(1, 14)) and ab.num_logits == 14
+    assert bw.label_remap.codes[41] == 13 and bw.label_remap.nodata_codes == (-1,)
+    assert bw.tiling.size == 256 and ab.tiling.size == 128
+    # same classes, different sensors: compatible contract fingerprints differ
+    assert ab.fingerprint != bw.fingerprint
+    assert spec_compatible(ab, bw) == ["modality 'hsi' has 116 bands, the model expects 242"]
+
+
+def _write(tmp_path, text):
+    p = tmp_path / "spec.yaml"
+    p.write_text(text)
+    return p
+
+
+BASE = """
+name: s
+grid_resolution_m: 10
+modalities: [{name: msi, bands: 4, resolution_m: 10}]
+classes: [{id: 0, name: bg, colour: "#000000"}, {id: 1, name: water, colour: "#0000ff"}]
+cities: [{name: a, role: source, format: geotiff, files: {msi: a.tif}}]
+"""
+
+
+@pytest.mark.parametrize("patch, message", [
+    ("extra_key: 1", "unknown key 'extra_key'"),
+    ("modalities: [{name: msi, bands: 4, resolution_m: 10, colour: red}]", "unknown key 'modalities[0].colour'"),
+    ("modalities: [{name: msi, bands: 0, resolution_m: 10}]", "bands must be >= 1"),
+    ("modalities: [{name: msi, bands: 2, resolution_m: 10, wavelengths_nm: [1, 2, 3]}]", "3 entries for 2 bands"),
+    ("classes: [{id: 0, name: bg, colour: blue}]", "must look like #rrggbb"),
+    ("cities: [{name: a, role: target, format: geotiff, files: {}}]", "role 'source'"),
+    ("cities: [{name: a, role: source, format: mat_v73, files: {}}]", "needs key(s) ['scene']"),
+    ("cities: [{name: a, role: sauce, format: geotiff, files: {}}]", "'sauce' is not one of"),
+    ("grid_resolution_m: ten", "expected a number"),
+])
+def test_bad_spec_names_file_and_key(tmp_path, patch, message):
+    import yaml
+
+    data = yaml.safe_load(BASE)
+    data.update(yaml.safe_load(patch))
+    path = _write(tmp_path, yaml.safe_dump(data))
+    with pytest.raises(ConfigError) as err:
+        load_spec(path)
+    assert str(path) in str(err.value) and message in str(err.value)
+
+
+def test_new_dataset_needs_only_yaml(tmp_path):
+    """A Sentinel-1 + Sentinel-2 flood dataset with 2 classes, from one YAML."""
+    path = _write(tmp_path, """
+name: floods
+grid_resolution_m: 10
+modalities:
+  - {name: s1, bands: 2, resolution_m: 10, unit: dB}
+  - {name: s2, bands: 13, resolution_m: 10, spectral_range_nm: [443, 2190]}
+classes: [{id: 0, name: nodata, colour: "#000000"}, {id: 1, name: dry, colour: "#aa8800"},
+          {id: 2, name: flooded, colour: "#0044ff"}]
+cities: [{name: chip_train, role: source, format: tiles, files: {root: train}},
+         {name: chip_test, role: target, format: tiles, files: {root: test}, labelled: false}]
+""")
+    spec = load_spec(path, data_root=tmp_path)
+    assert spec.modality_names == ("s1", "s2") and spec.num_logits == 3
+    assert spec.resolve(spec.city("chip_train"), "root") == (tmp_path / "train").resolve()

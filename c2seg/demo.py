@@ -1,0 +1,145 @@
+"""``c2seg demo``: the whole pipeline on generated cities, on this machine, through the stage CLIs.
+
+generate -> inspect -> prep -> pretrain -> finetune (adapted) and finetune (source only) -> export
+-> infer on the target city -> evaluate, then a table of target-city metrics. Each step is skipped
+when its output already exists, and training resumes, so an interrupted demo continues where it
+stopped. The same CLIs are what the SLURM job scripts call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from c2seg.config import load_config
+
+log = logging.getLogger("c2seg.demo")
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """What the demo runs; every stage config it names is an ordinary stage config."""
+
+    spec: str
+    out: str
+    prep_config: str
+    pretrain_config: str
+    finetune_config: str
+    source_only_config: str
+    size: tuple[int, int] = (256, 384)
+    seed: int = 0
+    infer_window: int = 128
+    infer_overlap: float = 0.5
+
+
+def register(stages: argparse._SubParsersAction) -> None:
+    parser = stages.add_parser(
+        "demo", help="run the whole pipeline locally on generated demo cities (the README's main command)",
+        description="generate -> inspect -> prep -> pretrain -> finetune (adapted / source only) -> export -> "
+        "infer -> evaluate on generated AB-like cities, tracked in the local MLflow store. Steps whose "
+        "outputs exist are skipped; training resumes.",
+    )
+    parser.add_argument("--config", type=Path, default=Path("configs/demo/demo_ab.yaml"),
+                        help="demo config (default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (overrides the config's out)")
+    parser.set_defaults(func=run_demo)
+
+
+class _Runner:
+    """Runs the stage CLIs one after another, logging each step and its duration."""
+
+    def __init__(self) -> None:
+        self.timings: list[tuple[str, float]] = []
+
+    def step(self, name: str, args: list[str], done: Path | None = None) -> None:
+        if done is not None and done.exists():
+            log.info("[%s] skipped: %s exists", name, done)
+            return
+        cmd = [sys.executable, "-m", "c2seg.cli", *args]
+        log.info("[%s] %s", name, shlex.join(["c2seg", *args]))
+        t0 = time.perf_counter()
+        result = subprocess.run(cmd, env=os.environ.copy())
+        took = time.perf_counter() - t0
+        self.timings.append((name, took))
+        if result.returncode != 0:
+            raise SystemExit(f"demo: step '{name}' failed (exit {result.returncode}); rerun `c2seg demo` to "
+                             "continue from there")
+        log.info("[%s] done in %.1f s", name, took)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    cfg = load_config(DemoConfig, args.config)
+    out = Path(args.out or cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    from c2seg.spec import load_spec
+
+    spec = load_spec(cfg.spec)
+    source = spec.cities_with_role("source")[0].name
+    target = spec.cities_with_role("target")[0].name
+    prep_dir, models_dir, pred_dir = out / "prep", out / "models", out / "predictions"
+    run = _Runner()
+    t0 = time.perf_counter()
+    spec_args = ["--spec", cfg.spec]
+    h, w = cfg.size
+    run.step("generate", ["data", "generate", *spec_args, "--size", f"{h}x{w}", "--seed", str(cfg.seed)],
+             done=spec.resolve(spec.city(target), next(iter(spec.city(target).files))))
+    run.step("inspect", ["data", "inspect", *spec_args, "--out", str(out / "inspect")],
+             done=out / "inspect")
+    run.step("prep", ["data", "prep", *spec_args, "--config", cfg.prep_config, "--out", str(prep_dir),
+                      "--workers", "2"], done=prep_dir / "manifest.json")
+    run.step("verify", ["data", "verify", "--out", str(prep_dir)])
+    runs = {
+        "pretrain": (cfg.pretrain_config, ["train", "pretrain"]),
+        "adapted": (cfg.finetune_config, ["train", "finetune"]),
+        "source_only": (cfg.source_only_config, ["train", "finetune"]),
+    }
+    for name, (config, command) in runs.items():
+        overrides = ["--set", f"data.prep_dir={prep_dir}", "--set", f"output_dir={out / 'train' / name}"]
+        if name == "adapted":
+            overrides += ["--set", f"init_from={out / 'train' / 'pretrain'}"]
+        run.step(name, [*command, "--config", config, "--resume", "auto", *overrides],
+                 done=out / "train" / name / "COMPLETED")
+    metrics = {}
+    for name in ("source_only", "adapted"):
+        model = models_dir / f"{name}.pt"
+        run.step(f"export {name}", ["train", "export", "--run-dir", str(out / "train" / name), "--out", str(model)],
+                 done=model)
+        city_out = pred_dir / name
+        run.step(f"infer {name}", ["infer", "run", "--model", str(model), *spec_args, "--city", target,
+                                   "--out", str(city_out), "--window", str(cfg.infer_window),
+                                   "--overlap", str(cfg.infer_overlap)])
+        metrics_path = city_out / target / "metrics.json"
+        run.step(f"evaluate {name}", ["infer", "evaluate", "--pred", str(city_out / target), *spec_args,
+                                      "--city", target, "--out", str(metrics_path)])
+        metrics[name] = json.loads(metrics_path.read_text())
+    _report(out, target, metrics, pred_dir, time.perf_counter() - t0, run.timings)
+    return 0
+
+
+def _report(out: Path, target: str, metrics: dict, pred_dir: Path, total: float,
+            timings: list[tuple[str, float]]) -> None:
+    print(f"\nDemo finished in {total / 60:.1f} min. Step times: "
+          + ", ".join(f"{n} {t:.0f}s" for n, t in timings))
+    print(f"\nTarget city '{target}' (never seen with labels in training):")
+    print(f"  {'model':<14}{'mIoU':>8}{'OA':>8}{'macro-F1':>10}{'kappa':>8}")
+    for name, m in metrics.items():
+        print(f"  {name:<14}{100 * m['miou']:>7.1f}%{100 * m['oa']:>7.1f}%{100 * m['macro_f1']:>9.1f}%"
+              f"{m['kappa']:>8.3f}")
+    adapted = pred_dir / "adapted" / target
+    print("\nOutputs:")
+    for label, pattern in (("class map (COG)", "*.tif"), ("quicklook", "*.png")):
+        for path in sorted(adapted.glob(pattern)):
+            print(f"  {label:<16}{path}")
+    print(f"  {'metrics':<16}{adapted / 'metrics.json'}")
+    print(f"  {'everything':<16}{out}")
+    tracking = os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
+    print(f"\nMLflow runs are in {tracking}; open the UI with:\n  .venv/bin/mlflow ui --backend-store-uri "
+          f"{tracking}\n")

@@ -1,0 +1,190 @@
+"""The manifest of a prepared dataset: written by finalize from the tasks' parts, read by train,
+inference and verify through :func:`load_manifest`.
+
+``manifest.json`` holds: format, creation time, tool versions, the spec (and its hash), the resolved
+prep config, stored dtypes with their measured cast error, statistics per modality pooled over all
+cities and per city (count, mean, std, min, max, p01, p99 per band), and per city and split: tile
+counts (planned, kept, dropped for nodata / for straddling the val blocks), the class histogram,
+the zarr group and the shard list (path, samples, bytes, sha256).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+from c2seg.spec import DatasetSpec, spec_from_dict
+from data_prep.prep import load_job
+from data_prep.stats import BandStats
+from data_prep.zarr_store import STORE, write_kept
+
+log = logging.getLogger("c2seg.prep")
+
+MANIFEST = "manifest.json"
+FORMAT = "c2seg-prep/1"
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for pkg in ("c2seg", "numpy", "zarr", "numcodecs", "webdataset", "rasterio"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def finalize(out: Path) -> Path:
+    """Join the parts of every task into ``out/manifest.json``; fails naming the missing units."""
+    out = Path(out)
+    job = load_job(out)
+    units = job.units()
+    missing = [u for u in units if not job.marker(u).is_file()]
+    if missing:
+        names = [job.marker(u).name for u in missing[:5]]
+        raise ValueError(f"{out}: {len(missing)} of {len(units)} work units are not done (e.g. {names}); "
+                         f"rerun the prep tasks (they resume) before finalize")
+    spec = job.spec
+    pooled = {m.name: BandStats.empty(m.bands) for m in spec.modalities}
+    cities, max_err = {}, dict.fromkeys(spec.modality_names, 0.0)
+    for city, plan in job.plans.items():
+        acc = {m.name: BandStats.empty(m.bands) for m in spec.modalities}
+        for k in range(len(plan.stats_units)):
+            with np.load(job.marker(("stats", city, "", k))) as data:
+                for name in acc:
+                    part = BandStats.from_arrays(data, name)
+                    acc[name].merge(part)
+                    pooled[name].merge(part)
+        splits = {}
+        for split, sp in plan.splits.items():
+            records = [json.loads(job.marker(("tiles", city, split, k)).read_text()) for k in range(len(sp.units))]
+            kept = sorted(s for r in records for s in r["kept"])
+            hist = np.sum([r["class_histogram"] for r in records], axis=0) if records else np.zeros(256, int)
+            for r in records:
+                for m, e in r["max_rel_error"].items():
+                    max_err[m] = max(max_err[m], e)
+            write_kept(out, city, split, kept)
+            splits[split] = {
+                "labelled": sp.labelled, "planned": len(sp.tiles), "tiles": len(kept),
+                "dropped_nodata": sum(r["dropped_nodata"] for r in records),
+                "class_histogram": {str(c): int(n) for c, n in enumerate(hist) if n},
+                "zarr": f"{STORE}/{city}/{split}",
+                "shards": [r["shard"] for r in records],
+            }
+        cities[city] = {"id": plan.city_id, "role": plan.role, "scenes": [s[0] for s in plan.scenes],
+                        "dropped_straddling": plan.straddling_dropped,
+                        "scenes_smaller_than_tile": plan.small_scenes_skipped,
+                        "stats": {m: a.summary() for m, a in acc.items()}, "splits": splits}
+    manifest = {
+        "format": FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "versions": _versions(),
+        "spec": spec.to_dict(), "spec_hash": spec.spec_hash, "spec_fingerprint": spec.fingerprint,
+        "config": json.loads((out / "job.json").read_text())["config"],
+        "store_dtypes": {m: {"dtype": job.cfg.store_dtypes[m], "max_rel_error": max_err[m]}
+                         for m in spec.modality_names},
+        "stats": {m: a.summary() for m, a in pooled.items()},
+        "cities": cities,
+    }
+    path = out / MANIFEST
+    tmp = path.with_name(f".{MANIFEST}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, path)
+    totals = {s: sum(c["splits"][s]["tiles"] for c in cities.values()) for s in ("train", "val")}
+    log.info("finalized %s: %d train and %d val tiles in %d shards", path, totals["train"], totals["val"],
+             sum(len(sp["shards"]) for c in cities.values() for sp in c["splits"].values()))
+    return path
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """One shard of the manifest, with its absolute path."""
+
+    path: Path
+    city: str
+    split: str
+    samples: int
+    bytes: int
+    sha256: str
+
+
+class Normalizer:
+    """Per-band ``(x - mean) / std`` with the pooled statistics; nodata pixels (every band at the
+    modality's fill value) become 0."""
+
+    def __init__(self, spec: DatasetSpec, stats: dict[str, dict]) -> None:
+        from data_prep.stats import fill_value
+
+        self.modalities = spec.modality_names
+        self.mean = {m: np.asarray(stats[m]["mean"], np.float32) for m in self.modalities}
+        self.std = {m: np.maximum(np.asarray(stats[m]["std"], np.float32), 1e-6) for m in self.modalities}
+        self.fill = {m.name: fill_value(m) for m in spec.modalities}
+        self.stats = self.as_dict()  # {modality: {"mean": [...], "std": [...]}}
+
+    def __call__(self, modality: str, values: np.ndarray) -> np.ndarray:
+        """Normalise ``(C, H, W)`` or ``(B, C, H, W)`` values of ``modality`` to float32."""
+        values = np.asarray(values)
+        nodata = np.all(values == np.asarray(self.fill[modality], values.dtype), axis=-3, keepdims=True)
+        shape = (-1, 1, 1)
+        out = (values.astype(np.float32) - self.mean[modality].reshape(shape)) / self.std[modality].reshape(shape)
+        return np.where(nodata, np.float32(0.0), out)
+
+    def as_dict(self) -> dict[str, dict[str, list[float]]]:
+        """``{modality: {"mean": [...], "std": [...]}}``, the form exported models carry."""
+        return {m: {"mean": self.mean[m].tolist(), "std": self.std[m].tolist()} for m in self.modalities}
+
+
+class Manifest:
+    """A prepared dataset's manifest: ``.spec``, ``.stats`` (pooled per modality), ``.city_stats``,
+    ``.cities`` (per-city records), :meth:`shards`, :meth:`normalizer`."""
+
+    def __init__(self, root: Path, data: dict) -> None:
+        self.root, self.data = Path(root), data
+        self.spec: DatasetSpec = spec_from_dict(data["spec"], source=str(root / MANIFEST))
+        self.stats: dict[str, dict] = data["stats"]
+        self.cities: dict[str, dict] = data["cities"]
+        self.city_stats = {c: v["stats"] for c, v in self.cities.items()}
+        self.tile_size: int = data["config"]["tile_size"]
+
+    def city_names(self, cities: list[str] | tuple[str, ...] | None = None) -> list[str]:
+        """``cities`` checked against the manifest (all cities when None)."""
+        if cities is None:
+            return list(self.cities)
+        unknown = [c for c in cities if c not in self.cities]
+        if unknown:
+            raise KeyError(f"{self.root / MANIFEST}: no city {unknown} (has {list(self.cities)})")
+        return list(cities)
+
+    def shards(self, split: str, cities: list[str] | tuple[str, ...] | None = None) -> list[ShardInfo]:
+        """Shards of ``split`` for ``cities`` (all when None), in manifest order."""
+        out = []
+        for c in self.city_names(cities):
+            splits = self.cities[c]["splits"]
+            if split not in splits:
+                raise KeyError(f"{self.root / MANIFEST}: no split '{split}' (has {list(splits)})")
+            for s in splits[split]["shards"]:
+                out.append(ShardInfo(self.root / s["path"], c, split, s["samples"], s["bytes"], s["sha256"]))
+        return out
+
+    def normalizer(self) -> Normalizer:
+        return Normalizer(self.spec, self.stats)
+
+
+def load_manifest(prep_dir: str | Path) -> Manifest:
+    """Read ``prep_dir/manifest.json`` (made by ``c2seg data prep`` / ``finalize``)."""
+    path = Path(prep_dir) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no manifest (run `c2seg data prep` and `c2seg data finalize` first)")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON: {exc}") from exc
+    if data.get("format") != FORMAT:
+        raise ValueError(f"{path}: format {data.get('format')!r} is not {FORMAT}")
+    return Manifest(Path(prep_dir), data)

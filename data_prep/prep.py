@@ -1,0 +1,324 @@
+"""``c2seg data prep``: run this task's share of the work units (statistics and tile shards),
+resumably, optionally over a process pool; ``finalize`` joins the parts into the manifest.
+
+Layout of the output folder: ``job.json`` (spec, resolved config, tile plan; written once, checked by
+every later task), ``dataset.zarr``, ``shards/<split>/<city>-<n>.tar``, ``parts/units/*.json`` and
+``parts/stats/*.npz`` (one done-marker per finished unit, written last and atomically), then
+``manifest.json`` from finalize. A rerun skips units whose marker exists and redoes the others, which
+rewrite the same chunks and shard names, so a crash leaves nothing duplicated or missing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import zlib
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from tqdm import tqdm
+
+from c2seg.config import from_dict, to_dict
+from c2seg.spec import DatasetSpec, spec_from_dict
+from data_prep.prep_config import PrepConfig
+from data_prep.readers.base import Scene, Window
+from data_prep.shards import encode_npy, sample_key, write_shard
+from data_prep.stats import BandStats, fill_value, nodata_mask
+from data_prep.tiling import CityPlan, SplitPlan, plan_city
+from data_prep.zarr_store import create_store, file_lock, write_tiles
+
+log = logging.getLogger("c2seg.prep")
+
+JOB_FORMAT = "c2seg-prep-job/1"
+FLOAT16_MAX = 65504.0
+SceneOpener = Callable[[DatasetSpec, str], list[Scene]]
+
+
+def default_opener(spec: DatasetSpec, city: str) -> list[Scene]:
+    from data_prep.readers import open_city
+
+    return open_city(spec, city)
+
+
+@dataclass
+class Job:
+    """What every task of one prep job shares: spec, resolved config, plan and output folder."""
+
+    out: Path
+    spec: DatasetSpec
+    cfg: PrepConfig
+    plans: dict[str, CityPlan]
+    opener: SceneOpener = default_opener
+
+    def units(self) -> list[tuple[str, str, str, int]]:
+        """Every work unit, in a fixed order: ("stats", city, "", k) and ("tiles", city, split, k)."""
+        units = []
+        for city, plan in self.plans.items():
+            units += [("stats", city, "", k) for k in range(len(plan.stats_units))]
+            for split, sp in plan.splits.items():
+                units += [("tiles", city, split, k) for k in range(len(sp.units))]
+        return units
+
+    def marker(self, unit: tuple[str, str, str, int]) -> Path:
+        kind, city, split, k = unit
+        if kind == "stats":
+            return self.out / "parts" / "stats" / f"{city}-{k:05d}.npz"
+        return self.out / "parts" / "units" / f"{self.plans[city].splits[split].unit_name(k)}.json"
+
+
+# ---- the job record ------------------------------------------------------------------------------
+def _plan_to_dict(plan: CityPlan) -> dict:
+    d = dict(plan.__dict__)
+    d["splits"] = {s: {"labelled": sp.labelled, "tiles": sp.tiles.tolist(), "units": sp.units}
+                   for s, sp in plan.splits.items()}
+    return d
+
+
+def _plan_from_dict(d: dict) -> CityPlan:
+    splits = {s: SplitPlan(d["city"], s, v["labelled"], np.array(v["tiles"], np.int64).reshape(-1, 3),
+                           [tuple(u) for u in v["units"]]) for s, v in d["splits"].items()}
+    return CityPlan(**{**d, "splits": splits, "scenes": [tuple(s) for s in d["scenes"]],
+                       "stats_units": [[tuple(i) for i in u] for u in d["stats_units"]]})
+
+
+def _job_record(job: Job) -> dict:
+    return {"format": JOB_FORMAT, "spec": job.spec.to_dict(), "data_root": job.spec.data_root,
+            "spec_hash": job.spec.spec_hash, "config": to_dict(job.cfg),
+            "plans": {c: _plan_to_dict(p) for c, p in job.plans.items()}}
+
+
+def load_job(out: Path, opener: SceneOpener = default_opener) -> Job:
+    """The job recorded in ``out/job.json`` (written by the first task)."""
+    path = Path(out) / "job.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no prep job here (run `c2seg data prep --out {out}` first)")
+    try:
+        rec = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON: {exc}") from exc
+    if rec.get("format") != JOB_FORMAT:
+        raise ValueError(f"{path}: format {rec.get('format')!r} is not {JOB_FORMAT}")
+    spec = spec_from_dict(rec["spec"], source=str(path), data_root=rec["data_root"])
+    cfg = from_dict(PrepConfig, rec["config"], source=str(path))
+    return Job(Path(out), spec, cfg, {c: _plan_from_dict(p) for c, p in rec["plans"].items()}, opener)
+
+
+def open_job(spec: DatasetSpec, cfg: PrepConfig, out: Path, opener: SceneOpener = default_opener) -> Job:
+    """Plan the job and record it in ``out`` (first task), or check it against the record (later tasks)."""
+    out = Path(out)
+    cfg = cfg.resolved(spec)
+    plans = {}
+    for city in spec.cities:
+        scenes = opener(spec, city.name)
+        try:
+            plans[city.name] = plan_city(spec, city, scenes, cfg)
+        finally:
+            for s in scenes:
+                s.close()
+    job = Job(out, spec, cfg, plans, opener)
+    record = _job_record(job)
+    with file_lock(out / ".prep.lock"):
+        path = out / "job.json"
+        if path.is_file():
+            old = json.loads(path.read_text())
+            for key in ("spec_hash", "config", "plans"):
+                if old.get(key) != json.loads(json.dumps(record[key])):
+                    raise ValueError(f"{path}: this folder holds a prep job with another {key.rstrip('s')} "
+                                     f"(use a new --out, or delete {out})")
+        else:
+            tmp = path.with_name(f".job.json.tmp-{os.getpid()}")
+            tmp.write_text(json.dumps(record))
+            os.replace(tmp, path)
+        create_store(out, spec, cfg, plans)
+    return job
+
+
+# ---- work units ------------------------------------------------------------------------------------
+_SCENES: dict[str, list[Scene]] = {}
+_JOB: Job | None = None
+
+
+def _scenes(job: Job, city: str) -> list[Scene]:
+    if city not in _SCENES:
+        _SCENES[city] = job.opener(job.spec, city)
+    return _SCENES[city]
+
+
+def _close_scenes() -> None:
+    for scenes in _SCENES.values():
+        for s in scenes:
+            s.close()
+    _SCENES.clear()
+
+
+def _to_store(values: np.ndarray, dtype: str, modality: str, where: str) -> tuple[np.ndarray, float]:
+    """``values`` cast to the stored dtype, and the largest relative error of the cast."""
+    if dtype == "float32":
+        return values, 0.0
+    if dtype == "uint16":
+        if values.min() < 0 or values.max() > 65535 or not np.array_equal(values, np.round(values)):
+            raise ValueError(f"{where}: modality '{modality}' holds values that are not integers in 0..65535, "
+                             f"so store_dtypes.{modality}: uint16 would lose them (use float16 or float32)")
+        return values.astype(np.uint16), 0.0
+    if np.abs(values).max() > FLOAT16_MAX:
+        raise ValueError(f"{where}: modality '{modality}' holds values beyond the float16 range (|v| > 65504); "
+                         f"set store_dtypes.{modality}: float32")
+    stored = values.astype(np.float16)
+    err = np.abs(stored.astype(np.float32) - values) / np.maximum(np.abs(values), 1e-6)
+    return stored, float(err.max()) if err.size else 0.0
+
+
+def _run_tiles(job: Job, city: str, split: str, k: int) -> dict:
+    spec, cfg, t = job.spec, job.cfg, job.cfg.tile_size
+    sp = job.plans[city].splits[split]
+    start, stop = sp.units[k]
+    tiles = sp.tiles[start:stop]
+    scenes = _scenes(job, city)
+    kept: list[int] = []
+    zarr_tiles: dict[str, list[np.ndarray]] = {m: [] for m in spec.modality_names}
+    if sp.labelled:
+        zarr_tiles["label"] = []
+    samples, hist, max_err = [], np.zeros(256, np.int64), dict.fromkeys(spec.modality_names, 0.0)
+    dropped = 0
+    for scene_idx in np.unique(tiles[:, 0]):
+        scene = scenes[scene_idx]
+        rows = tiles[tiles[:, 0] == scene_idx]
+        r0, c0 = rows[:, 1].min(), rows[:, 2].min()
+        box = Window(int(r0), int(c0), int(rows[:, 1].max() + t - r0), int(rows[:, 2].max() + t - c0))
+        block = {m: scene.read(m, box) for m in spec.modality_names}
+        label = scene.read_label(box) if sp.labelled else None
+        slot0 = start + int(np.flatnonzero(tiles[:, 0] == scene_idx)[0])
+        for j, (_, r, c) in enumerate(rows):
+            slot, rs, cs = slot0 + j, slice(r - r0, r - r0 + t), slice(c - c0, c - c0 + t)
+            parts = {m: block[m][:, rs, cs] for m in spec.modality_names}
+            nodata = np.zeros((t, t), bool)
+            for m in spec.modalities:
+                nodata |= nodata_mask(parts[m.name], fill_value(m))
+            if nodata.mean() > cfg.max_nodata_fraction:
+                dropped += 1
+                continue
+            entries = {}
+            for m in spec.modality_names:
+                stored, err = _to_store(parts[m], cfg.store_dtypes[m], m, str(scene.path))
+                max_err[m] = max(max_err[m], err)
+                zarr_tiles[m].append(stored)
+                entries[f"{m}.npy"] = encode_npy(stored)
+            if label is not None:
+                lab = np.ascontiguousarray(label[rs, cs])
+                zarr_tiles["label"].append(lab)
+                entries["label.npy"] = encode_npy(lab)
+                hist += np.bincount(lab.ravel(), minlength=256)
+            entries["json"] = json.dumps({"city": city, "split": split, "scene": scene.name, "slot": slot,
+                                          "window": [int(r), int(c), t, t]}).encode()
+            samples.append((sample_key(city, split, slot), entries))
+            kept.append(slot)
+    if kept:
+        write_tiles(job.out, city, split, kept, zarr_tiles)
+    size, sha = write_shard(job.out / sp.shard_path(k), samples)
+    return {"unit": sp.unit_name(k), "city": city, "split": split, "kept": kept, "dropped_nodata": dropped,
+            "class_histogram": hist.tolist(), "max_rel_error": max_err,
+            "shard": {"path": sp.shard_path(k), "samples": len(samples), "bytes": size, "sha256": sha}}
+
+
+def _run_stats(job: Job, city: str, k: int) -> dict[str, np.ndarray]:
+    spec, cfg = job.spec, job.cfg
+    items = job.plans[city].stats_units[k]
+    scenes = _scenes(job, city)
+    acc = {m.name: BandStats.empty(m.bands) for m in spec.modalities}
+    rng = np.random.default_rng([cfg.seed, zlib.crc32(city.encode()), k])
+    keep = max(1, cfg.stats_samples_per_block // len(items))
+    for scene_idx, r0, rows in items:
+        scene = scenes[scene_idx]
+        window = Window(r0, 0, rows, scene.width)
+        for m in spec.modalities:
+            values = scene.read(m.name, window)
+            acc[m.name].add(values, ~nodata_mask(values, fill_value(m)), rng, keep)
+    arrays: dict[str, np.ndarray] = {}
+    for name, stats in acc.items():
+        arrays.update(stats.to_arrays(name))
+    return arrays
+
+
+def _run_unit(unit: tuple[str, str, str, int], job: Job | None = None) -> int:
+    """Do one unit and write its done-marker last; returns the tiles it handled."""
+    job = job or _JOB
+    kind, city, split, k = unit
+    marker = job.marker(unit)
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    if kind == "stats":
+        arrays = _run_stats(job, city, k)
+        tmp = marker.with_name(f".{marker.stem}.tmp-{os.getpid()}.npz")
+        np.savez(tmp, **arrays)
+        os.replace(tmp, marker)
+        return 0
+    record = _run_tiles(job, city, split, k)
+    tmp = marker.with_name(f".{marker.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(record))
+    os.replace(tmp, marker)
+    return _unit_tiles(job, unit)
+
+
+def _unit_tiles(job: Job, unit: tuple[str, str, str, int]) -> int:
+    kind, city, split, k = unit
+    if kind == "stats":
+        return 0
+    a, b = job.plans[city].splits[split].units[k]
+    return b - a
+
+
+def _init_worker(out: str) -> None:
+    global _JOB
+    _JOB = load_job(Path(out))
+
+
+def task_from_env(task_index: int | None, num_tasks: int | None) -> tuple[int, int]:
+    """``--task-index`` / ``--num-tasks``, defaulting to SLURM_ARRAY_TASK_ID / SLURM_ARRAY_TASK_COUNT
+    (the index taken relative to SLURM_ARRAY_TASK_MIN)."""
+    env = os.environ
+    if num_tasks is None:
+        num_tasks = int(env.get("SLURM_ARRAY_TASK_COUNT", 1))
+    if task_index is None:
+        task_index = int(env.get("SLURM_ARRAY_TASK_ID", 0)) - int(env.get("SLURM_ARRAY_TASK_MIN", 0))
+    if not 0 <= task_index < num_tasks:
+        raise ValueError(f"task index {task_index} is outside 0..{num_tasks - 1}")
+    return task_index, num_tasks
+
+
+def run_prep(spec: DatasetSpec, cfg: PrepConfig, out: Path, *, task_index: int = 0, num_tasks: int = 1,
+             workers: int = 1, opener: SceneOpener = default_opener) -> dict:
+    """Run task ``task_index`` of ``num_tasks`` (every ``num_tasks``-th unit); returns counts."""
+    t0 = time.monotonic()
+    job = open_job(spec, cfg, out, opener)
+    mine = job.units()[task_index::num_tasks]
+    todo = [u for u in mine if not job.marker(u).is_file()]
+    log.info("task %d/%d: %d of its %d units to do (%d already done) in %s", task_index, num_tasks,
+             len(todo), len(mine), len(mine) - len(todo), out)
+    total = sum(_unit_tiles(job, u) for u in todo)
+    done_tiles = 0
+    with tqdm(total=int(total), unit="tile", desc=f"prep task {task_index}", dynamic_ncols=True) as bar:
+        if workers > 1 and len(todo) > 1:
+            if opener is not default_opener:
+                raise ValueError("workers > 1 needs the default scene readers (open_city)")
+            import multiprocessing as mp
+
+            with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
+                                     initargs=(str(out),)) as pool:
+                for n in pool.map(_run_unit, todo):
+                    bar.update(n)
+                    done_tiles += n
+        else:
+            try:
+                for unit in todo:
+                    n = _run_unit(unit, job)
+                    bar.update(n)
+                    done_tiles += n
+            finally:
+                _close_scenes()
+    seconds = time.monotonic() - t0
+    log.info("task %d/%d: %d units, %d tiles in %.1f s", task_index, num_tasks, len(todo), done_tiles, seconds)
+    return {"units": len(todo), "skipped": len(mine) - len(todo), "tiles": done_tiles, "seconds": seconds}

@@ -1,0 +1,75 @@
+"""Typed configuration of ``c2seg data prep`` (tiling, validation split, shards, storage)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from c2seg.config import from_dict, load_config
+from c2seg.spec import DatasetSpec
+
+StoreDtype = Literal["float32", "float16", "uint16"]
+
+
+@dataclass(frozen=True)
+class PrepConfig:
+    """How cities become tiles. ``tile_size`` / ``stride`` default to the spec's ``tiling``.
+
+    ``store_dtypes`` maps a modality to its stored dtype: ``float16`` (default; relative error
+    <= 2**-11, the measured maximum is written to the manifest), ``uint16`` (lossless for
+    reflectance x 1e4 integers; non-integer or out-of-range values are refused) or ``float32``.
+    """
+
+    tile_size: int | None = None
+    stride: int | None = None
+    max_nodata_fraction: float = 0.5  # tiles with more nodata pixels are dropped (and counted)
+    val_block_size: int | None = None  # side of the validation blocks in px; default 4 x tile size
+    val_fraction: float = 0.2  # share of blocks held out for validation
+    seed: int = 0  # picks the validation blocks
+    shard_max_samples: int = 256
+    shard_max_bytes: int = 256 * 2**20
+    min_shards_per_split: int = 4  # per city and split, so that ranks x workers all get work
+    store_dtypes: dict[str, StoreDtype] = field(default_factory=dict)
+    zarr_clevel: int = 3  # Blosc zstd level
+    stats_block_rows: int = 256  # rows per statistics work unit
+    stats_samples_per_block: int = 4096  # pixels sampled per statistics unit for percentiles
+
+    def __post_init__(self) -> None:
+        if self.tile_size is not None and self.tile_size < 8:
+            raise ValueError(f"tile_size must be >= 8, got {self.tile_size}")
+        if self.stride is not None and self.stride < 1:
+            raise ValueError(f"stride must be >= 1, got {self.stride}")
+        if not 0.0 <= self.max_nodata_fraction <= 1.0:
+            raise ValueError(f"max_nodata_fraction must be in [0, 1], got {self.max_nodata_fraction}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.shard_max_samples < 1 or self.shard_max_bytes < 1 or self.min_shards_per_split < 1:
+            raise ValueError("shard_max_samples, shard_max_bytes and min_shards_per_split must be >= 1")
+        if not 1 <= self.zarr_clevel <= 22:
+            raise ValueError(f"zarr_clevel must be in 1..22, got {self.zarr_clevel}")
+
+    def resolved(self, spec: DatasetSpec) -> PrepConfig:
+        """This config with tile size, stride, validation block and store dtypes filled in from ``spec``."""
+        size = self.tile_size or spec.tiling.size
+        stride = self.stride or (spec.tiling.stride if self.tile_size is None else size // 2)
+        if stride > size:
+            raise ValueError(f"stride {stride} is larger than tile_size {size}")
+        unknown = sorted(set(self.store_dtypes) - set(spec.modality_names))
+        if unknown:
+            raise ValueError(f"store_dtypes names modalities {unknown} that spec '{spec.name}' does not have")
+        dtypes = {m: self.store_dtypes.get(m, "float16") for m in spec.modality_names}
+        return PrepConfig(**{**self.__dict__, "tile_size": size, "stride": stride,
+                             "val_block_size": self.val_block_size or 4 * size, "store_dtypes": dtypes})
+
+
+def load_prep_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> PrepConfig:
+    """The prep config in ``path`` (defaults when None), with dotted ``overrides`` applied."""
+    if path is None:
+        data: dict[str, Any] = {}
+        from c2seg.config import set_dotted
+
+        for key, value in (overrides or {}).items():
+            set_dotted(data, key, value)
+        return from_dict(PrepConfig, data, source="<prep overrides>")
+    return load_config(PrepConfig, path, overrides)

@@ -1,0 +1,95 @@
+"""Per-band statistics, computed by streaming over windows and merged across units, tasks and cities.
+
+Mean and standard deviation are exact (per-window mean and sum of squared deviations, merged with
+Chan's formula). Percentiles come from a seeded random sample of valid pixels (a fixed number per
+statistics unit), pooled when merging. Nodata pixels (every band at the modality's fill value) are
+left out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from c2seg.spec import Modality
+
+PERCENTILES = (1.0, 99.0)
+
+
+def fill_value(modality: Modality) -> float:
+    """The value readers put where a modality has no data: its ``nodata``, else 0."""
+    return 0.0 if modality.nodata is None else float(modality.nodata)
+
+
+def nodata_mask(values: np.ndarray, fill: float) -> np.ndarray:
+    """``(h, w)`` True where every band of ``values`` ``(C, h, w)`` equals ``fill``."""
+    return np.all(values == np.asarray(fill, dtype=values.dtype), axis=0)
+
+
+@dataclass
+class BandStats:
+    """Mergeable per-band accumulator for one modality."""
+
+    count: np.ndarray  # (C,) int64
+    mean: np.ndarray  # (C,) float64
+    m2: np.ndarray  # (C,) float64, sum of squared deviations
+    minimum: np.ndarray
+    maximum: np.ndarray
+    sample: np.ndarray  # (k, C) float32, pixels kept for percentiles
+
+    @classmethod
+    def empty(cls, bands: int) -> BandStats:
+        return cls(np.zeros(bands, np.int64), np.zeros(bands), np.zeros(bands), np.full(bands, np.inf),
+                   np.full(bands, -np.inf), np.zeros((0, bands), np.float32))
+
+    def add(self, values: np.ndarray, valid: np.ndarray, rng: np.random.Generator, keep: int) -> None:
+        """Add the ``valid`` pixels of ``values`` ``(C, h, w)``; keep up to ``keep`` of them as a sample."""
+        pixels = values[:, valid].astype(np.float64)  # (C, n)
+        n = pixels.shape[1]
+        if n == 0:
+            return
+        block = BandStats(np.full(len(pixels), n, np.int64), pixels.mean(axis=1),
+                          ((pixels - pixels.mean(axis=1, keepdims=True)) ** 2).sum(axis=1),
+                          pixels.min(axis=1), pixels.max(axis=1),
+                          pixels[:, rng.choice(n, size=min(keep, n), replace=False)].T.astype(np.float32))
+        self.merge(block)
+
+    def merge(self, other: BandStats) -> None:
+        """Fold ``other`` into this accumulator (exact for mean and variance)."""
+        n = self.count + other.count
+        delta = other.mean - self.mean
+        with np.errstate(invalid="ignore", divide="ignore"):
+            w = np.where(n > 0, other.count / np.maximum(n, 1), 0.0)
+        self.m2 = self.m2 + other.m2 + delta**2 * self.count * w
+        self.mean = self.mean + delta * w
+        self.count = n
+        self.minimum = np.minimum(self.minimum, other.minimum)
+        self.maximum = np.maximum(self.maximum, other.maximum)
+        self.sample = np.concatenate([self.sample, other.sample])
+
+    def summary(self) -> dict:
+        """JSON-ready per-band lists: count, mean, std, min, max, p01, p99."""
+        if self.sample.shape[0]:
+            pct = np.percentile(self.sample, PERCENTILES, axis=0)
+        else:
+            pct = np.zeros((len(PERCENTILES), len(self.count)))
+        std = np.sqrt(self.m2 / np.maximum(self.count, 1))
+        empty = self.count == 0
+        return {
+            "count": self.count.tolist(),
+            "mean": np.where(empty, 0.0, self.mean).tolist(),
+            "std": np.where(empty, 1.0, std).tolist(),
+            "min": np.where(empty, 0.0, self.minimum).tolist(),
+            "max": np.where(empty, 0.0, self.maximum).tolist(),
+            "p01": pct[0].tolist(),
+            "p99": pct[1].tolist(),
+        }
+
+    def to_arrays(self, prefix: str) -> dict[str, np.ndarray]:
+        return {f"{prefix}/{k}": getattr(self, k) for k in ("count", "mean", "m2", "minimum", "maximum", "sample")}
+
+    @classmethod
+    def from_arrays(cls, data, prefix: str) -> BandStats:
+        return cls(*(np.asarray(data[f"{prefix}/{k}"]) for k in ("count", "mean", "m2", "minimum", "maximum",
+                                                                  "sample")))

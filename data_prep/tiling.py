@@ -1,0 +1,164 @@
+"""The deterministic tile plan: candidate tiles of every city, the spatially disjoint train / val
+split, and the work units (one shard each) that tasks and workers share out.
+
+The plan depends only on the spec (scene sizes and transforms) and the prep config, so every array
+task computes the same plan and writes only its own units.
+
+Validation split: the city is cut into square blocks of ``val_block_size`` px (in the city frame:
+scene pixels, or for a multi-scene city the scenes placed by their georeferencing); a seeded
+``val_fraction`` of the blocks is held out. A tile lying wholly in held-out blocks is ``val``, one
+touching none is ``train``, one straddling both is dropped (counted), so no pixel is in both splits.
+A multi-scene city without georeferencing (all transforms equal) is split by whole scenes.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from c2seg.spec import City, DatasetSpec
+from data_prep.prep_config import PrepConfig
+from data_prep.readers.base import Scene
+
+SPLITS = ("train", "val")
+STORE_ITEMSIZE = {"float32": 4, "float16": 2, "uint16": 2}
+
+
+@dataclass
+class SplitPlan:
+    """Tiles of one city and split: ``tiles`` rows are (scene index, row, col), sorted."""
+
+    city: str
+    split: str
+    labelled: bool
+    tiles: np.ndarray
+    units: list[tuple[int, int]] = field(default_factory=list)  # [start, stop) slot ranges, one shard each
+
+    def unit_name(self, k: int) -> str:
+        return f"{self.city}-{self.split}-{k:05d}"
+
+    def shard_path(self, k: int) -> str:
+        return f"shards/{self.split}/{self.city}-{k:05d}.tar"
+
+
+@dataclass
+class CityPlan:
+    """Scenes of a city (name, height, width), its splits and what the split dropped."""
+
+    city: str
+    city_id: int
+    role: str
+    scenes: list[tuple[str, int, int]]
+    splits: dict[str, SplitPlan]
+    straddling_dropped: int
+    small_scenes_skipped: int
+    stats_units: list[list[tuple[int, int, int]]]  # per unit: (scene index, row0, rows)
+
+
+def tile_origins(length: int, size: int, stride: int) -> list[int]:
+    """Upper-left offsets of tiles along one axis; the last tile is aligned to the edge."""
+    if length < size:
+        return []
+    starts = list(range(0, length - size + 1, stride))
+    if starts[-1] != length - size:
+        starts.append(length - size)
+    return starts
+
+
+def _scene_offsets(scenes: list[Scene]) -> list[tuple[int, int]] | None:
+    """(row, col) of each scene in the city frame from its transform, or None without georeferencing."""
+    if len(scenes) == 1:
+        return [(0, 0)]
+    transforms = [s.transform for s in scenes]
+    if all(t == transforms[0] for t in transforms):
+        return None
+    res_x, res_y = abs(transforms[0].a), abs(transforms[0].e)
+    left = min(t.c for t in transforms)
+    top = max(t.f for t in transforms)
+    return [(round((top - t.f) / res_y), round((t.c - left) / res_x)) for t in transforms]
+
+
+def _pick(n: int, fraction: float, rng: np.random.Generator) -> set[int]:
+    if fraction <= 0 or n < 2:
+        return set()
+    k = min(max(1, round(fraction * n)), n - 1)
+    return set(rng.permutation(n)[:k].tolist())
+
+
+def plan_city(spec: DatasetSpec, city: City, scenes: list[Scene], cfg: PrepConfig) -> CityPlan:
+    """Candidate tiles of ``city`` split into train / val and cut into units. ``cfg`` must be resolved."""
+    size, stride, block = cfg.tile_size, cfg.stride, cfg.val_block_size
+    rng = np.random.default_rng([cfg.seed, zlib.crc32(city.name.encode())])
+    offsets = _scene_offsets(scenes)
+    per_split: dict[str, list[tuple[int, int, int]]] = {s: [] for s in SPLITS}
+    straddling = small = 0
+    if offsets is None:  # scenes without georeferencing: hold out whole scenes
+        val_scenes = _pick(len(scenes), cfg.val_fraction, rng)
+    else:
+        extent_r = max(o[0] + s.height for o, s in zip(offsets, scenes))
+        extent_c = max(o[1] + s.width for o, s in zip(offsets, scenes))
+        nbr, nbc = math.ceil(extent_r / block), math.ceil(extent_c / block)
+        val_blocks = _pick(nbr * nbc, cfg.val_fraction, rng)
+    for i, scene in enumerate(scenes):
+        rows, cols = tile_origins(scene.height, size, stride), tile_origins(scene.width, size, stride)
+        if not rows or not cols:
+            small += 1
+            continue
+        for r in rows:
+            for c in cols:
+                if offsets is None:
+                    split = "val" if i in val_scenes else "train"
+                else:
+                    r0, c0 = offsets[i][0] + r, offsets[i][1] + c
+                    touched = {br * nbc + bc for br in range(r0 // block, (r0 + size - 1) // block + 1)
+                               for bc in range(c0 // block, (c0 + size - 1) // block + 1)}
+                    inside = len(touched & val_blocks)
+                    if 0 < inside < len(touched):
+                        straddling += 1
+                        continue
+                    split = "val" if inside else "train"
+                per_split[split].append((i, r, c))
+    splits = {}
+    for split, tiles in per_split.items():
+        labelled = city.labelled and (city.role == "source" or split == "val")
+        plan = SplitPlan(city.name, split, labelled, np.array(tiles, dtype=np.int64).reshape(-1, 3))
+        plan.units = _units(len(tiles), _samples_per_shard(spec, cfg, labelled, len(tiles)))
+        splits[split] = plan
+    return CityPlan(city.name, spec.cities.index(city), city.role,
+                    [(s.name, s.height, s.width) for s in scenes], splits, straddling, small,
+                    _stats_units(scenes, cfg))
+
+
+def sample_bytes(spec: DatasetSpec, cfg: PrepConfig, labelled: bool) -> int:
+    """Bytes of one stored tile (all modalities, plus the label)."""
+    px = cfg.tile_size * cfg.tile_size
+    return sum(m.bands * px * STORE_ITEMSIZE[cfg.store_dtypes[m.name]] for m in spec.modalities) + labelled * px
+
+
+def _samples_per_shard(spec: DatasetSpec, cfg: PrepConfig, labelled: bool, n: int) -> int:
+    by_bytes = max(1, cfg.shard_max_bytes // sample_bytes(spec, cfg, labelled))
+    spread = max(1, math.ceil(n / cfg.min_shards_per_split))
+    return min(cfg.shard_max_samples, by_bytes, spread)
+
+
+def _units(n: int, per: int) -> list[tuple[int, int]]:
+    return [(a, min(a + per, n)) for a in range(0, n, per)]
+
+
+def _stats_units(scenes: list[Scene], cfg: PrepConfig) -> list[list[tuple[int, int, int]]]:
+    """Row blocks of every scene, grouped into units of about ``stats_block_rows`` x 2048 px."""
+    budget = cfg.stats_block_rows * 2048
+    units: list[list[tuple[int, int, int]]] = [[]]
+    used = 0
+    for i, s in enumerate(scenes):
+        for r in range(0, s.height, cfg.stats_block_rows):
+            rows = min(cfg.stats_block_rows, s.height - r)
+            if units[-1] and used + rows * s.width > budget:
+                units.append([])
+                used = 0
+            units[-1].append((i, r, rows))
+            used += rows * s.width
+    return [u for u in units if u]

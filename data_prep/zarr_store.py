@@ -1,0 +1,95 @@
+"""The Zarr v3 store ``dataset.zarr``: one group per ``<city>/<split>`` holding, for N planned tiles,
+one array per modality ``(N, C, T, T)`` in its stored dtype, ``label`` ``(N, T, T)`` uint8 when the
+split is labelled, ``windows`` ``(N, 4)`` int32 (row, col, height, width in the scene) and ``scene``
+``(N,)`` int32 (index into the group attribute ``scenes``). One tile per chunk, Blosc zstd
+(bitshuffle for floats, byte shuffle for integers). Tiles dropped for nodata stay unwritten; the
+``kept`` array (written by finalize) lists the slots that hold tiles. Plain zarr reads it all."""
+
+from __future__ import annotations
+
+import fcntl
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec
+
+from c2seg.spec import DatasetSpec
+from data_prep.prep_config import PrepConfig
+from data_prep.tiling import CityPlan, SplitPlan
+
+STORE = "dataset.zarr"
+
+
+@contextmanager
+def file_lock(path: Path):
+    """An exclusive ``flock`` on ``path`` (created if missing), so only one task creates shared files."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _codec(dtype: str, clevel: int) -> BloscCodec:
+    shuffle = "bitshuffle" if np.dtype(dtype).kind == "f" else "shuffle"
+    return BloscCodec(cname="zstd", clevel=clevel, shuffle=shuffle)
+
+
+def group_path(out: Path, city: str, split: str) -> Path:
+    return Path(out) / STORE / city / split
+
+
+def create_store(out: Path, spec: DatasetSpec, cfg: PrepConfig, plans: dict[str, CityPlan]) -> None:
+    """Create every array with its full tile count (idempotent; call under :func:`file_lock`)."""
+    root = zarr.open_group(Path(out) / STORE, mode="a")
+    if root.attrs.get("complete"):
+        return
+    root.attrs.update({"spec_hash": spec.spec_hash, "tile_size": cfg.tile_size, "stride": cfg.stride})
+    t = cfg.tile_size
+    for plan in plans.values():
+        for split, sp in plan.splits.items():
+            _create_split(root, spec, cfg, plan, sp, t)
+    root.attrs["complete"] = True
+
+
+def _create_split(root, spec: DatasetSpec, cfg: PrepConfig, plan: CityPlan, sp: SplitPlan, t: int) -> None:
+    n = len(sp.tiles)
+    g = root.require_group(f"{plan.city}/{sp.split}")
+    for m in spec.modalities:
+        dtype = cfg.store_dtypes[m.name]
+        g.create_array(m.name, shape=(n, m.bands, t, t), chunks=(1, m.bands, t, t), dtype=dtype,
+                       compressors=_codec(dtype, cfg.zarr_clevel), fill_value=0, overwrite=True,
+                       dimension_names=("tile", "band", "y", "x"))
+    if sp.labelled:
+        g.create_array("label", shape=(n, t, t), chunks=(1, t, t), dtype="uint8",
+                       compressors=_codec("uint8", cfg.zarr_clevel), fill_value=0, overwrite=True,
+                       dimension_names=("tile", "y", "x"))
+    windows = np.column_stack([sp.tiles[:, 1], sp.tiles[:, 2], np.full(n, t), np.full(n, t)]).astype(np.int32)
+    g.create_array("windows", data=windows.reshape(n, 4), chunks=(max(n, 1), 4), overwrite=True)
+    g.create_array("scene", data=sp.tiles[:, 0].astype(np.int32), chunks=(max(n, 1),), overwrite=True)
+    g.attrs.update({"city": plan.city, "city_id": plan.city_id, "split": sp.split, "labelled": sp.labelled,
+                    "scenes": [s[0] for s in plan.scenes], "modalities": list(spec.modality_names),
+                    "tile_size": t})
+
+
+def write_tiles(out: Path, city: str, split: str, slots: list[int], tiles: dict[str, list[np.ndarray]]) -> None:
+    """Write tiles to their slots; runs of consecutive slots go in one call (each slot is one chunk)."""
+    g = zarr.open_group(group_path(out, city, split), mode="r+")
+    runs, start = [], 0
+    for i in range(1, len(slots) + 1):
+        if i == len(slots) or slots[i] != slots[i - 1] + 1:
+            runs.append((start, i))
+            start = i
+    for name, arrays in tiles.items():
+        arr = g[name]
+        for a, b in runs:
+            arr[slots[a] : slots[b - 1] + 1] = np.stack(arrays[a:b])
+
+
+def write_kept(out: Path, city: str, split: str, kept: list[int]) -> None:
+    g = zarr.open_group(group_path(out, city, split), mode="r+")
+    g.create_array("kept", data=np.asarray(kept, dtype=np.int64), chunks=(max(len(kept), 1),), overwrite=True)

@@ -1,0 +1,122 @@
+"""Training loaders: WebDataset pipeline split over ranks and workers, city weights, augmentation,
+and the Zarr random-access dataset."""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from data_prep.loaders import ZarrTileDataset, make_wds_loader, plan_epoch
+from data_prep.manifest import ShardInfo, load_manifest
+
+
+def _shards(counts: dict[str, list[int]]) -> list[ShardInfo]:
+    return [ShardInfo(Path(f"{c}-{i}.tar"), c, "train", n, 0, "") for c, ns in counts.items() for i, n in enumerate(ns)]
+
+
+def _ids(pieces):
+    return [(i, j) for slot in pieces for i, a, b in slot for j in range(a, b)]
+
+
+def test_plan_epoch_exact_cover_when_divisible():
+    shards = _shards({"a": [5, 7, 3], "b": [9, 0, 4]})  # 28 samples
+    pieces = plan_epoch(shards, slots=4, batch_size=7, seed=1, epoch=3)
+    per_slot = [sum(b - a for _, a, b in s) for s in pieces]
+    assert per_slot == [7, 7, 7, 7]
+    ids = _ids(pieces)
+    assert len(set(ids)) == len(ids) == 28
+    assert plan_epoch(shards, slots=4, batch_size=7, seed=1, epoch=4) != pieces  # reshuffled per epoch
+
+
+def test_plan_epoch_city_weights_set_shares():
+    shards = _shards({"a": [10] * 4, "b": [10] * 4})
+    pieces = plan_epoch(shards, slots=2, batch_size=8, city_weights={"a": 3, "b": 1}, batches_per_slot=10)
+    by_city = Counter(shards[i].city for i, _ in _ids(pieces))
+    assert by_city == {"a": 120, "b": 40}
+    with pytest.raises(KeyError, match="not among the loaded"):
+        plan_epoch(shards, slots=2, batch_size=8, city_weights={"paris": 1})
+
+
+def _digest(t: torch.Tensor) -> str:
+    return hashlib.sha1(t.numpy().tobytes()).hexdigest()
+
+
+@pytest.mark.slow
+def test_two_ranks_two_workers_cover_an_epoch(tiny_prepared):
+    ds = ZarrTileDataset(tiny_prepared, "train")
+    everything = Counter(_digest(ds[i]["msi"]) for i in range(len(ds)))
+    assert len(everything) == len(ds)
+    seen, lengths = [], []
+    for rank in range(2):
+        loader = make_wds_loader(tiny_prepared, "train", batch_size=2, num_workers=2, rank=rank, world_size=2,
+                                 seed=5, epoch=1)
+        batches = list(loader)
+        assert len(batches) == len(loader)
+        lengths.append(len(batches))
+        for b in batches:
+            assert b["msi"].shape[0] == 2 and b["msi"].dtype == torch.float32
+            seen += [_digest(x) for x in b["msi"]]
+    assert lengths[0] == lengths[1]
+    padded = lengths[0] * 2 * 2 - len(ds)  # slots are whole batches: the last one wraps around
+    assert 0 <= padded < 2 * 2 * 2
+    assert set(seen) == set(everything), "every tile is read in the epoch"
+    assert len(seen) - len(set(seen)) == padded, "no tile is read twice except the padding"
+
+
+def test_batches_normalised_labelled_and_equal_per_rank(tiny_prepared):
+    m = load_manifest(tiny_prepared)
+    lens = [len(make_wds_loader(tiny_prepared, "train", batch_size=3, rank=r, world_size=3, batches_per_epoch=5,
+                                city_weights={"synth_source": 1, "synth_target": 1})) for r in range(3)]
+    assert lens == [5, 5, 5]
+    batches = list(make_wds_loader(tiny_prepared, "train", batch_size=4, rank=1, world_size=3,
+                                   batches_per_epoch=6, city_weights={"synth_source": 1, "synth_target": 1}))
+    assert len(batches) == 6
+    b = torch.utils.data.default_collate(batches)  # (6, 4, ...)
+    assert b["hsi"].shape == (6, 4, 32, 32, 32) and b["label"].dtype == torch.int64
+    target = b["city_id"] == 1
+    assert target.any() and (~target).any()
+    assert not b["has_label"][target].any() and (b["label"][target] == 0).all()
+    assert b["has_label"][~target].all() and (b["label"][~target] > 0).any()
+    # normalised with the pooled stats: near zero mean, unit std over the epoch
+    x = b["msi"].transpose(0, 2).reshape(4, -1)
+    assert x.mean(dim=1).abs().max() < 0.5 and ((x.std(dim=1) - 1).abs() < 0.5).all()
+    assert set(m.normalizer().as_dict()) == {"hsi", "msi", "sar"}
+
+
+def test_zarr_dataset_and_same_augmentation_for_all(tiny_prepared):
+    m = load_manifest(tiny_prepared)
+    plain = ZarrTileDataset(tiny_prepared, "val", cities=["synth_source"])
+    assert len(plain) == m.cities["synth_source"]["splits"]["val"]["tiles"]
+    item = plain[0]
+    import zarr
+
+    g = zarr.open_group(tiny_prepared / m.cities["synth_source"]["splits"]["val"]["zarr"], mode="r")
+    slot = int(g["kept"][0])
+    stats = m.stats["sar"]
+    expect = (g["sar"][slot].astype(np.float32) - np.array(stats["mean"], np.float32)[:, None, None]) \
+        / np.array(stats["std"], np.float32)[:, None, None]
+    np.testing.assert_allclose(item["sar"].numpy(), expect, rtol=1e-5, atol=1e-5)
+    aug = ZarrTileDataset(tiny_prepared, "val", cities=["synth_source"], augment=True)
+    torch.manual_seed(0)
+    moved = 0
+    for i in range(len(aug)):
+        a, p = aug[i], plain[i]
+        transforms = [(k, f) for k in range(4) for f in (False, True)]
+
+        def apply(x, k, f):
+            x = torch.rot90(x, k, dims=(-2, -1))
+            return x.flip(-1) if f else x
+
+        match = [t for t in transforms if torch.equal(apply(p["hsi"], *t), a["hsi"])]
+        assert match, "augmented tile is not a rot90 / flip of the tile"
+        k, f = match[0]
+        assert torch.equal(apply(p["label"], k, f), a["label"]) and torch.equal(apply(p["sar"], k, f), a["sar"])
+        moved += (k, f) != (0, False)
+    assert moved > 0
+    with pytest.raises(KeyError, match="no city"):
+        ZarrTileDataset(tiny_prepared, "val", cities=["paris"])

@@ -1,0 +1,183 @@
+"""data_prep pipeline: tiling, statistics, zarr + shards, manifest, array tasks, crash and rerun, verify."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from c2seg.config import ConfigError
+from data_prep.manifest import finalize, load_manifest
+from data_prep.prep import run_prep
+from data_prep.prep_config import PrepConfig, load_prep_config
+from data_prep.readers import open_city
+from data_prep.shards import decode_npy, read_shard
+from data_prep.tiling import tile_origins
+from data_prep.verify import verify
+from tests.fixtures_prep import TINY_PREP
+
+ROOT = Path(__file__).parents[1]
+
+
+def _dataset_digest(prep: Path) -> tuple[dict, dict]:
+    """Shard sha256 by path, and zarr contents of every city / split."""
+    m = load_manifest(prep)
+    shards = {s["path"]: s["sha256"] for c in m.cities.values() for sp in c["splits"].values() for s in sp["shards"]}
+    arrays = {}
+    for city, c in m.cities.items():
+        for split, sp in c["splits"].items():
+            g = zarr.open_group(prep / sp["zarr"], mode="r")
+            for name in g.array_keys():
+                arrays[f"{city}/{split}/{name}"] = g[name][:]
+    return shards, arrays
+
+
+def test_tile_origins_cover_the_edge():
+    assert tile_origins(96, 32, 16) == [0, 16, 32, 48, 64]
+    assert tile_origins(100, 32, 32) == [0, 32, 64, 68]
+    assert tile_origins(20, 32, 16) == []
+
+
+def test_every_tile_accounted_and_splits_disjoint(tiny_spec, tiny_prepared):
+    m = load_manifest(tiny_prepared)
+    assert verify(tiny_prepared) == []
+    for city in tiny_spec.cities:
+        rec = m.cities[city.name]
+        scene = open_city(tiny_spec, city.name)[0]
+        footprint = {}
+        for split, sp in rec["splits"].items():
+            assert sp["planned"] == sp["tiles"] + sp["dropped_nodata"]
+            assert sum(s["samples"] for s in sp["shards"]) == sp["tiles"] > 0
+            assert len(sp["shards"]) >= 4
+            g = zarr.open_group(tiny_prepared / sp["zarr"], mode="r")
+            mask = np.zeros((scene.height, scene.width), bool)
+            for r, c, h, w in g["windows"][:][g["kept"][:]]:
+                mask[r:r + h, c:c + w] = True
+            footprint[split] = mask
+            # source cities keep labels in both splits; target cities only in val
+            assert sp["labelled"] == (city.role == "source" or split == "val")
+            assert ("label" in g) == sp["labelled"]
+        assert not (footprint["train"] & footprint["val"]).any(), "a pixel is in both train and val"
+        assert rec["dropped_straddling"] > 0
+
+
+def test_tar_and_zarr_hold_the_scene_values(tiny_spec, tiny_prepared):
+    m = load_manifest(tiny_prepared)
+    city = "synth_source"
+    scene = open_city(tiny_spec, city)[0]
+    sp = m.cities[city]["splits"]["train"]
+    g = zarr.open_group(tiny_prepared / sp["zarr"], mode="r")
+    key, entries = next(read_shard(tiny_prepared / sp["shards"][1]["path"]))
+    meta = json.loads(entries["json"])
+    r, c, h, w = meta["window"]
+    from data_prep.readers import Window
+
+    raw = scene.read("hsi", Window(r, c, h, w))
+    tile = decode_npy(entries["hsi.npy"])
+    assert tile.dtype == np.float16
+    np.testing.assert_array_equal(tile, g["hsi"][meta["slot"]])
+    np.testing.assert_allclose(tile.astype(np.float32), raw, rtol=2**-11)
+    np.testing.assert_array_equal(decode_npy(entries["label.npy"]), scene.read_label(Window(r, c, h, w)))
+    assert m.data["store_dtypes"]["hsi"]["max_rel_error"] <= 2**-11
+
+
+def test_statistics_match_a_direct_computation(tiny_spec, tiny_prepared):
+    m = load_manifest(tiny_prepared)
+    values = {}
+    for city in tiny_spec.cities:
+        scene = open_city(tiny_spec, city.name)[0]
+        values[city.name] = scene.read("msi").reshape(4, -1).astype(np.float64)
+        got = m.city_stats[city.name]["msi"]
+        np.testing.assert_allclose(got["mean"], values[city.name].mean(axis=1), rtol=1e-9)
+        np.testing.assert_allclose(got["std"], values[city.name].std(axis=1), rtol=1e-9)
+    pooled = np.concatenate(list(values.values()), axis=1)
+    np.testing.assert_allclose(m.stats["msi"]["mean"], pooled.mean(axis=1), rtol=1e-9)
+    np.testing.assert_allclose(m.stats["msi"]["std"], pooled.std(axis=1), rtol=1e-9)
+    # percentiles come from a pixel sample: close to the exact ones
+    for q, key in ((1, "p01"), (99, "p99")):
+        exact = np.percentile(pooled, q, axis=1)
+        np.testing.assert_allclose(m.stats["msi"][key], exact, rtol=0.05)
+
+
+def test_three_array_tasks_give_the_same_dataset_and_rerun_does_nothing(tiny_spec, tiny_prepared, tmp_path):
+    out = tmp_path / "tasks"
+    for i in (2, 0, 1):
+        run_prep(tiny_spec, TINY_PREP, out, task_index=i, num_tasks=3)
+    shutil.copytree(out, tmp_path / "partial")
+    next((tmp_path / "partial" / "parts" / "units").glob("*.json")).unlink()
+    with pytest.raises(ValueError, match=r"1 of \d+ work units are not done"):
+        finalize(tmp_path / "partial")
+    finalize(out)
+    shards1, arrays1 = _dataset_digest(tiny_prepared)
+    shards3, arrays3 = _dataset_digest(out)
+    assert shards3 == shards1
+    assert arrays3.keys() == arrays1.keys()
+    for k in arrays1:
+        np.testing.assert_array_equal(arrays3[k], arrays1[k], err_msg=k)
+    assert run_prep(tiny_spec, TINY_PREP, out)["units"] == 0
+
+
+def test_job_folder_refuses_another_config(tiny_spec, tiny_prepared):
+    with pytest.raises(ValueError, match="another config"):
+        run_prep(tiny_spec, PrepConfig(tile_size=32, stride=32), tiny_prepared)
+
+
+@pytest.mark.slow
+def test_kill9_midway_then_rerun_completes_exactly(tiny_spec, tmp_path):
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "c2seg.cli", "data", "prep", "--spec", str(ROOT / "configs/datasets/demo_tiny.yaml"),
+           "--data-root", tiny_spec.data_root, "--out", str(out), "--set", "tile_size=32", "--set", "stride=16",
+           "--set", "val_block_size=48", "--set", "shard_max_samples=1"]
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    units = out / "parts" / "units"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len(list(units.glob("*.json")) if units.is_dir() else []) < 5:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    done_at_kill = len(list(units.glob("*.json")))
+    assert not (out / "manifest.json").exists() and done_at_kill < 57
+    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert verify(out) == []
+    m = load_manifest(out)
+    for rec in m.cities.values():
+        for sp in rec["splits"].values():
+            assert sum(s["samples"] for s in sp["shards"]) == sp["tiles"] == sp["planned"] - sp["dropped_nodata"]
+
+
+def test_verify_names_what_is_wrong(tiny_prepared, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_prepared, broken)
+    m = load_manifest(broken)
+    shards = m.shards("train", ["synth_source"])
+    shards[0].path.unlink()
+    data = bytearray(shards[1].path.read_bytes())
+    data[-2000] ^= 0xFF
+    shards[1].path.write_bytes(bytes(data))
+    problems = verify(broken)
+    assert any(str(shards[0].path) in p and "missing" in p for p in problems)
+    assert any(str(shards[1].path) in p and "sha256" in p for p in problems)
+    assert any("shards and zarr disagree" in p for p in problems)
+
+
+def test_config_errors_are_clear(tmp_path, tiny_spec):
+    bad = tmp_path / "prep.yaml"
+    bad.write_text("tile_sise: 64\n")
+    with pytest.raises(ConfigError, match="unknown key 'tile_sise'"):
+        load_prep_config(bad)
+    with pytest.raises(ValueError, match="store_dtypes names modalities"):
+        PrepConfig(store_dtypes={"lidar": "uint16"}).resolved(tiny_spec)
+    cfg = load_prep_config(ROOT / "configs/prep/default.yaml").resolved(tiny_spec)
+    assert (cfg.tile_size, cfg.stride, cfg.val_block_size) == (32, 16, 128)
+    with pytest.raises(ValueError, match="not integers in 0..65535"):
+        run_prep(tiny_spec, PrepConfig(store_dtypes={"sar": "uint16"}, val_block_size=48), tmp_path / "u16")

@@ -1,0 +1,82 @@
+"""Train fixtures: helpers that launch the real ``c2seg train`` CLI (1 process, or 2 under torchrun
+with gloo), and session-scoped runs other tests reuse: ``pretrained_tiny`` (2 ranks, ZeRO-2) and
+``finetuned_tiny`` (2 ranks, ZeRO-3, initialised from it)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PRETRAIN_TINY = ROOT / "configs" / "train" / "pretrain_tiny.yaml"
+FINETUNE_TINY = ROOT / "configs" / "train" / "finetune_tiny.yaml"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train_env(**extra: str) -> dict[str, str]:
+    """Environment of a training subprocess: one thread per rank, no launcher variables inherited."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+           and not k.startswith("SLURM_")}
+    env.update(OMP_NUM_THREADS="1", TQDM_DISABLE="1", PYTHONUNBUFFERED="1", **extra)
+    return env
+
+
+def train_cmd(args: list[str], nproc: int = 1) -> list[str]:
+    """The command line of ``c2seg <args>``, under torchrun when ``nproc`` > 1."""
+    if nproc == 1:
+        return [sys.executable, "-m", "c2seg.cli", *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr",
+            "127.0.0.1", "--master_port", str(free_port()), "-m", "c2seg.cli", *args]
+
+
+def run_train(args: list[str], nproc: int = 1, check: bool = True, timeout: int = 300,
+              **env: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run(train_cmd(args, nproc), cwd=ROOT, env=train_env(**env), capture_output=True,
+                          text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"c2seg {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """Loss per step from a run's metrics.jsonl (the last record of a step wins, as after a resume)."""
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        out[rec["step"]] = rec["loss"]
+    return out
+
+
+def tiny_args(command: str, prep: Path, out: Path, *sets: str) -> list[str]:
+    config = PRETRAIN_TINY if command == "pretrain" else FINETUNE_TINY
+    return ["train", command, "--config", str(config), "--set", f"data.prep_dir={prep}",
+            "--set", f"output_dir={out}", *[a for s in sets for a in ("--set", s)]]
+
+
+@pytest.fixture(scope="session")
+def pretrained_tiny(tiny_prepared, tmp_path_factory) -> Path:
+    """Run dir of a 2-rank ZeRO-2 masked pretraining of the tiny model (6 steps)."""
+    out = tmp_path_factory.mktemp("pretrain_tiny") / "run"
+    run_train(tiny_args("pretrain", tiny_prepared, out, "deepspeed.zero_stage=2"), nproc=2)
+    return out
+
+
+@pytest.fixture(scope="session")
+def finetuned_tiny(tiny_prepared, pretrained_tiny, tmp_path_factory) -> Path:
+    """Run dir of a 2-rank ZeRO-3 fine-tuning with adaptation, initialised from ``pretrained_tiny``."""
+    out = tmp_path_factory.mktemp("finetune_tiny") / "run"
+    run_train(tiny_args("finetune", tiny_prepared, out, "deepspeed.zero_stage=3", f"init_from={pretrained_tiny}"),
+              nproc=2)
+    return out

@@ -1,0 +1,114 @@
+"""The fusion segmenter and its pretrainer: shapes, missing modalities, any band count, the zoo."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from c2seg.config import ConfigError
+from c2seg.spec import load_spec
+from train.cli import count_parameters
+from train.config import ModelConfig, PretrainConfig, load_model_config
+from train.models import FusionSegmenter, MaskedPretrainer
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = load_model_config(ROOT / "configs/models/tiny.yaml")
+
+
+@pytest.fixture(scope="module")
+def spec():
+    return load_spec(ROOT / "configs/datasets/demo_tiny.yaml")
+
+
+def _inputs(spec, b=2, h=32, w=40):
+    g = torch.Generator().manual_seed(0)
+    return {m.name: torch.randn(b, m.bands, h, w, generator=g) for m in spec.modalities}
+
+
+def test_logits_at_input_resolution_for_any_size_and_subset(spec):
+    torch.manual_seed(0)
+    model = FusionSegmenter(spec, TINY).eval()
+    x = _inputs(spec, h=30, w=45)  # not multiples of the patch size
+    assert model(x).shape == (2, spec.num_logits, 30, 45)
+    for subset in (["msi"], ["hsi", "sar"], ["sar"]):
+        out = model({k: x[k] for k in subset})
+        assert out.shape == (2, spec.num_logits, 30, 45) and torch.isfinite(out).all()
+    with pytest.raises(ValueError, match="no input modality"):
+        model({"rgb": x["msi"]})
+
+
+def test_hsi_is_cut_into_spectral_groups_with_one_token_each(spec):
+    model = FusionSegmenter(spec, TINY)
+    emb = model.backbone.embeds["hsi"]
+    assert (emb.groups, emb.group_bands) == (2, 16)  # 32 bands, at most 16 per token
+    tokens = model.backbone.embed(_inputs(spec), ["hsi", "msi"])
+    assert tokens["hsi"].shape == (2, 2, 4 * 5, TINY.embed_dim) and tokens["msi"].shape[1] == 1
+
+
+def test_wavelength_embedding_transfers_between_band_sets():
+    """The same weights embed AB's 242-band and BW's 116-band HSI (weights come from wavelengths)."""
+    ab, bw = load_spec(ROOT / "configs/datasets/c2seg_ab.yaml"), load_spec(ROOT / "configs/datasets/c2seg_bw.yaml")
+    cfg = ModelConfig(name="t", embed_dim=32, depth=1, num_heads=2, max_bands_per_token=128, wavelength_hidden=16,
+                      decoder_dim=16)
+    model_ab, model_bw = FusionSegmenter(ab, cfg), FusionSegmenter(bw, cfg)
+    hsi_ab = {k: v for k, v in model_ab.state_dict().items() if k.startswith("backbone.embeds.hsi.weight_generator")}
+    assert hsi_ab and model_bw.load_state_dict(hsi_ab, strict=False).unexpected_keys == []
+    out = model_bw.eval()({"hsi": torch.randn(1, bw.modality("hsi").bands, 16, 16)})
+    assert out.shape[-2:] == (16, 16)
+
+
+def test_modality_dropout_keeps_every_parameter_in_the_graph(spec):
+    torch.manual_seed(0)
+    cfg = ModelConfig(**{**TINY.__dict__, "modality_dropout": 0.99})
+    model = FusionSegmenter(spec, cfg).train()
+    model(_inputs(spec)).sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_pretraining_reconstructs_a_fully_hidden_modality(spec):
+    torch.manual_seed(0)
+    pre = MaskedPretrainer(spec, TINY, PretrainConfig(mask_ratio=0.75, full_modality_mask_prob=1.0, decoder_dim=32,
+                                                      decoder_depth=1))
+    g = torch.Generator().manual_seed(1)
+    scene = torch.nn.functional.interpolate(torch.randn(2, 1, 4, 4, generator=g), size=(32, 32), mode="bilinear")
+    x = {m.name: scene * torch.randn(1, m.bands, 1, 1, generator=g) for m in spec.modalities}  # shared structure
+    loss, parts = pre(x)
+    assert set(parts) == {"recon_hsi", "recon_msi", "recon_sar"} and all(v > 0 for v in parts.values())
+    loss.backward()
+    assert pre.heads["sar"].weight.grad.abs().sum() > 0
+    opt = torch.optim.AdamW(pre.parameters(), lr=3e-3)
+    first = float(loss.detach())
+    for _ in range(60):
+        opt.zero_grad()
+        loss, _ = pre(x)
+        loss.backward()
+        opt.step()
+    assert float(loss.detach()) < 0.7 * first  # it learns
+
+
+@pytest.mark.parametrize("name,low,high", [("tiny", 1e5, 1e6), ("base", 90e6, 110e6), ("large", 280e6, 340e6),
+                                           ("huge", 570e6, 690e6), ("giant", 1.0e9, 1.4e9)])
+def test_zoo_parameter_counts_on_the_meta_device(name, low, high):
+    total = count_parameters(ROOT / f"configs/models/{name}.yaml",
+                             load_spec(ROOT / "configs/datasets/c2seg_ab.yaml"))["total"]
+    assert low <= total <= high
+
+
+def test_model_config_rejects_unknown_keys_and_bad_values(tmp_path):
+    bad = tmp_path / "m.yaml"
+    bad.write_text("name: x\nembed_dim: 64\ndepth: 2\nnum_heads: 4\nlayers: 3\n")
+    with pytest.raises(ConfigError, match="unknown key 'layers'"):
+        load_model_config(bad)
+    bad.write_text("name: x\nembed_dim: 64\ndepth: 2\nnum_heads: 5\n")
+    with pytest.raises(ConfigError, match="not divisible"):
+        load_model_config(bad)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs/train").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_train_configs_load(path):
+    from train.config import load_train_config
+
+    cfg = load_train_config(path)
+    assert load_model_config(cfg.model).name

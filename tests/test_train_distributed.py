@@ -1,0 +1,130 @@
+"""Real 2-process CPU runs (torchrun, gloo) of pretrain and finetune under ZeRO-2 / ZeRO-3, export,
+exact resume after kill -9, checkpoint on SIGUSR1."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.fixtures_train import ROOT, losses, run_train, tiny_args, train_cmd, train_env
+
+pytestmark = pytest.mark.slow
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
+    end = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"run ended before {path} appeared:\n{proc.stderr.read()[-3000:]}"
+        assert time.time() < end, f"{path} did not appear"
+        time.sleep(0.005)
+
+
+def test_pretrain_two_ranks_zero2_checkpoints_every_rank(pretrained_tiny):
+    steps = losses(pretrained_tiny)
+    assert sorted(steps) == [1, 2, 3, 4, 5, 6] and all(math.isfinite(v) for v in steps.values())
+    ckpt = pretrained_tiny / "checkpoints" / "step_00000006"
+    assert (pretrained_tiny / "checkpoints" / "LATEST").read_text() == ckpt.name
+    assert {p.name for p in ckpt.glob("rng_rank*.pt")} == {"rng_rank0.pt", "rng_rank1.pt"}
+    assert len(list(ckpt.glob("*optim_states.pt"))) == 2  # ZeRO-2: one optimizer partition per rank
+    assert json.loads((ckpt / "train_state.json").read_text())["world_size"] == 2
+    assert (pretrained_tiny / "COMPLETED").is_file()
+
+
+def test_finetune_two_ranks_zero3_from_pretrained_validates_on_target(finetuned_tiny, pretrained_tiny):
+    records = [json.loads(x) for x in (finetuned_tiny / "val_metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [3, 6]
+    for r in records:
+        assert 0 <= r["miou"] <= 1 and 0 <= r["oa"] <= 1 and -1 <= r["kappa"] <= 1
+        assert len(r["per_class"]) == 13 and sum(map(sum, r["confusion"])) > 0
+    last = json.loads((finetuned_tiny / "metrics.jsonl").read_text().splitlines()[-1])
+    assert {"loss_source", "loss_target", "pseudo_confident", "lr", "grad_norm", "samples_per_s"} <= set(last)
+    # the backbone started from the pretrained weights
+    pre = torch.load(pretrained_tiny / "checkpoints/step_00000006/weights.pt", weights_only=True)["model"]
+    first = torch.load(next((finetuned_tiny / "checkpoints").glob("step_*")) / "weights.pt", weights_only=True)
+    key = "backbone.embeds.msi.weight_generator.0.weight"
+    assert (first["model"][key] - pre[key]).abs().max() < 0.1
+    assert "ema" in first and first["modalities"] == ["hsi", "msi", "sar"]
+
+
+def test_export_then_load_without_deepspeed_gives_identical_logits(finetuned_tiny, tmp_path):
+    """The exported file gives exactly the logits of the weights DeepSpeed's own tool consolidates from
+    the ZeRO-3 partitions, and loads in a process that never imports deepspeed."""
+    model_file = tmp_path / "model.pt"
+    run_train(["train", "export", "--run-dir", str(finetuned_tiny), "--out", str(model_file)])
+    script = (
+        "import sys, torch\n"
+        "from train.export import load_exported\n"
+        f"m = load_exported({str(model_file)!r})\n"
+        "assert 'deepspeed' not in sys.modules, 'deepspeed was imported'\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "x = {n: torch.randn(1, m.spec.modality(n).bands, 32, 48, generator=g) for n in m.modalities}\n"
+        "with torch.no_grad():\n"
+        f"    torch.save(m.model(x), {str(tmp_path / 'logits.pt')!r})\n"
+        f"print(m.tile_size, m.modalities, sorted(m.normalization))\n"
+    )
+    out = subprocess.run([os.sys.executable, "-c", script], cwd=ROOT, env=train_env(), capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split()[0] == "32"
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from train.config import load_model_config
+    from train.models import FusionSegmenter
+    from train.export import load_exported
+
+    exported = load_exported(model_file)
+    state = get_fp32_state_dict_from_zero_checkpoint(str(finetuned_tiny / "checkpoints"),
+                                                     tag=(finetuned_tiny / "checkpoints/LATEST").read_text())
+    reference = FusionSegmenter(exported.spec, load_model_config(ROOT / "configs/models/tiny.yaml"))
+    reference.load_state_dict(state)
+    reference.eval()
+    g = torch.Generator().manual_seed(0)
+    x = {n: torch.randn(1, exported.spec.modality(n).bands, 32, 48, generator=g) for n in exported.modalities}
+    with torch.no_grad():
+        expected = reference(x)
+        assert torch.equal(exported.model(x), expected)
+    # the DeepSpeed-free process (1 thread) differs only by float summation order
+    torch.testing.assert_close(torch.load(tmp_path / "logits.pt", weights_only=True), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("command,zero", [("finetune", 2), ("pretrain", 3)])
+def test_kill_9_then_resume_auto_gives_the_uninterrupted_loss_sequence(tiny_prepared, tmp_path, command, zero):
+    """Tolerance: 1e-5 relative (CPU, same world size: in practice bit-identical)."""
+    sets = [f"deepspeed.zero_stage={zero}", "steps=8", "checkpoint_every=3", "finetune.eval_every=100"]
+    straight = tmp_path / "straight"
+    run_train(tiny_args(command, tiny_prepared, straight, *sets), nproc=2)
+    killed = tmp_path / "killed"
+    args = tiny_args(command, tiny_prepared, killed, *sets)
+    proc = subprocess.Popen(train_cmd(args, 2), cwd=ROOT, env=train_env(), stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    _wait_for(killed / "checkpoints" / "LATEST", proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "COMPLETED").exists()
+    before = losses(killed)
+    assert max(before) < 8
+    run_train([*args, "--resume", "auto"], nproc=2)
+    expected, resumed = losses(straight), losses(killed)
+    assert sorted(resumed) == list(range(1, 9))
+    for step in expected:
+        assert resumed[step] == pytest.approx(expected[step], rel=1e-5), step
+
+
+def test_sigusr1_checkpoints_at_the_step_boundary_and_exits_75(tiny_prepared, tmp_path):
+    out = tmp_path / "run"
+    args = tiny_args("pretrain", tiny_prepared, out, "steps=100000", "checkpoint_every=100000")
+    proc = subprocess.Popen(train_cmd(args), cwd=ROOT, env=train_env(), stderr=subprocess.PIPE, text=True)
+    _wait_for(out / "metrics.jsonl", proc)
+    proc.send_signal(signal.SIGUSR1)
+    assert proc.wait(timeout=120) == 75
+    state = json.loads((out / "checkpoints" / (out / "checkpoints/LATEST").read_text() /
+                        "train_state.json").read_text())
+    assert state["step"] == max(losses(out)) and state["step"] < 100000

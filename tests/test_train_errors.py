@@ -1,0 +1,53 @@
+"""Clear errors: a bad config key, a missing checkpoint, a dataset spec that does not match the
+checkpoint, a checkpoint of another world size."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from c2seg.spec import load_spec
+from tests.fixtures_train import FINETUNE_TINY, ROOT, run_train, tiny_args
+from train.checkpoint import CheckpointError, load_weights
+
+
+def test_unknown_config_key_names_the_file_and_key(tiny_prepared, tmp_path):
+    proc = run_train([*tiny_args("finetune", tiny_prepared, tmp_path / "r"), "--set", "optim.learning_rate=0.1"],
+                     check=False)
+    assert proc.returncode == 2
+    assert f"{FINETUNE_TINY}: unknown key 'optim.learning_rate'" in proc.stderr
+
+
+def test_missing_checkpoint_and_init_weights_are_clear_errors(tiny_prepared, tmp_path):
+    missing = tmp_path / "nowhere"
+    proc = run_train([*tiny_args("finetune", tiny_prepared, tmp_path / "r"), "--resume", str(missing)], check=False)
+    assert proc.returncode == 2 and f"--resume {missing}: not a complete checkpoint folder" in proc.stderr
+    proc = run_train(tiny_args("finetune", tiny_prepared, tmp_path / "r2", f"init_from={missing}"), check=False)
+    assert proc.returncode == 2 and f"{missing}: weights file not found" in proc.stderr
+    proc = run_train(["train", "export", "--run-dir", str(tmp_path), "--out", str(tmp_path / "m.pt")], check=False)
+    assert proc.returncode == 2 and "no complete checkpoint with weights.pt" in proc.stderr
+
+
+def test_spec_that_does_not_match_the_checkpoint(pretrained_tiny):
+    ab = load_spec(ROOT / "configs/datasets/c2seg_ab.yaml")  # 242-band HSI, the checkpoint has 32
+    with pytest.raises(CheckpointError, match="modality 'hsi' has 242 bands, the model expects 32"):
+        load_weights(pretrained_tiny, ab)
+
+
+def test_resume_at_another_world_size_says_how_to_continue(tiny_prepared, pretrained_tiny, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(pretrained_tiny, run)
+    proc = run_train([*tiny_args("pretrain", tiny_prepared, run, "steps=8"), "--resume", "auto"], check=False)
+    assert proc.returncode == 2
+    assert "was written by 2 ranks, this job has 1" in proc.stderr and "init_from=" in proc.stderr
+
+
+def test_exported_file_of_another_kind_is_refused(tmp_path):
+    from train.export import load_exported
+
+    bad = tmp_path / "x.pt"
+    torch.save({"format": "other"}, bad)
+    with pytest.raises(CheckpointError, match="not a c2seg exported model"):
+        load_exported(bad)

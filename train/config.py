@@ -1,0 +1,173 @@
+"""Typed configs of the train stage: the model (configs/models/*.yaml) and a training run
+(configs/train/*.yaml). Both are strict: an unknown key is an error naming the file and the key."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from c2seg.config import ConfigError, from_dict, load_config
+
+Precision = Literal["fp32", "bf16", "fp16"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The fusion segmenter: per-modality patch embeddings -> shared transformer -> conv decoder."""
+
+    name: str
+    embed_dim: int
+    depth: int
+    num_heads: int
+    patch_size: int = 8
+    mlp_ratio: float = 4.0
+    max_bands_per_token: int = 64  # modalities with more bands are cut into spectral groups, one token each
+    spectral_embedding: Literal["wavelength", "conv"] = "wavelength"  # DOFA-style weights from wavelengths
+    wavelength_hidden: int = 128
+    decoder_dim: int = 64
+    qkv_bias: bool = True
+    modality_dropout: float = 0.3  # training: probability of dropping one whole modality from a batch
+    activation_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+        if (self.embed_dim // self.num_heads) % 2 or self.embed_dim % 4:
+            raise ValueError("embed_dim must be a multiple of 4 and the head size even")
+        if self.patch_size < 1 or self.patch_size & (self.patch_size - 1):
+            raise ValueError(f"patch_size must be a power of two, got {self.patch_size}")
+        if not 0 <= self.modality_dropout < 1:
+            raise ValueError("modality_dropout must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the prepared tiles are (``c2seg data prep`` output) and how batches are drawn."""
+
+    prep_dir: str
+    batch_size: int = 8  # per rank, per micro-step
+    num_workers: int = 0
+    augment: bool = True
+    batches_per_epoch: int = 50  # per rank; an epoch is a fixed number of batches (equal on every rank)
+    spec: str | None = None  # dataset spec YAML; default: the spec stored in the prep manifest
+    source_cities: tuple[str, ...] | None = None  # default: the spec's cities with role source
+    target_cities: tuple[str, ...] | None = None  # default: the spec's cities with role target
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW (torch implementation) with linear warmup then cosine decay."""
+
+    lr: float = 3e-4
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.05
+    grad_clip: float = 1.0
+
+
+@dataclass(frozen=True)
+class DeepSpeedConfig:
+    """The DeepSpeed engine. ``extra`` is merged last into the generated DeepSpeed JSON."""
+
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    offload_optimizer: bool = False
+    offload_params: bool = False  # ZeRO-3 only
+    precision: Precision = "fp32"
+    gradient_accumulation_steps: int = 1
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError("deepspeed.offload_params needs zero_stage 3")
+        if self.gradient_accumulation_steps < 1:
+            raise ValueError("deepspeed.gradient_accumulation_steps must be >= 1")
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """MLflow on rank 0. The URI comes from MLFLOW_TRACKING_URI (default: the local sqlite store)."""
+
+    enabled: bool = True
+    experiment: str = "c2seg"
+    run_name: str | None = None
+    log_every: int = 1
+    previews: int = 4  # target prediction previews logged at each validation
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Masked multimodal reconstruction."""
+
+    mask_ratio: float = 0.75
+    full_modality_mask_prob: float = 0.5  # chance that one whole modality is hidden (cross-modal target)
+    decoder_dim: int = 128
+    decoder_depth: int = 2
+    decoder_heads: int = 4
+
+    def __post_init__(self) -> None:
+        if not 0 < self.mask_ratio < 1:
+            raise ValueError("pretrain.mask_ratio must be in (0, 1)")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Supervised loss on source labels plus mean-teacher adaptation on target train tiles."""
+
+    dice_weight: float = 0.0
+    class_weights: dict[int, float] | None = None  # class id -> CE weight (others 1)
+    adapt: bool = True
+    ema_decay: float = 0.99
+    pseudo_threshold: float = 0.9
+    adapt_weight: float = 1.0
+    adapt_warmup_steps: int = 0  # no target loss before this step
+    mix: Literal["classmix", "none"] = "classmix"
+    eval_every: int = 50
+    eval_batches: int | None = None  # per rank; None: the whole val split
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run (pretrain or finetune)."""
+
+    model: str  # configs/models/NAME.yaml
+    data: DataConfig
+    output_dir: str
+    steps: int
+    seed: int = 0
+    init_from: str | None = None  # a run dir or exported/consolidated weights: initialise the backbone
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError("steps must be >= 1")
+        if self.checkpoint_every < 1:
+            raise ValueError("checkpoint_every must be >= 1")
+
+
+def load_model_config(path: str | Path) -> ModelConfig:
+    """Read configs/models/NAME.yaml."""
+    return load_config(ModelConfig, path)
+
+
+def model_config_from_dict(data: dict, source: str = "<model config>") -> ModelConfig:
+    return from_dict(ModelConfig, data, source=source)
+
+
+def load_train_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Read configs/train/NAME.yaml with ``--set key=value`` overrides; the model file must exist."""
+    cfg = load_config(TrainConfig, path, overrides)
+    if not Path(cfg.model).is_file():
+        raise ConfigError(f"{path}: model config '{cfg.model}' not found")
+    return cfg
+
+
+__all__ = ["ModelConfig", "DataConfig", "OptimConfig", "DeepSpeedConfig", "TrackingConfig", "PretrainConfig",
+           "FinetuneConfig", "TrainConfig", "load_model_config", "load_train_config", "model_config_from_dict"]

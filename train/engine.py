@@ -1,0 +1,112 @@
+"""DeepSpeed engine set-up from the typed config: one code path from 1 CPU process to many GPUs.
+
+Ranks come from c2seg.distributed (torchrun, the deepspeed launcher, or srun with SLURM variables);
+on a machine without GPUs DeepSpeed uses its CPU accelerator and the gloo backend.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from typing import Any
+
+import torch
+from torch import nn
+
+from c2seg.distributed import DistEnv, detect_env
+from train.config import TrainConfig
+
+log = logging.getLogger("c2seg.train")
+
+
+def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
+    """The DeepSpeed JSON for ``cfg``: AdamW (torch implementation, nothing to compile), warmup + cosine
+    LR, ZeRO stage and offload, precision, accumulation and clipping; ``deepspeed.extra`` wins."""
+    ds, opt = cfg.deepspeed, cfg.optim
+    zero: dict[str, Any] = {"stage": ds.zero_stage}
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if ds.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if ds.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = False
+    conf: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+        "gradient_accumulation_steps": ds.gradient_accumulation_steps,
+        "train_batch_size": cfg.data.batch_size * ds.gradient_accumulation_steps * world_size,
+        "gradient_clipping": opt.grad_clip,
+        "optimizer": {"type": "AdamW", "params": {"lr": opt.lr, "betas": list(opt.betas), "eps": 1e-8,
+                                                  "weight_decay": opt.weight_decay, "torch_adam": True}},
+        "scheduler": {"type": "WarmupCosineLR", "params": {
+            "total_num_steps": cfg.steps, "warmup_num_steps": min(opt.warmup_steps, cfg.steps - 1),
+            "warmup_min_ratio": 0.0, "cos_min_ratio": opt.min_lr_ratio, "warmup_type": "linear"}},
+        "zero_optimization": zero,
+        "bf16": {"enabled": ds.precision == "bf16"},
+        "fp16": {"enabled": ds.precision == "fp16", "initial_scale_power": 12},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    return _merge(conf, ds.extra)
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> DistEnv:
+    """Map the launcher's variables and start torch.distributed through DeepSpeed."""
+    import deepspeed
+
+    env = detect_env()
+    if env.launcher == "single":  # one plain process: a world of one on a free local port
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    deepspeed.init_distributed(dist_backend=None if torch.cuda.is_available() else "gloo",
+                               auto_mpi_discovery=False)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(env.local_rank)
+    return env
+
+
+def create_engine(model: nn.Module, cfg: TrainConfig, world_size: int):
+    """Wrap ``model`` in a DeepSpeed engine with optimizer and LR scheduler from ``cfg``."""
+    import deepspeed
+
+    conf = deepspeed_config(cfg, world_size)
+    decay = [p for n, p in model.named_parameters() if p.ndim > 1 and "embed" not in n.split(".")[-1]]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim > 1 and "embed" not in n.split(".")[-1])]
+    groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=conf)
+    log.info("DeepSpeed engine: ZeRO-%d, %s, micro-batch %d x accumulation %d x %d ranks",
+             cfg.deepspeed.zero_stage, cfg.deepspeed.precision, cfg.data.batch_size,
+             cfg.deepspeed.gradient_accumulation_steps, world_size)
+    return engine
+
+
+def engine_dtype(cfg: TrainConfig) -> torch.dtype:
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.deepspeed.precision]
+
+
+def full_state_dict(engine) -> dict[str, torch.Tensor]:
+    """Consolidated fp32 weights of the engine's module on every rank (gathers ZeRO-3 partitions;
+    collective: every rank must call it)."""
+    module = engine.module
+    if engine.zero_optimization_stage() == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
+    return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}

@@ -1,0 +1,72 @@
+"""Exported models: one torch.save file with consolidated weights, the model config, the dataset spec
+and the normalisation, loadable with ``weights_only=True`` and without DeepSpeed.
+
+``{"format": "c2seg-model/1", "model_config", "spec", "state_dict", "normalization", "modalities",
+"tile_size"}``; ``modalities`` lists what the model was trained with (it accepts any non-empty subset,
+having been trained with modality dropout).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from c2seg.spec import DatasetSpec, spec_from_dict
+from train.checkpoint import CheckpointError, load_weights
+from train.config import ModelConfig, model_config_from_dict
+from train.models import FusionSegmenter
+
+FORMAT = "c2seg-model/1"
+log = logging.getLogger("c2seg.train")
+
+
+@dataclass
+class ExportedModel:
+    model: FusionSegmenter
+    spec: DatasetSpec
+    model_config: ModelConfig
+    normalization: dict[str, dict[str, list[float]]]
+    modalities: list[str]
+    tile_size: int
+
+
+def export_model(run_dir: str | Path, out: str | Path, weights: str = "student") -> Path:
+    """Write the newest checkpoint of a finetune run as an exported model file. ``weights``: ``student``
+    (the validated model) or ``ema`` (the mean teacher)."""
+    data = load_weights(run_dir)
+    if data.get("task") != "finetune":
+        raise CheckpointError(f"{run_dir}: a {data.get('task')} run has no segmentation head; export a "
+                              "finetune run (pretrained encoders are used with init_from)")
+    if weights == "ema" and "ema" not in data:
+        raise CheckpointError(f"{run_dir}: the run has no EMA teacher (finetune.adapt was off)")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"format": FORMAT, "model_config": data["model_config"], "spec": data["spec"],
+               "state_dict": data["ema" if weights == "ema" else "model"],
+               "normalization": data["normalization"], "modalities": data["modalities"],
+               "tile_size": data["tile_size"], "step": data["step"]}
+    torch.save(payload, out)
+    log.info("exported %s weights of %s (step %d) to %s", weights, run_dir, data["step"], out)
+    return out
+
+
+def load_exported(path: str | Path, map_location: str | torch.device = "cpu") -> ExportedModel:
+    """Load an exported model (eval mode) with its spec and normalisation; no DeepSpeed needed."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: model file not found")
+    try:
+        data = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # noqa: BLE001
+        raise CheckpointError(f"{path}: not a readable model file ({exc})") from exc
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a c2seg exported model (format {FORMAT} expected)")
+    spec = spec_from_dict(data["spec"], source=str(path))
+    cfg = model_config_from_dict(data["model_config"], source=str(path))
+    model = FusionSegmenter(spec, cfg)
+    model.load_state_dict(data["state_dict"])
+    model.to(map_location).eval()
+    return ExportedModel(model, spec, cfg, data["normalization"], list(data["modalities"]), int(data["tile_size"]))

@@ -1,0 +1,218 @@
+"""``c2seg train finetune``: supervised segmentation on source labels plus mean-teacher adaptation
+on the target city's unlabelled train tiles (DAFormer-style): an EMA teacher labels target tiles,
+confident pixels become pseudo-labels, and ClassMix pastes half of each source tile's classes onto a
+target tile. Validation on the target city's labelled val split: mIoU, OA, macro-F1, kappa, per-class
+IoU (c2seg.metrics), logged with a confusion-matrix plot and prediction previews."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from c2seg.metrics import confusion_matrix, scores_from_confusion
+from c2seg.spec import DatasetSpec
+from train.config import ModelConfig, TrainConfig
+from train.data import batch_stream, model_inputs
+from train.engine import engine_dtype, full_state_dict
+from train.models import FusionSegmenter
+from train.pretrain import load_backbone
+from train.plots import confusion_figure, preview_figure
+
+log = logging.getLogger("c2seg.train")
+
+
+def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_id: int, dice_weight: float = 0.0,
+                      class_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy ignoring ``ignore_id`` (+ ``dice_weight`` x soft Dice over labelled pixels)."""
+    logits = logits.float()
+    if not (labels != ignore_id).any():
+        return logits.sum() * 0.0
+    loss = F.cross_entropy(logits, labels, weight=class_weights, ignore_index=ignore_id)
+    if dice_weight > 0:
+        valid = (labels != ignore_id).unsqueeze(1).float()
+        probs = logits.softmax(1) * valid
+        onehot = F.one_hot(labels, logits.shape[1]).permute(0, 3, 1, 2).float() * valid
+        inter = (probs * onehot).sum((0, 2, 3))
+        denom = probs.sum((0, 2, 3)) + onehot.sum((0, 2, 3))
+        present = onehot.sum((0, 2, 3)) > 0
+        dice = 1 - (2 * inter + 1) / (denom + 1)
+        loss = loss + dice_weight * dice[present].mean()
+    return loss
+
+
+def predict_classes(logits: torch.Tensor, scored: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class ids (argmax over the scored classes only) and their softmax confidence."""
+    probs = logits[:, scored].float().softmax(1)
+    conf, idx = probs.max(1)
+    return scored[idx], conf
+
+
+def classmix(src: dict[str, torch.Tensor], src_label: torch.Tensor, tgt: dict[str, torch.Tensor],
+             pseudo: torch.Tensor, ignore_id: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Paste the pixels of a random half of each source tile's classes onto the paired target tile."""
+    masks = []
+    for lab in src_label:
+        classes = lab.unique()
+        classes = classes[classes != ignore_id]
+        chosen = classes[torch.randperm(len(classes))[: (len(classes) + 1) // 2]]
+        masks.append(torch.isin(lab, chosen))
+    m = torch.stack(masks)
+    mixed = {k: torch.where(m[:, None], src[k], tgt[k]) for k in tgt if k in src}
+    return mixed, torch.where(m, src_label, pseudo)
+
+
+class FinetuneTask:
+    name = "finetune"
+
+    def __init__(self, cfg: TrainConfig, model_cfg: ModelConfig, spec: DatasetSpec, data) -> None:
+        self.cfg, self.ft, self.spec, self.data = cfg, cfg.finetune, spec, data
+        self.module = FusionSegmenter(spec, model_cfg)
+        self.model_cfg = model_cfg
+        self.sources = list(cfg.data.source_cities or [c.name for c in spec.cities_with_role("source")])
+        self.targets = list(cfg.data.target_cities or [c.name for c in spec.cities_with_role("target")])
+        self.val_cities = [c for c in self.targets if spec.city(c).labelled]
+        self.scored = torch.tensor(spec.scored_class_ids)
+        weights = None
+        if self.ft.class_weights:
+            weights = torch.ones(spec.num_logits)
+            for cid, w in self.ft.class_weights.items():
+                weights[cid] = w
+        self.class_weights = weights
+        self.teacher: FusionSegmenter | None = None
+
+    def init_from(self, weights: dict[str, Any]) -> None:
+        load_backbone(self.module, weights)
+
+    def start(self, engine, first_batch: int) -> None:
+        d = self.cfg.data
+        self.dtype, self.device = engine_dtype(self.cfg), engine.device
+        self.scored = self.scored.to(engine.device)
+
+        def loader(cities):
+            return lambda epoch: self.data.loader(
+                "train", cities, batch_size=d.batch_size, num_workers=d.num_workers, rank=engine.global_rank,
+                world_size=engine.world_size, city_weights={c: 1.0 / len(cities) for c in cities},
+                augment=d.augment, batches_per_epoch=d.batches_per_epoch, seed=self.cfg.seed, epoch=epoch)
+
+        self.source_stream = batch_stream(loader(self.sources), d.batches_per_epoch, first_batch)
+        self.target_stream = batch_stream(loader(self.targets), d.batches_per_epoch, first_batch) \
+            if self.ft.adapt and self.targets else None
+        if self.ft.adapt and self.teacher is None:
+            self.teacher = self._copy(full_state_dict(engine))
+        elif self.teacher is not None:
+            self.teacher.to(self.device)
+
+    def _copy(self, state: dict[str, torch.Tensor]) -> FusionSegmenter:
+        model = FusionSegmenter(self.spec, self.model_cfg)
+        model.load_state_dict(state)
+        return model.to(self.device).eval().requires_grad_(False)
+
+    def micro_loss(self, engine, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        src = next(self.source_stream)
+        src_in = model_inputs(src, self.spec.modality_names, self.dtype, engine.device)
+        src_label = src["label"].to(engine.device).long()
+        if self.target_stream is None:
+            return segmentation_loss(engine(src_in), src_label, self.spec.ignore_id, self.ft.dice_weight,
+                                     self._cw()), {}
+        tgt = next(self.target_stream)  # drawn every step, so the data position does not depend on warmup
+        if step < self.ft.adapt_warmup_steps:
+            return segmentation_loss(engine(src_in), src_label, self.spec.ignore_id, self.ft.dice_weight,
+                                     self._cw()), {}
+        tgt_in = model_inputs(tgt, self.spec.modality_names, self.dtype, engine.device)
+        with torch.no_grad():
+            teacher_in = {k: v.float() for k, v in tgt_in.items()}
+            pseudo, conf = predict_classes(self.teacher(teacher_in), self.scored)
+            pseudo = torch.where(conf >= self.ft.pseudo_threshold, pseudo, torch.full_like(pseudo,
+                                                                                          self.spec.ignore_id))
+        if self.ft.mix == "classmix":
+            mixed_in, mixed_label = classmix(src_in, src_label, tgt_in, pseudo, self.spec.ignore_id)
+        else:
+            mixed_in, mixed_label = tgt_in, pseudo
+        both = {k: torch.cat([src_in[k], mixed_in[k]]) for k in src_in if k in mixed_in}
+        logits = engine(both)
+        n = src_label.shape[0]
+        sup = segmentation_loss(logits[:n], src_label, self.spec.ignore_id, self.ft.dice_weight, self._cw())
+        adapt = segmentation_loss(logits[n:], mixed_label, self.spec.ignore_id, 0.0, self._cw())
+        confident = float((pseudo != self.spec.ignore_id).float().mean())
+        return sup + self.ft.adapt_weight * adapt, {"loss_source": float(sup.detach()),
+                                                    "loss_target": float(adapt.detach()),
+                                                    "pseudo_confident": confident}
+
+    def _cw(self) -> torch.Tensor | None:
+        return None if self.class_weights is None else self.class_weights.to(self.device)
+
+    def after_step(self, engine, step: int) -> None:
+        if self.teacher is None:
+            return
+        decay = min(1 - 1 / (step + 1), self.ft.ema_decay)
+        student = full_state_dict(engine) if engine.zero_optimization_stage() == 3 else engine.module.state_dict()
+        with torch.no_grad():
+            for k, t in self.teacher.state_dict().items():
+                s = student[k].to(t.device, t.dtype)
+                if t.is_floating_point():
+                    t.mul_(decay).add_(s, alpha=1 - decay)
+                else:
+                    t.copy_(s)
+
+    def wants_validation(self, step: int) -> bool:
+        return step % self.ft.eval_every == 0
+
+    def validate(self, engine, step: int, tracker) -> dict[str, float]:
+        """Scores of the student on the target val split (every rank a share; confusion summed)."""
+        if not self.val_cities:
+            return {}
+        model = self._copy(full_state_dict(engine))
+        d = self.cfg.data
+        loader = self.data.loader("val", self.val_cities, batch_size=d.batch_size, num_workers=d.num_workers,
+                                  rank=engine.global_rank, world_size=engine.world_size, augment=False,
+                                  batches_per_epoch=self.ft.eval_batches, seed=self.cfg.seed, epoch=0)
+        ids = self.spec.scored_class_ids
+        cm = np.zeros((len(ids), len(ids) + 1), dtype=np.int64)
+        previews = []
+        with torch.no_grad():
+            for batch in loader:
+                inputs = model_inputs(batch, self.spec.modality_names, torch.float32, self.device)
+                pred, _ = predict_classes(model(inputs), self.scored)
+                label = batch["label"].numpy()
+                cm += confusion_matrix(label, pred.cpu().numpy(), ids)
+                if tracker and tracker.active and len(previews) < self.cfg.tracking.previews:
+                    previews.append((batch, pred.cpu()))
+        total = torch.from_numpy(cm)
+        if dist.is_initialized():
+            dist.all_reduce(total)
+        if engine.global_rank != 0:
+            return {}
+        scores = scores_from_confusion(total.numpy(), ids)
+        names = {c.id: c.name for c in self.spec.classes}
+        result = scores.as_dict(names)
+        values = {f"val_{k}": result[k] for k in ("miou", "oa", "macro_f1", "kappa")}
+        values.update({f"val_iou_{c['id']:02d}": c["iou"] for c in result["per_class"]})
+        out = Path(self.cfg.output_dir)
+        with (out / "val_metrics.jsonl").open("a") as f:
+            f.write(json.dumps({"step": step, **result, "confusion": total.tolist()}) + "\n")
+        log.info("step %d target val: mIoU %.3f OA %.3f macro-F1 %.3f kappa %.3f", step, scores.miou,
+                 scores.oa, scores.macro_f1, scores.kappa)
+        if tracker:
+            tracker.metrics(values, step)
+            tracker.figure(confusion_figure(total.numpy(), self.spec), f"confusion_step{step:06d}.png")
+            for i, (batch, pred) in enumerate(previews):
+                tracker.figure(preview_figure(batch, pred, self.spec), f"preview_step{step:06d}_{i}.png")
+        return values
+
+    def extra_weights(self) -> dict[str, Any]:
+        return {"ema": {k: v.detach().cpu().clone() for k, v in self.teacher.state_dict().items()}} \
+            if self.teacher is not None else {}
+
+    def load_extra(self, weights: dict[str, Any]) -> None:
+        if self.ft.adapt and "ema" in weights:
+            self.teacher = FusionSegmenter(self.spec, self.model_cfg)
+            self.teacher.load_state_dict(weights["ema"])
+            self.teacher.eval().requires_grad_(False)

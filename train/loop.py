@@ -1,0 +1,156 @@
+"""The training loop shared by pretrain and finetune: DeepSpeed engine, gradient accumulation,
+step metrics, checkpoints every N steps and on SIGTERM / SIGUSR1, ``--resume``, MLflow on rank 0.
+
+A task (train/pretrain.py, train/finetune.py) provides the module to optimise, its batch streams,
+the loss of one micro-batch, what happens after an optimizer step (EMA), validation, and extra
+weights to checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+import psutil
+import torch
+import torch.distributed as dist
+import yaml
+from torch import nn
+from tqdm import tqdm
+
+from c2seg.config import to_dict
+from c2seg.spec import DatasetSpec
+from train.checkpoint import StopRequest, load_checkpoint, load_weights, resolve_resume, save_checkpoint
+from train.config import ModelConfig, TrainConfig, load_model_config
+from train.engine import create_engine, init_distributed
+from train.tracking import Tracker, git_commit
+
+log = logging.getLogger("c2seg.train")
+EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped by a signal after saving a checkpoint; rerun with --resume auto
+
+
+class Task(Protocol):
+    name: str
+    module: nn.Module
+
+    def start(self, engine, first_batch: int) -> None: ...
+    def micro_loss(self, engine, step: int) -> tuple[torch.Tensor, dict[str, float]]: ...
+    def after_step(self, engine, step: int) -> None: ...
+    def validate(self, engine, step: int, tracker: Tracker) -> dict[str, float]: ...
+    def wants_validation(self, step: int) -> bool: ...
+    def extra_weights(self) -> dict[str, Any]: ...
+    def load_extra(self, weights: dict[str, Any]) -> None: ...
+    def init_from(self, weights: dict[str, Any]) -> None: ...
+
+
+def _mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
+    if not dist.is_initialized() or not values:
+        return values
+    t = torch.tensor(list(values.values()), dtype=torch.float64)
+    dist.all_reduce(t)
+    return dict(zip(values, (t / dist.get_world_size()).tolist()))
+
+
+def _memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def run_training(cfg: TrainConfig, make_task, data, resume: str | None = None,
+                 config_path: str | None = None) -> int:
+    """Train ``cfg.steps`` optimizer steps of the task built by ``make_task(cfg, model_cfg, spec, data)``.
+    Returns 0 when done, EXIT_INTERRUPTED after a signal-triggered checkpoint."""
+    spec: DatasetSpec = data.spec
+    model_cfg: ModelConfig = load_model_config(cfg.model)
+    out = Path(cfg.output_dir)
+    ckpt = resolve_resume(resume, out)  # checked before the (slow) distributed start
+    init = load_weights(cfg.init_from, spec) if cfg.init_from and ckpt is None else None
+    env = init_distributed()
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    torch.manual_seed(cfg.seed * 1000 + env.rank)
+    out.mkdir(parents=True, exist_ok=True)
+    task: Task = make_task(cfg, model_cfg, spec, data)
+    if init is not None:
+        task.init_from(init)
+        log.info("initialised from %s", cfg.init_from)
+    engine = create_engine(task.module, cfg, world)
+    state: dict[str, Any] = {"step": 0}
+    if ckpt is not None:
+        load_weights(ckpt, spec)  # the spec must fit before anything is restored
+        state = load_checkpoint(engine, ckpt, world)
+        task.load_extra(load_weights(ckpt))
+    gas = cfg.deepspeed.gradient_accumulation_steps
+    resolved = to_dict(cfg)
+    weights_meta = {"model_config": to_dict(model_cfg), "spec": spec.to_dict(), "task": task.name,
+                    "normalization": data.normalization, "modalities": list(spec.modality_names),
+                    "tile_size": data.tile_size}
+    tracker = Tracker(cfg.tracking.enabled and env.rank == 0, cfg.tracking.experiment,
+                      cfg.tracking.run_name or f"{task.name}-{out.name}", out) if env.rank == 0 else None
+    if env.rank == 0:
+        (out / "config.yaml").write_text(yaml.safe_dump({**resolved, "model_config": to_dict(model_cfg)},
+                                                        sort_keys=False))
+        tracker.params({**resolved, "model_config": to_dict(model_cfg), "task": task.name})
+        tracker.tags({"git_commit": git_commit(), "world_size": world, "slurm_job_id":
+                      os.environ.get("SLURM_JOB_ID", "none"), "manifest_hash": data.manifest_hash,
+                      "task": task.name, "launcher": env.launcher, "zero_stage": cfg.deepspeed.zero_stage})
+        tracker.artifact(out / "config.yaml", "config")
+        if config_path:
+            tracker.artifact(config_path, "config")
+    task.start(engine, state["step"] * gas)
+    stop = StopRequest()
+    step = state["step"]
+    samples = cfg.data.batch_size * gas * world
+    bar = tqdm(total=cfg.steps, initial=step, desc=task.name, disable=True if env.rank != 0 else None,
+               dynamic_ncols=True)  # None: off when stderr is not a terminal
+    metrics_file = out / "metrics.jsonl"
+    while step < cfg.steps:
+        t0 = time.perf_counter()
+        logs: dict[str, float] = {}
+        for _ in range(gas):
+            loss, extra = task.micro_loss(engine, step)
+            engine.backward(loss)
+            engine.step()
+            logs["loss"] = logs.get("loss", 0.0) + float(loss.detach()) / gas
+            for k, v in extra.items():
+                logs[k] = logs.get(k, 0.0) + v / gas
+        step += 1
+        task.after_step(engine, step)
+        took = time.perf_counter() - t0
+        logs = _mean_over_ranks(logs)
+        grad_norm = engine.get_global_grad_norm()
+        logs.update({"lr": engine.get_lr()[0], "step_time_s": took, "samples_per_s": samples / took,
+                     "memory_mb": _memory_mb()})
+        if grad_norm is not None:
+            logs["grad_norm"] = float(grad_norm)
+        if env.rank == 0:
+            with metrics_file.open("a") as f:
+                f.write(json.dumps({"step": step, **logs}) + "\n")
+            if step % cfg.tracking.log_every == 0:
+                tracker.metrics(logs, step)
+            bar.update(1)
+            bar.set_postfix(loss=f"{logs['loss']:.4f}")
+        stopping = stop.agreed()
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps or stopping:
+            save_checkpoint(engine, out, {"step": step, "world_size": world, "micro_batches": step * gas,
+                                          "zero_stage": cfg.deepspeed.zero_stage}, weights_meta,
+                            task.extra_weights(), cfg.keep_checkpoints)
+        if not stopping and (task.wants_validation(step) or step == cfg.steps):
+            task.validate(engine, step, tracker)
+        if stopping and step < cfg.steps:
+            log.warning("stopped at step %d after a signal; continue with --resume auto", step)
+            if tracker:
+                tracker.close("KILLED")
+            return EXIT_INTERRUPTED
+    bar.close()
+    if env.rank == 0:
+        (out / "COMPLETED").write_text(f"{step}\n")
+        tracker.close()
+        log.info("%s finished: %d steps, run dir %s", task.name, step, out)
+    sys.stdout.flush()
+    return 0

@@ -1,0 +1,65 @@
+"""The fusion backbone: every present modality's tokens, with position, modality and spectral-group
+embeddings, attend jointly in one shared transformer encoder.
+
+Joint attention (rather than per-location fusion + cross-attention) lets any token see every
+modality at every location; a missing modality is simply absent from the token sequence, so the
+same weights serve any subset of modalities.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from c2seg.spec import DatasetSpec
+from train.config import ModelConfig
+from train.models.embed import SpectralPatchEmbed, sincos_pos_embed
+from train.models.encoder import TransformerEncoder
+
+
+class FusionBackbone(nn.Module):
+    def __init__(self, spec: DatasetSpec, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.modalities = spec.modality_names
+        self.embeds = nn.ModuleDict({m.name: SpectralPatchEmbed(m, cfg) for m in spec.modalities})
+        self.modality_embed = nn.Parameter(torch.randn(len(self.modalities), cfg.embed_dim) * 0.02)
+        self.encoder = TransformerEncoder(cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias,
+                                          cfg.activation_checkpointing)
+
+    def present(self, inputs: dict[str, torch.Tensor]) -> list[str]:
+        """The model's modalities found in ``inputs``, in spec order."""
+        names = [m for m in self.modalities if m in inputs]
+        if not names:
+            raise ValueError(f"no input modality: the model expects some of {list(self.modalities)}, "
+                             f"got {sorted(inputs)}")
+        return names
+
+    def embed(self, inputs: dict[str, torch.Tensor], names: list[str]) -> dict[str, torch.Tensor]:
+        """Tokens (B, G, N, D) per modality in ``names``, with every embedding added."""
+        tokens = {}
+        for name in names:
+            x = inputs[name]
+            tok = self.embeds[name](x)
+            h, w = x.shape[-2] // self.cfg.patch_size, x.shape[-1] // self.cfg.patch_size
+            pos = sincos_pos_embed(h, w, self.cfg.embed_dim, tok.device).to(tok.dtype)
+            tokens[name] = tok + pos[None, None] + self.modality_embed[self.modalities.index(name)][None, None, None]
+        return tokens
+
+    def forward(self, inputs: dict[str, torch.Tensor], drop: str | None = None) -> torch.Tensor:
+        """Fused features (B, D, H/p, W/p): the encoder output averaged over the modality and group tokens
+        of each location. ``drop`` (training): a modality left out of the sequence; it is still embedded
+        (zero-weighted) so every rank runs the same modules in the same order with the same parameters
+        used, which ZeRO-3 gathering and data-parallel reduction rely on."""
+        names = self.present(inputs)
+        tokens = self.embed(inputs, names)
+        unused = tokens.pop(drop).sum() * 0.0 if drop is not None else None
+        b, _, n, d = next(iter(tokens.values())).shape
+        seq = torch.cat([t.reshape(b, -1, d) for t in tokens.values()], dim=1)
+        out = self.encoder(seq)
+        fused = out.view(b, -1, n, d).mean(dim=1)
+        if unused is not None:
+            fused = fused + unused
+        x = inputs[names[0]]
+        h, w = x.shape[-2] // self.cfg.patch_size, x.shape[-1] // self.cfg.patch_size
+        return fused.transpose(1, 2).reshape(b, d, h, w)

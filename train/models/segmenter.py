@@ -1,0 +1,36 @@
+"""The fusion segmenter: ``model(inputs) -> logits (B, spec.num_logits, H, W)`` for a dict of
+normalised (B, C, H, W) tensors, one per modality; any non-empty subset of the modalities works."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from c2seg.spec import DatasetSpec
+from train.config import ModelConfig
+from train.models.backbone import FusionBackbone
+from train.models.decoder import SegDecoder
+from train.models.encoder import init_weights
+
+
+class FusionSegmenter(nn.Module):
+    def __init__(self, spec: DatasetSpec, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = FusionBackbone(spec, cfg)
+        self.head = SegDecoder(cfg.embed_dim, cfg.decoder_dim, cfg.patch_size, spec.num_logits)
+        init_weights(self)
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        names = self.backbone.present(inputs)
+        first = inputs[names[0]]
+        h, w = first.shape[-2:]
+        p = self.cfg.patch_size
+        pad = (0, (-w) % p, 0, (-h) % p)
+        padded = {m: F.pad(inputs[m], pad) if any(pad) else inputs[m] for m in names}
+        drop = None
+        if self.training and self.cfg.modality_dropout > 0 and len(names) > 1 \
+                and torch.rand(()) < self.cfg.modality_dropout:
+            drop = names[int(torch.randint(len(names), ()))]
+        return self.head(self.backbone(padded, drop))[..., :h, :w]

@@ -1,0 +1,105 @@
+"""MLflow tracking on rank 0 that never stops training: every call is guarded, and a tracking server
+that is down gives one warning, after which tracking is off for the run.
+
+The URI comes from MLFLOW_TRACKING_URI (default: the local ``sqlite:///mlflow.db`` store). Short
+HTTP timeouts and no retries are set unless the user set them, so a dead server costs seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("c2seg.train")
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, str]:
+    if isinstance(data, dict):
+        out: dict[str, str] = {}
+        for k, v in data.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: str(data)[:500]}
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                              cwd=Path(__file__).resolve().parent, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def file_hash(path: str | Path) -> str:
+    p = Path(path)
+    return hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "missing"
+
+
+class Tracker:
+    """MLflow run of a training job; a no-op on ranks other than 0 or when disabled / failing."""
+
+    def __init__(self, enabled: bool, experiment: str, run_name: str | None, run_dir: Path) -> None:
+        self.active = False
+        self.resumed = False
+        if not enabled:
+            return
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+        id_file = run_dir / "mlflow_run_id"
+        try:
+            import mlflow
+
+            self.mlflow = mlflow
+            mlflow.set_experiment(experiment)
+            previous = id_file.read_text().strip() if id_file.is_file() else None
+            run = mlflow.start_run(run_id=previous) if previous else mlflow.start_run(run_name=run_name)
+            id_file.write_text(run.info.run_id)
+            self.resumed = previous is not None
+            self.active = True
+            log.info("MLflow run %s in %s (experiment %s)", run.info.run_id, mlflow.get_tracking_uri(), experiment)
+        except Exception as exc:  # noqa: BLE001 - tracking must never stop training
+            log.warning("MLflow tracking disabled: %s", str(exc).splitlines()[0][:300])
+
+    def _guard(self, what: str, *args, **kwargs) -> None:
+        if not self.active:
+            return
+        try:
+            getattr(self.mlflow, what)(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001
+            self.active = False
+            log.warning("MLflow %s failed, tracking disabled for this run: %s", what,
+                        str(exc).splitlines()[0][:300])
+
+    def params(self, config: dict[str, Any]) -> None:
+        """Log the resolved config once (a resumed run keeps the params it started with; MLflow refuses
+        changed values)."""
+        if self.resumed:
+            return
+        flat = _flatten(config)
+        items = list(flat.items())
+        for i in range(0, len(items), 90):
+            self._guard("log_params", dict(items[i:i + 90]))
+
+    def tags(self, tags: dict[str, Any]) -> None:
+        self._guard("set_tags", {k: str(v) for k, v in tags.items()})
+
+    def metrics(self, values: dict[str, float], step: int) -> None:
+        self._guard("log_metrics", values, step=step)
+
+    def artifact(self, path: str | Path, folder: str | None = None) -> None:
+        self._guard("log_artifact", str(path), folder)
+
+    def figure(self, fig, name: str) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / name
+            fig.savefig(path, dpi=80, bbox_inches="tight")
+            self.artifact(path, "figures")
+
+    def close(self, status: str = "FINISHED") -> None:
+        self._guard("end_run", status)
+        self.active = False

@@ -1,0 +1,39 @@
+"""Settings of a sliding-window inference run (``configs/infer/*.yaml``; command-line flags override)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from inference.predictor import Tta
+from inference.windows import Blend
+
+
+@dataclass(frozen=True)
+class InferConfig:
+    window: int = 128  # window size in px (a multiple of the model's patch size works best)
+    overlap: float = 0.5  # fraction of the window shared by neighbouring windows, in [0, 1)
+    blend: Blend = "gaussian"
+    tta: Tta = "none"
+    batch_size: int = 8
+    block: int = 2048  # output block (zarr chunk) size: the unit of work split across ranks
+    save_probs: bool = False  # keep blended probabilities and write a per-class probability GeoTIFF
+    quicklook: bool = True
+    cog_blocksize: int = 512  # internal tile size of the class-map COG
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    wait_timeout_s: float = 3600.0  # how long rank 0 waits for the other ranks' blocks
+
+    def __post_init__(self) -> None:
+        if self.window < 8:
+            raise ValueError(f"window must be >= 8 px, got {self.window}")
+        if not 0.0 <= self.overlap < 1.0:
+            raise ValueError(f"overlap must be in [0, 1), got {self.overlap}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.block < 16 or self.block % 16:
+            raise ValueError(f"block must be a multiple of 16 (>= 16), got {self.block}")
+        if self.cog_blocksize < 128 or self.cog_blocksize % 16:
+            raise ValueError(f"cog_blocksize must be a multiple of 16 (>= 128), got {self.cog_blocksize}")
+
+    def store_key(self) -> dict:
+        """The settings that change the numbers: an existing output store must match them to resume."""
+        return {"window": self.window, "overlap": self.overlap, "blend": self.blend, "tta": self.tta}

@@ -1,0 +1,167 @@
+"""Whole-scene and whole-city inference: blocks split across ranks, scenes across array tasks.
+
+Per scene, every rank predicts the output blocks ``i`` with ``i % world_size == rank`` that are not
+yet marked done, writing them to the scene's :class:`~inference.accumulator.BlockStore`; rank 0
+then waits for every block and writes the outputs (class-map COG, quicklook, probabilities,
+submission tile). Scenes of a city are split across SLURM array tasks (``task_index::num_tasks``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from c2seg.distributed import detect_env
+from c2seg.spec import DatasetSpec
+from data_prep.readers.base import Scene
+from inference.accumulator import BlockStore
+from inference.config import InferConfig
+from inference.mosaic import write_class_map, write_probabilities, write_quicklook, write_submission_tile
+from inference.sliding import Normalize, PredictFn, predict_block
+from inference.windows import block_grid, window_grid
+
+log = logging.getLogger("c2seg.infer")
+
+
+@dataclass
+class SceneOutputs:
+    """What rank 0 wrote for a scene (paths are None when not made)."""
+
+    class_map: Path
+    store: Path
+    quicklook: Path | None = None
+    probabilities: Path | None = None
+    submission: Path | None = None
+    windows: int = 0
+    seconds: float = 0.0
+
+
+def select_modalities(model_modalities: list[str], scene: Scene, requested: list[str] | None = None) -> list[str]:
+    """The model's modalities this scene provides (and the user asked for); logs those left out."""
+    wanted = list(model_modalities) if requested is None else list(requested)
+    unknown = [m for m in wanted if m not in model_modalities]
+    if unknown:
+        raise ValueError(f"modalities {unknown} are not inputs of the model (it takes {list(model_modalities)})")
+    present = [m for m in wanted if m in scene.modalities]
+    missing = [m for m in model_modalities if m not in present]
+    if not present:
+        raise ValueError(f"scene {scene.name} ({scene.path}) has none of the model's modalities {model_modalities}")
+    if missing:
+        log.warning("scene %s: predicting without modality %s (not %s); the model was trained with modality "
+                    "dropout and uses %s", scene.name, missing,
+                    "requested" if requested is not None else "in the scene", present)
+    return present
+
+
+def infer_scene(scene: Scene, predict: PredictFn, normalize: Normalize, modalities: list[str],
+                class_ids: tuple[int, ...], cfg: InferConfig, out_dir: Path, spec: DatasetSpec,
+                store_key: dict | None = None, rank: int = 0, world_size: int = 1,
+                overwrite: bool = False) -> SceneOutputs | None:
+    """Predict this rank's blocks of ``scene``; on rank 0 also wait for all blocks and write the outputs
+    under ``out_dir`` (returned). Other ranks return None."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    store_path = out_dir / f"{scene.name}.zarr"
+    if overwrite and world_size > 1:
+        raise ValueError(f"--overwrite needs a single rank; delete {store_path} before a multi-rank run")
+    if overwrite and store_path.exists():
+        shutil.rmtree(store_path)
+    key = {**cfg.store_key(), "modalities": list(modalities), **(store_key or {})}
+    store = BlockStore.open(store_path, scene.height, scene.width, cfg.block, class_ids, key, cfg.save_probs,
+                            rank=rank, timeout_s=cfg.wait_timeout_s)
+    grid = window_grid(scene.height, scene.width, cfg.window, cfg.overlap)
+    blocks = block_grid(scene.height, scene.width, cfg.block)
+    mine = [b for i, b in enumerate(blocks) if i % world_size == rank]
+    todo = [b for b in mine if not store.is_done(b)]
+    if len(todo) < len(mine):
+        log.info("scene %s: resuming, %d of this rank's %d blocks already done", scene.name,
+                 len(mine) - len(todo), len(mine))
+    windows = 0
+    for block in tqdm(todo, desc=f"{scene.name} rank {rank}", unit="block", disable=len(todo) < 2):
+        result = predict_block(scene, block, grid, cfg.window, predict, normalize, modalities, class_ids,
+                               cfg.blend, cfg.batch_size)
+        store.write(block, result.classes, result.probs if cfg.save_probs else None)
+        windows += result.windows
+        del result  # free the block's buffers before the next block allocates its own
+    if rank != 0:
+        log.info("scene %s rank %d: %d blocks, %d windows in %.1f s", scene.name, rank, len(todo), windows,
+                 time.perf_counter() - t0)
+        return None
+    store.wait_all(blocks, cfg.wait_timeout_s)
+    outputs = SceneOutputs(class_map=write_class_map(store, scene, spec, out_dir / f"{scene.name}.tif",
+                                                     cfg.cog_blocksize), store=store_path, windows=windows)
+    tiles = scene.city.format == "tiles"
+    if cfg.quicklook and not tiles:
+        outputs.quicklook = write_quicklook(store, scene, spec, out_dir / f"{scene.name}.png")
+    if cfg.save_probs:
+        outputs.probabilities = write_probabilities(store, scene, spec, out_dir / f"{scene.name}.probs.tif")
+    if tiles:
+        outputs.submission = write_submission_tile(store, scene, out_dir / "submission")
+    outputs.seconds = time.perf_counter() - t0
+    log.info("scene %s: %d x %d px, %d blocks (%d here), %d windows in %.1f s -> %s", scene.name, scene.height,
+             scene.width, len(blocks), len(todo), windows, outputs.seconds, outputs.class_map)
+    return outputs
+
+
+def array_task() -> tuple[int, int]:
+    """(task index, task count) of a SLURM array job, (0, 1) outside one."""
+    env = os.environ
+    if "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
+        first = int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
+        return int(env["SLURM_ARRAY_TASK_ID"]) - first, int(env["SLURM_ARRAY_TASK_COUNT"])
+    return 0, 1
+
+
+def infer_city(model_path: str | Path, spec: DatasetSpec, city: str, out: str | Path, cfg: InferConfig,
+               modalities: list[str] | None = None, task_index: int | None = None, num_tasks: int | None = None,
+               overwrite: bool = False) -> list[SceneOutputs]:
+    """Run an exported model over this task's scenes of ``city``; outputs under ``out/<city>/``."""
+    import torch
+
+    from c2seg.spec import spec_compatible
+    from data_prep.manifest import Normalizer
+    from data_prep.readers import open_city
+    from inference.predictor import Predictor, pick_device
+    from train.export import load_exported
+
+    dist = detect_env()
+    if task_index is None or num_tasks is None:
+        task_index, num_tasks = array_task()
+    if not 0 <= task_index < num_tasks:
+        raise ValueError(f"task index {task_index} is outside 0..{num_tasks - 1}")
+    device = pick_device(cfg.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)
+    model_path = Path(model_path)
+    exported = load_exported(model_path, map_location=device)
+    problems = [p for p in spec_compatible(exported.spec, spec) if "is missing" not in p]
+    if problems:
+        raise ValueError(f"{model_path}: the model does not fit spec {spec.source_file or spec.name}: "
+                         + "; ".join(problems))
+    class_ids = exported.spec.scored_class_ids
+    predictor = Predictor(exported.model, class_ids, device, cfg.tta)
+    normalize = Normalizer(exported.spec, exported.normalization)
+    stat = model_path.stat()
+    store_key = {"model": f"{model_path.name}:{stat.st_size}:{stat.st_mtime_ns}"}
+    scenes = open_city(spec, city)
+    mine = scenes[task_index::num_tasks]
+    log.info("city %s: %d scenes, %d for task %d/%d; rank %d/%d on %s; window %d overlap %.2f blend %s tta %s",
+             city, len(scenes), len(mine), task_index, num_tasks, dist.rank, dist.world_size, device, cfg.window,
+             cfg.overlap, cfg.blend, cfg.tta)
+    results = []
+    out_dir = Path(out) / city
+    for scene in tqdm(mine, desc=f"infer {city}", unit="scene", disable=len(mine) < 2):
+        with scene:
+            used = select_modalities(exported.modalities, scene, modalities)
+            res = infer_scene(scene, predictor, normalize, used, class_ids, cfg, out_dir, spec, store_key,
+                              dist.rank, dist.world_size, overwrite)
+        if res is not None:
+            results.append(res)
+    return results

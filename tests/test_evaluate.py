@@ -1,0 +1,96 @@
+"""``c2seg infer evaluate``: scores agree with a confusion matrix counted by hand; JSON, plot, MLflow."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from affine import Affine
+
+from inference.evaluate import evaluate, truth_from_rasters
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def write(path: Path, array: np.ndarray) -> Path:
+    with rasterio.open(path, "w", driver="GTiff", height=array.shape[0], width=array.shape[1], count=1,
+                       dtype="uint8", crs="EPSG:32632", transform=Affine(10, 0, 0, 0, -10, 0)) as ds:
+        ds.write(array[None])
+    return path
+
+
+def test_scores_agree_with_a_confusion_matrix_counted_by_hand(tiny_spec, tmp_path):
+    rng = np.random.default_rng(3)
+    truth = rng.choice([0, 1, 2, 3], size=(9, 11), p=[0.2, 0.4, 0.3, 0.1]).astype(np.uint8)
+    pred = rng.choice([0, 1, 2, 3, 5], size=(9, 11)).astype(np.uint8)
+    (tmp_path / "truth").mkdir()
+    (tmp_path / "pred").mkdir()
+    write(tmp_path / "truth" / "7.tif", truth)
+    write(tmp_path / "pred" / "7.tif", pred)
+    result = evaluate(tiny_spec, tmp_path / "pred", list(truth_from_rasters(tmp_path / "truth")))
+
+    ids = list(tiny_spec.scored_class_ids)  # 1..13; prediction 0 counts in the "no prediction" column
+    cm = np.zeros((len(ids), len(ids) + 1), int)
+    for t, p in zip(truth.ravel(), pred.ravel()):
+        if t in ids:
+            cm[ids.index(t), ids.index(p) if p in ids else len(ids)] += 1
+    assert result["confusion_matrix"] == cm.tolist()
+    assert result["pixels"] == int((truth > 0).sum())
+    oa = sum(cm[i, i] for i in range(len(ids))) / cm.sum()
+    ious = []
+    for i in range(len(ids)):
+        tp, fn, fp = cm[i, i], cm[i].sum() - cm[i, i], cm[:, i].sum() - cm[i, i]
+        if tp + fn + fp:
+            ious.append(tp / (tp + fn + fp))
+    expected_pe = sum(cm[i].sum() * cm[:, i].sum() for i in range(len(ids))) / cm.sum() ** 2
+    assert result["oa"] == pytest.approx(oa)
+    assert result["miou"] == pytest.approx(np.mean(ious))
+    assert result["kappa"] == pytest.approx((oa - expected_pe) / (1 - expected_pe))
+    assert [c["iou"] for c in result["per_class"]][:3] == pytest.approx(ious[:3])
+
+
+def test_evaluate_cli_writes_json_plot_and_logs_to_mlflow(tiny_spec, tmp_path):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    city = tiny_spec.city("synth_target")
+    with rasterio.open(tiny_spec.resolve(city, "label")) as ds:
+        truth = ds.read(1)
+    pred = truth.copy()
+    pred[:20] = 3  # a wrong band across the top; elsewhere perfect
+    (tmp_path / "pred").mkdir()
+    write(tmp_path / "pred" / "synth_target.tif", pred)
+    uri = (tmp_path / "mlruns").as_uri()
+    mlflow.set_tracking_uri(uri)
+    with mlflow.start_run() as run:
+        run_id = run.info.run_id
+    cmd = [sys.executable, "-m", "c2seg.cli", "infer", "evaluate", "--pred", str(tmp_path / "pred"), "--spec",
+           tiny_spec.source_file, "--data-root", tiny_spec.data_root, "--city", "synth_target",
+           "--mlflow-run", run_id, "--tracking-uri", uri]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "MLFLOW_ALLOW_FILE_STORE": "true"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "pred" / "metrics.json").read_text())
+    labelled = truth > 0
+    assert result["oa"] == pytest.approx((pred[labelled] == truth[labelled]).mean())
+    assert 0 < result["miou"] < 1
+    assert (tmp_path / "pred" / "metrics_confusion.png").stat().st_size > 0
+    logged = MlflowClient(uri).get_run(run_id).data.metrics
+    assert logged["eval/synth_target/miou"] == pytest.approx(result["miou"])
+    assert {a.path for a in MlflowClient(uri).list_artifacts(run_id, "eval/synth_target")} == \
+        {"eval/synth_target/metrics.json", "eval/synth_target/metrics_confusion.png"}
+
+
+def test_prediction_of_the_wrong_size_is_refused(tiny_spec, tmp_path):
+    (tmp_path / "pred").mkdir()
+    write(tmp_path / "pred" / "synth_target.tif", np.ones((10, 10), np.uint8))
+    cmd = [sys.executable, "-m", "c2seg.cli", "infer", "evaluate", "--pred", str(tmp_path / "pred"), "--spec",
+           tiny_spec.source_file, "--data-root", tiny_spec.data_root, "--city", "synth_target"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "synth_target.tif: prediction is 10 x 10 px" in proc.stderr

@@ -1,0 +1,214 @@
+"""``c2seg data inspect``: open every city of a spec, check it window by window, summarise it and draw
+a quicklook per city (RGB beside the label map in the spec's class colours).
+
+Reading every window runs every reader check (band counts, grid alignment, label values, non-finite
+values, damaged blocks), so a city that inspects cleanly is ready for ``c2seg data prep``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from c2seg.spec import DatasetSpec
+from data_prep.readers import Scene, iter_windows, open_city
+
+log = logging.getLogger("c2seg.inspect")
+
+QUICKLOOK_PX = 768  # longest side of a full-scene quicklook
+QUICKLOOK_TILES = 16  # tiles shown (4 x 4) for tile cities
+
+
+@dataclass
+class ModalityStats:
+    """Value statistics of one modality over a whole city (all bands together)."""
+
+    bands: int
+    mean: float = 0.0
+    min: float = math.inf
+    max: float = -math.inf
+    nonfinite: int = 0
+    _sum: float = field(default=0.0, repr=False)
+    _count: int = field(default=0, repr=False)
+
+    def add(self, values: np.ndarray) -> None:
+        self._sum += float(values.sum(dtype=np.float64))
+        self._count += values.size
+        self.min, self.max = min(self.min, float(values.min())), max(self.max, float(values.max()))
+        self.mean = self._sum / max(self._count, 1)
+
+
+@dataclass
+class CitySummary:
+    """What ``inspect`` found in one city."""
+
+    city: str
+    role: str
+    format: str
+    scenes: int
+    height: int
+    width: int
+    modalities: dict[str, ModalityStats]
+    class_pixels: dict[int, int]  # class id -> pixels (empty when unlabelled)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        for stats in data["modalities"].values():
+            stats.pop("_sum"), stats.pop("_count")
+        return data
+
+
+def rgb_bands(spec: DatasetSpec) -> tuple[str, list[int]]:
+    """Modality and three band indices for an RGB view: MSI red/green/blue by wavelength, else the first
+    modality with wavelengths, else the first bands of the first modality (repeated if fewer than 3)."""
+    mods = sorted(spec.modalities, key=lambda m: (m.name != "msi", m.wavelengths_nm is None))
+    m = mods[0]
+    if m.wavelengths_nm is not None and m.bands >= 3:
+        lam = np.asarray(m.wavelengths_nm)
+        return m.name, [int(np.abs(lam - target).argmin()) for target in (660, 560, 485)]
+    return m.name, [min(i, m.bands - 1) for i in range(3)]
+
+
+def _stretch(rgb: np.ndarray) -> np.ndarray:
+    """(3, h, w) -> (h, w, 3) in [0, 1] with a 2-98 percentile stretch per channel."""
+    out = np.empty(rgb.shape[1:] + (3,), np.float32)
+    for i, band in enumerate(rgb):
+        lo, hi = np.percentile(band, [2, 98])
+        out[..., i] = np.clip((band - lo) / max(hi - lo, 1e-6), 0, 1)
+    return out
+
+
+def _palette(spec: DatasetSpec) -> np.ndarray:
+    pal = np.zeros((256, 3), np.uint8)
+    for c in spec.classes:
+        pal[c.id] = c.rgb
+    return pal
+
+
+class _Quicklook:
+    """Collects a subsampled RGB and label view of a city while its windows are read."""
+
+    def __init__(self, spec: DatasetSpec, scenes: list[Scene]) -> None:
+        self.modality, self.bands = rgb_bands(spec)
+        self.tiled = len(scenes) > 1
+        self.scenes = scenes[:QUICKLOOK_TILES] if self.tiled else scenes
+        first = scenes[0]
+        self.step = 1 if self.tiled else max(1, math.ceil(max(first.height, first.width) / QUICKLOOK_PX))
+        side = math.ceil(math.sqrt(len(self.scenes)))
+        h, w = (math.ceil(s / self.step) for s in (first.height, first.width))
+        self.cell = (h, w)
+        self.rgb = np.zeros((3, h * math.ceil(len(self.scenes) / side), w * side), np.float32)
+        self.label = np.zeros(self.rgb.shape[1:], np.uint8)
+        self.slot = {id(s): divmod(i, side) for i, s in enumerate(self.scenes)}
+
+    def add(self, scene: Scene, window, rgb: np.ndarray, label: np.ndarray | None) -> None:
+        if id(scene) not in self.slot:
+            return
+        k = self.step
+        r_off, c_off = (-window.row) % k, (-window.col) % k
+        rgb, r0, c0 = rgb[:, r_off::k, c_off::k], (window.row + r_off) // k, (window.col + c_off) // k
+        gi, gj = self.slot[id(scene)]
+        r0, c0 = r0 + gi * self.cell[0], c0 + gj * self.cell[1]
+        self.rgb[:, r0:r0 + rgb.shape[1], c0:c0 + rgb.shape[2]] = rgb
+        if label is not None:
+            lab = label[r_off::k, c_off::k]
+            self.label[r0:r0 + lab.shape[0], c0:c0 + lab.shape[1]] = lab
+
+    def save(self, spec: DatasetSpec, summary: CitySummary, path: Path) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.patches import Patch
+
+        labelled = bool(summary.class_pixels)
+        fig, axes = plt.subplots(1, 2 if labelled else 1, figsize=(12 if labelled else 6.5, 6), squeeze=False)
+        axes[0, 0].imshow(_stretch(self.rgb), interpolation="nearest")
+        axes[0, 0].set_title(f"{self.modality} bands {[b + 1 for b in self.bands]} (2-98 % stretch)")
+        if labelled:
+            axes[0, 1].imshow(_palette(spec)[self.label], interpolation="nearest")
+            axes[0, 1].set_title("label")
+            handles = [Patch(color=np.array(c.rgb) / 255, label=f"{c.id} {c.name}") for c in spec.classes
+                       if summary.class_pixels.get(c.id)]
+            axes[0, 1].legend(handles=handles, loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8)
+        for ax in axes.ravel():
+            ax.set_axis_off()
+        tiles = f", first {len(self.scenes)} of {summary.scenes} tiles" if self.tiled else ""
+        fig.suptitle(f"{spec.name} / {summary.city} ({summary.role}, {summary.format}, {summary.height} x "
+                     f"{summary.width} px{tiles})")
+        fig.savefig(path, dpi=100, bbox_inches="tight")
+        plt.close(fig)
+
+
+def inspect_city(spec: DatasetSpec, city_name: str, out: Path | None = None, block: int = 512) -> CitySummary:
+    """Read every window of every scene of a city (all checks run), return its summary and, with
+    ``out``, write ``out/<city>.png``."""
+    city = spec.city(city_name)
+    scenes = open_city(spec, city_name)
+    try:
+        stats = {m.name: ModalityStats(m.bands) for m in spec.modalities}
+        hist = np.zeros(256, np.int64)
+        look = _Quicklook(spec, scenes)
+        work = [(s, w) for s in scenes for w in iter_windows(s.height, s.width, block)]
+        for scene, window in tqdm(work, desc=f"inspect {city_name}", unit="window"):
+            for name, st in stats.items():
+                values = scene.read(name, window)
+                st.add(values)
+                if name == look.modality:
+                    rgb = values[look.bands]
+            label = scene.read_label(window) if scene.has_label else None
+            if label is not None:
+                hist += np.bincount(label.ravel(), minlength=256)
+            look.add(scene, window, rgb, label)
+        for scene in scenes:
+            for name, count in scene.nonfinite_counts.items():
+                stats[name].nonfinite += count
+        summary = CitySummary(
+            city=city.name, role=city.role, format=city.format, scenes=len(scenes),
+            height=scenes[0].height, width=scenes[0].width, modalities=stats,
+            class_pixels={int(i): int(n) for i, n in enumerate(hist) if n})
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            look.save(spec, summary, out / f"{city.name}.png")
+            log.info("%s: quicklook written to %s", city.name, out / f"{city.name}.png")
+        return summary
+    finally:
+        for s in scenes:
+            s.close()
+
+
+def format_summary(spec: DatasetSpec, summaries: list[CitySummary]) -> str:
+    """The summary table printed by ``c2seg data inspect``."""
+    lines = [f"dataset {spec.name}: {len(summaries)} cities, grid {spec.grid_resolution_m} m",
+             f"{'city':<16}{'role':<8}{'format':<9}{'scenes':>7}  {'size (px)':<13}modalities x bands"]
+    for s in summaries:
+        mods = ", ".join(f"{n} x {st.bands}" for n, st in s.modalities.items())
+        lines.append(f"{s.city:<16}{s.role:<8}{s.format:<9}{s.scenes:>7}  {f'{s.height} x {s.width}':<13}{mods}")
+        for name, st in s.modalities.items():
+            lines.append(f"    {name:<6} mean {st.mean:>10.2f}  min {st.min:>10.2f}  max {st.max:>10.2f}  "
+                         f"non-finite {st.nonfinite}")
+        total = sum(n for i, n in s.class_pixels.items() if i != spec.ignore_id)
+        if not s.class_pixels:
+            lines.append("    classes: no label")
+        else:
+            parts = [f"{i} {spec.class_name(i)} {100 * n / max(total, 1):.1f}%" for i, n in sorted(s.class_pixels.items())
+                     if i != spec.ignore_id]
+            ignored = s.class_pixels.get(spec.ignore_id, 0)
+            lines.append(f"    classes ({total} labelled px, {ignored} ignored): " + ", ".join(parts))
+    return "\n".join(lines)
+
+
+def inspect_dataset(spec: DatasetSpec, out: Path | None = None, block: int = 512,
+                    cities: list[str] | None = None) -> list[CitySummary]:
+    """Inspect every city (or ``cities``); with ``out`` also write ``out/summary.json`` and a quicklook
+    per city."""
+    summaries = [inspect_city(spec, name, out, block) for name in cities or [c.name for c in spec.cities]]
+    if out is not None:
+        (out / "summary.json").write_text(json.dumps([s.to_dict() for s in summaries], indent=1))
+    return summaries

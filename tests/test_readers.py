@@ -1,0 +1,234 @@
+"""Scene readers: every format round-trips, windows equal full reads, HDF5 reads stay bounded, and each
+bad input gets its message."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tracemalloc
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import rasterio
+from affine import Affine
+
+from c2seg.spec import load_spec
+from data_prep.readers import SceneError, Window, open_city
+from data_prep.synth import CitySynth, generate_city, generate_dataset
+from data_prep.synth.writers import city_tiles
+from tests.fixtures_data import CONFIGS
+
+# (spec, format, height, width): AB-like pair as .mat v5 and tiles, BW-like as v7.3 with 30 m HSI and raw
+# label codes, GeoTIFF stacks with an on-grid and a coarse modality.
+CASES = [
+    ("demo_tiny.yaml", "geotiff", 48, 64),
+    ("demo_ab.yaml", "mat_v5", 40, 56),
+    ("demo_ab.yaml", "tiles", 160, 136),
+    ("demo_bw.yaml", "mat_v73", 50, 70),
+    ("demo_bw.yaml", "geotiff", 50, 70),
+]
+
+
+@pytest.fixture(scope="module", params=CASES, ids=[f"{c[0].split('.')[0]}-{c[1]}" for c in CASES])
+def generated(request, tmp_path_factory):
+    name, fmt, h, w = request.param
+    spec = load_spec(CONFIGS / name, data_root=tmp_path_factory.mktemp(fmt))
+    if fmt == "tiles":  # AB-like tiles at a test size: 32 px tiles
+        spec = replace(spec, tiling=replace(spec.tiling, size=32, stride=16))
+    spec = generate_dataset(spec, h, w, seed=3, fmt=fmt)
+    return spec, h, w
+
+
+def test_round_trip_equals_generated(generated):
+    spec, h, w = generated
+    for city in spec.cities:
+        synth = CitySynth(spec, city, h, w, seed=3)
+        scenes = open_city(spec, city.name)
+        windows = city_tiles(synth) if city.format == "tiles" else [Window(0, 0, h, w)]
+        assert [s.name for s in scenes] == ([str(i) for i in range(1, len(windows) + 1)]
+                                            if city.format == "tiles" else [city.name])
+        for scene, window in zip(scenes, windows):
+            expected = synth.render(window)
+            assert (scene.height, scene.width) == (window.height, window.width)
+            assert scene.modalities == spec.modality_names and scene.has_label
+            for m in spec.modalities:
+                got = scene.read(m.name)
+                assert got.dtype == np.float32 and got.shape == (m.bands, window.height, window.width)
+                np.testing.assert_array_equal(got, expected[m.name])
+            label = scene.read_label()
+            assert label.dtype == np.uint8
+            np.testing.assert_array_equal(label, expected["label"])
+            scene.close()
+
+
+def test_window_read_equals_full_read(generated):
+    spec, h, w = generated
+    scene = open_city(spec, spec.cities[0].name)[0]
+    full = {m: scene.read(m) for m in spec.modality_names}
+    full_label = scene.read_label()
+    rng = np.random.default_rng(0)
+    for _ in range(4):
+        r, c = int(rng.integers(0, scene.height - 5)), int(rng.integers(0, scene.width - 5))
+        win = Window(r, c, int(rng.integers(1, scene.height - r + 1)), int(rng.integers(1, scene.width - c + 1)))
+        for m in spec.modality_names:
+            np.testing.assert_array_equal(scene.read(m, win), full[m][(slice(None), *win.slices)])
+        np.testing.assert_array_equal(scene.read_label(win), full_label[win.slices])
+    with pytest.raises(SceneError, match="outside"):
+        scene.read(spec.modality_names[0], Window(scene.height - 2, 0, 4, 4))
+
+
+def test_mat_v73_and_georeference(tmp_path):
+    spec = generate_dataset(load_spec(CONFIGS / "demo_bw.yaml", data_root=tmp_path), 40, 40)
+    scene = open_city(spec, "synth_source")[0]
+    assert scene.crs == "EPSG:32650"
+    assert scene.transform == Affine(10, 0, 440000.0, 0, -10, 4440000.0)
+    with open(spec.resolve(spec.cities[0], "scene"), "rb") as fh:
+        assert fh.read(19) == b"MATLAB 7.3 MAT-file"
+    import h5py
+
+    with h5py.File(spec.resolve(spec.cities[0], "scene")) as f:  # stored transposed, HSI at 30 m
+        assert f["HSI"].shape == (116, 14, 14) and f["MSI"].shape == (4, 40, 40)
+
+
+def test_hdf5_window_read_is_bounded(tmp_path):
+    spec = load_spec(CONFIGS / "demo_bw.yaml", data_root=tmp_path)
+    city = replace(spec.cities[0], labelled=False, files={"scene": "big.mat"})
+    spec = replace(spec, cities=(city,))
+    generate_city(spec, city, 480, 480)
+    scene = open_city(spec, city.name)[0]
+    grid_bytes = 116 * 480 * 480 * 4  # the whole HSI on the grid
+    tracemalloc.start()
+    try:
+        window = scene.read("hsi", Window(200, 300, 48, 48))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert window.shape == (116, 48, 48)
+    assert peak < 4 * window.nbytes < grid_bytes / 20, f"peak {peak} B for a {window.nbytes} B window"
+
+
+# ---- bad inputs ------------------------------------------------------------------------------
+@pytest.fixture()
+def tiny_copy(tiny_spec, tmp_path):
+    """A private copy of the tiny GeoTIFF cities, to damage."""
+    shutil.copytree(tiny_spec.data_root, tmp_path / "data")
+    return tiny_spec.with_data_root(tmp_path / "data")
+
+
+def _rewrite(path, data: np.ndarray, **changes) -> None:
+    """Rewrite a GeoTIFF with new values and profile changes (crs, transform, ...)."""
+    with rasterio.open(path) as ds:
+        profile = ds.profile
+    profile.update(count=data.shape[0], height=data.shape[1], width=data.shape[2], dtype=data.dtype.name, **changes)
+    with rasterio.open(path, "w", **profile) as ds:
+        ds.write(data)
+
+
+def _read_raw(path) -> np.ndarray:
+    with rasterio.open(path) as ds:
+        return ds.read()
+
+
+def test_wrong_band_count(tiny_copy):
+    path = tiny_copy.resolve(tiny_copy.cities[0], "msi")
+    _rewrite(path, _read_raw(path)[:3])
+    with pytest.raises(SceneError, match=rf"{path}: modality 'msi' has 3 bands, spec 'demo_tiny' says 4"):
+        open_city(tiny_copy, "synth_source")
+
+
+@pytest.mark.parametrize("change", ["shape", "transform", "crs"])
+def test_misaligned_grids(tiny_copy, change):
+    path = tiny_copy.resolve(tiny_copy.cities[0], "sar")
+    data = _read_raw(path)
+    with rasterio.open(path) as ds:
+        tf = ds.transform
+    if change == "shape":
+        _rewrite(path, data[:, :-4])
+        match = "modality .sar. grid is 92 x 128 px, which does not align"
+    elif change == "transform":
+        _rewrite(path, data, transform=tf @ Affine.translation(3, 0))
+        match = "transform .* does not align"
+    else:
+        _rewrite(path, data, crs="EPSG:4326")
+        match = "CRS EPSG:4326 differs"
+    with pytest.raises(SceneError, match=rf"{path}: {match}"):
+        open_city(tiny_copy, "synth_source")
+
+
+def test_nonfinite_values_counted_and_filled(tiny_copy, caplog):
+    path = tiny_copy.resolve(tiny_copy.cities[0], "sar")
+    data = _read_raw(path)
+    data[0, 3, 4], data[1, 10, 10], data[0, 50, 60] = np.nan, np.inf, -np.inf
+    _rewrite(path, data)
+    scene = open_city(tiny_copy, "synth_source")[0]
+    with caplog.at_level(logging.WARNING):
+        sar = scene.read("sar")
+    assert scene.nonfinite_counts["sar"] == 3 and scene.nonfinite_counts.get("hsi", 0) == 0
+    assert np.isfinite(sar).all() and sar[0, 3, 4] == 0 and sar[1, 10, 10] == 0
+    assert str(path) in caplog.text and "3 non-finite" in caplog.text
+    # with a nodata value in the spec, non-finite values become nodata
+    mods = tuple(replace(m, nodata=-99.0) if m.name == "sar" else m for m in tiny_copy.modalities)
+    scene = open_city(replace(tiny_copy, modalities=mods), "synth_source")[0]
+    assert scene.read("sar", Window(0, 0, 8, 8))[0, 3, 4] == -99.0
+    assert scene.nonfinite_counts["sar"] == 1
+
+
+def test_label_values_outside_class_set(tiny_copy):
+    path = tiny_copy.resolve(tiny_copy.cities[0], "label")
+    label = _read_raw(path)
+    label[0, 0, :3], label[0, 5, 5] = 20, 99
+    _rewrite(path, label)
+    scene = open_city(tiny_copy, "synth_source")[0]
+    with pytest.raises(SceneError, match=rf"{path}: label values outside the class set .*\[20, 99\]"):
+        scene.read_label(Window(40, 40, 8, 8))
+
+
+def test_raw_label_codes_remapped(tmp_path, caplog):
+    spec = generate_dataset(load_spec(CONFIGS / "demo_bw.yaml", data_root=tmp_path), 30, 36, fmt="geotiff")
+    path = spec.resolve(spec.cities[0], "label")
+    raw = _read_raw(path)
+    remap = spec.label_remap
+    assert set(np.unique(raw).tolist()) <= set(remap.codes) | set(remap.nodata_codes) and raw.max() > 13
+    expected = CitySynth(spec, spec.cities[0], 30, 36).render()["label"]
+    with caplog.at_level(logging.INFO, logger="c2seg.readers"):
+        got = open_city(spec, "synth_source")[0].read_label()
+    np.testing.assert_array_equal(got, expected)
+    assert "raw codes" in caplog.text and str(path) in caplog.text
+    raw[0, 0, 0] = 77  # neither a class id nor a raw code
+    _rewrite(path, raw)
+    with pytest.raises(SceneError, match=r"label values \[77\] are neither class ids"):
+        open_city(spec, "synth_source")[0].read_label()
+
+
+@pytest.mark.parametrize("fmt", ["geotiff", "mat_v5", "mat_v73", "tiles"])
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_corrupt_or_truncated_file(tmp_path, fmt, damage):
+    spec = generate_dataset(load_spec(CONFIGS / "demo_tiny.yaml", data_root=tmp_path), 64, 64, fmt=fmt)
+    city = spec.cities[0]
+    path = {"geotiff": lambda: spec.resolve(city, "hsi"), "tiles": lambda: spec.resolve(city, "root") / "hsi/2.tiff"}\
+        .get(fmt, lambda: spec.resolve(city, "scene"))()
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"not a scene " * 50)
+    with pytest.raises(SceneError, match=str(path)):
+        for scene in open_city(spec, city.name):
+            scene.read("hsi")
+
+
+def test_missing_and_mislabelled_files(tmp_path):
+    spec = generate_dataset(load_spec(CONFIGS / "demo_tiny.yaml", data_root=tmp_path), 32, 32, fmt="mat_v73")
+    scene_path = spec.resolve(spec.cities[0], "scene")
+    as_v5 = replace(spec, cities=tuple(replace(c, format="mat_v5") for c in spec.cities))
+    with pytest.raises(SceneError, match="set format: mat_v73"):
+        open_city(as_v5, "synth_source")
+    scene_path.unlink()
+    with pytest.raises(SceneError, match=f"{scene_path}: file not found"):
+        open_city(spec, "synth_source")
+
+
+def test_tile_folders_must_match(tmp_path):
+    spec = generate_dataset(load_spec(CONFIGS / "demo_tiny.yaml", data_root=tmp_path), 64, 64, fmt="tiles")
+    root = spec.resolve(spec.cities[0], "root")
+    (root / "sar" / "3.tiff").unlink()
+    with pytest.raises(SceneError, match=r"sar: tiles \['3'\] are missing"):
+        open_city(spec, "synth_source")

@@ -12,13 +12,7 @@ import logging
 import sys
 from pathlib import Path
 
-STAGES = (
-    ("data_prep.cli", "data"),
-    ("train.cli", "train"),
-    ("inference.cli", "infer"),
-    ("slurm.cli", "slurm"),
-    ("c2seg.demo", "demo"),
-)
+STAGES = ("data_prep.cli", "train.cli", "inference.cli", "slurm.cli", "c2seg.demo")
 
 
 def add_spec_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
@@ -45,13 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="stage", metavar="STAGE", required=True)
-    for module, _ in STAGES:
-        try:
-            importlib.import_module(module).register(sub)
-        except ModuleNotFoundError as exc:  # a stage package not installed in this environment
-            if exc.name and module.startswith(exc.name):
-                continue
-            raise
+    for module in STAGES:
+        importlib.import_module(module).register(sub)
     return parser
 
 

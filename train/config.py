@@ -53,6 +53,10 @@ class DataConfig:
     spec: str | None = None  # dataset spec YAML; default: the spec stored in the prep manifest
     source_cities: tuple[str, ...] | None = None  # default: the spec's cities with role source
     target_cities: tuple[str, ...] | None = None  # default: the spec's cities with role target
+    # pooled: every tile standardised with the statistics of all cities; per_city: with its own city's
+    # statistics (removes per-city gain / offset shifts; the model then needs the statistics of any city it
+    # is run on, which exported models carry for the prepared cities)
+    normalization: Literal["pooled", "per_city"] = "pooled"
 
 
 @dataclass(frozen=True)
@@ -92,7 +96,8 @@ class TrackingConfig:
     enabled: bool = True
     experiment: str = "c2seg"
     run_name: str | None = None
-    log_every: int = 1
+    log_every: int = 1  # steps between MLflow metric logs
+    progress_every: int = 25  # steps between progress log lines when there is no terminal for a bar
     previews: int = 4  # target prediction previews logged at each validation
 
 
@@ -120,6 +125,9 @@ class FinetuneConfig:
     adapt: bool = True
     ema_decay: float = 0.99
     pseudo_threshold: float = 0.9
+    # mask: pixels below pseudo_threshold are ignored; fraction (DAFormer): every pixel keeps its
+    # pseudo-label and the target loss of a tile is weighted by its fraction of pixels above the threshold
+    pseudo_weighting: Literal["mask", "fraction"] = "mask"
     adapt_weight: float = 1.0
     adapt_warmup_steps: int = 0  # no target loss before this step
     mix: Literal["classmix", "none"] = "classmix"

@@ -135,6 +135,9 @@ def run_training(cfg: TrainConfig, make_task, data, resume: str | None = None,
                 tracker.metrics(logs, step)
             bar.update(1)
             bar.set_postfix(loss=f"{logs['loss']:.4f}")
+            if bar.disable and (step % cfg.tracking.progress_every == 0 or step == cfg.steps):
+                log.info("%s step %d/%d loss %.4f lr %.2e %.1f samples/s", task.name, step, cfg.steps,
+                         logs["loss"], logs["lr"], logs["samples_per_s"])
         stopping = stop.agreed()
         if step % cfg.checkpoint_every == 0 or step == cfg.steps or stopping:
             save_checkpoint(engine, out, {"step": step, "world_size": world, "micro_batches": step * gas,

@@ -1,0 +1,193 @@
+#!/usr/bin/env bash
+# A one-node SLURM cluster on localhost (munge + slurmctld + slurmd), for trying `c2seg slurm submit` on a
+# workstation and for the test suite.
+#
+#   slurm/local_cluster.sh up       install slurm-wlm + munge when missing (root: apt-get), write the config,
+#                                   start the daemons, wait until node `localhost` is idle
+#   slurm/local_cluster.sh down     stop the daemons by their pid files
+#   slurm/local_cluster.sh status   daemons, node state, queue
+#
+# Everything lives under $C2SEG_SLURM_DIR (default /tmp/c2seg-slurm): etc/slurm.conf, run/*.pid, log/*.log,
+# state/, spool/, munge/. Clients find the config through SLURM_CONF=$C2SEG_SLURM_DIR/etc/slurm.conf (printed
+# by `up`; `c2seg slurm` sets it by itself); as root, /etc/slurm/slurm.conf is linked to it when absent.
+# Ports: $C2SEG_SLURM_PORT (slurmctld, default 6817) and the next one (slurmd). Idempotent: `up` on a running
+# cluster and `down` on a stopped one do nothing.
+set -euo pipefail
+
+STATE=${C2SEG_SLURM_DIR:-/tmp/c2seg-slurm}
+PORT=${C2SEG_SLURM_PORT:-6817}
+CONF=$STATE/etc/slurm.conf
+SYSTEM_CONF=/etc/slurm/slurm.conf
+export SLURM_CONF=$CONF
+
+say() { echo "[local_cluster] $*"; }
+die() { echo "[local_cluster] error: $*" >&2; exit 1; }
+
+alive() {  # alive PIDFILE: the process named in PIDFILE runs
+  [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null
+}
+
+install_if_missing() {
+  local missing=0 bin
+  for bin in slurmctld slurmd munged sbatch; do
+    command -v "$bin" >/dev/null 2>&1 || [ -x "/usr/sbin/$bin" ] || missing=1
+  done
+  [ $missing = 0 ] && return 0
+  if [ "$(id -u)" != 0 ]; then
+    die "slurm-wlm and munge are not installed; as root run: apt-get install slurm-wlm munge (or use your cluster)"
+  fi
+  command -v apt-get >/dev/null || die "slurm-wlm and munge are missing and apt-get is not available to install them"
+  say "installing slurm-wlm and munge with apt-get (one time, ~1 min)"
+  apt-get update -qq >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends slurm-wlm munge >/dev/null \
+    || die "apt-get install slurm-wlm munge failed"
+}
+
+write_config() {
+  local cpus mem user
+  cpus=$(nproc)
+  mem=$(awk '/MemTotal/ {printf "%d", $2 / 1024 * 0.9}' /proc/meminfo)
+  user=$(id -un)
+  mkdir -p "$STATE"/{etc,run,log,state,spool,munge}
+  cat >"$CONF" <<EOF
+# Written by slurm/local_cluster.sh: one node 'localhost' with this machine's $cpus CPUs.
+ClusterName=c2seg-local
+SlurmctldHost=localhost
+SlurmctldPort=$PORT
+SlurmdPort=$((PORT + 1))
+SlurmUser=$user
+SlurmdUser=root
+AuthType=auth/munge
+# cred_expire: a requeued job may start again after 10 s (default 120)
+AuthInfo=socket=$STATE/munge/munge.socket.2,cred_expire=10
+CredType=cred/munge
+StateSaveLocation=$STATE/state
+SlurmdSpoolDir=$STATE/spool
+SlurmctldPidFile=$STATE/run/slurmctld.pid
+SlurmdPidFile=$STATE/run/slurmd.pid
+SlurmctldLogFile=$STATE/log/slurmctld.log
+SlurmdLogFile=$STATE/log/slurmd.log
+SlurmctldDebug=info
+SlurmdDebug=info
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+SchedulerType=sched/backfill
+AccountingStorageType=accounting_storage/none
+JobAcctGatherType=jobacct_gather/none
+JobCompType=jobcomp/none
+MpiDefault=none
+SwitchType=switch/none
+ReturnToService=2
+JobRequeue=1
+KillWait=10
+MinJobAge=600
+InactiveLimit=0
+Waittime=0
+SlurmdTimeout=300
+NodeName=localhost NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem State=UNKNOWN
+PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
+EOF
+}
+
+start_munge() {
+  local pidfile=$STATE/munge/munged.pid key=/etc/munge/munge.key
+  alive "$pidfile" && return 0
+  if [ ! -s "$key" ]; then
+    [ "$(id -u)" = 0 ] || die "$key is missing (create it as root with: mungekey -c)"
+    mkdir -p /etc/munge
+    if command -v mungekey >/dev/null; then mungekey -c -k "$key"; else dd if=/dev/urandom of="$key" bs=1024 count=1 2>/dev/null; fi
+    chown munge:munge "$key" 2>/dev/null || true
+    chmod 400 "$key"
+  fi
+  local -a args=(--socket="$STATE/munge/munge.socket.2" --pid-file="$pidfile" --log-file="$STATE/munge/munged.log"
+                 --seed-file="$STATE/munge/munged.seed" --key-file="$key")
+  if [ "$(id -u)" = 0 ] && id munge >/dev/null 2>&1; then
+    chown munge:munge "$STATE/munge"
+    chmod 755 "$STATE/munge"
+    runuser -u munge -- /usr/sbin/munged "${args[@]}" || die "munged did not start; see $STATE/munge/munged.log"
+  else
+    munged "${args[@]}" || die "munged did not start; see $STATE/munge/munged.log"
+  fi
+  for _ in $(seq 50); do [ -S "$STATE/munge/munge.socket.2" ] && return 0; sleep 0.1; done
+  die "munged socket $STATE/munge/munge.socket.2 did not appear; see $STATE/munge/munged.log"
+}
+
+node_state() { sinfo -h -n localhost -o %T 2>/dev/null | head -1; }
+
+up() {
+  install_if_missing
+  if alive "$STATE/run/slurmctld.pid" && alive "$STATE/run/slurmd.pid"; then
+    say "already up ($CONF), node localhost: $(node_state)"
+    return 0
+  fi
+  write_config
+  if [ "$(id -u)" = 0 ] && [ -d /etc/slurm ] && [ ! -e "$SYSTEM_CONF" ]; then ln -s "$CONF" "$SYSTEM_CONF"; fi
+  start_munge
+  if ! alive "$STATE/run/slurmctld.pid"; then
+    /usr/sbin/slurmctld -c -i || die "slurmctld did not start; see $STATE/log/slurmctld.log"
+  fi
+  if ! alive "$STATE/run/slurmd.pid"; then
+    /usr/sbin/slurmd -N localhost || die "slurmd did not start; see $STATE/log/slurmd.log"
+  fi
+  local state=""
+  for i in $(seq 300); do
+    state=$(node_state)
+    case "$state" in
+      idle*|mixed*|allocated*) break ;;
+      down*|drain*) scontrol update nodename=localhost state=resume 2>/dev/null || true ;;
+    esac
+    sleep 0.2
+  done
+  case "$state" in
+    idle*|mixed*|allocated*) ;;
+    *) die "node localhost is '${state:-unknown}' after 60 s; see $STATE/log/slurmctld.log and $STATE/log/slurmd.log" ;;
+  esac
+  say "up: node localhost $state with $(nproc) CPUs, partition debug; config $CONF"
+  say "for sbatch/squeue in your shell: export SLURM_CONF=$CONF"
+}
+
+stop_pidfile() {  # stop_pidfile NAME PIDFILE
+  local pid
+  alive "$2" || { rm -f "$2"; return 0; }
+  pid=$(cat "$2")
+  kill "$pid"
+  for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || { say "stopped $1 (pid $pid)"; rm -f "$2"; return 0; }; sleep 0.1; done
+  kill -9 "$pid" 2>/dev/null || true
+  say "killed $1 (pid $pid) after 10 s"
+  rm -f "$2"
+}
+
+down() {
+  if alive "$STATE/run/slurmctld.pid"; then
+    scancel --quiet --user "$(id -un)" 2>/dev/null || true
+  fi
+  stop_pidfile slurmd "$STATE/run/slurmd.pid"
+  stop_pidfile slurmctld "$STATE/run/slurmctld.pid"
+  stop_pidfile munged "$STATE/munge/munged.pid"
+  if [ -L "$SYSTEM_CONF" ] && [ "$(readlink "$SYSTEM_CONF")" = "$CONF" ]; then rm -f "$SYSTEM_CONF"; fi
+  say "down"
+}
+
+status() {
+  local name file rc=0
+  for name in munged slurmctld slurmd; do
+    file=$STATE/run/$name.pid
+    [ $name = munged ] && file=$STATE/munge/munged.pid
+    if alive "$file"; then say "$name running (pid $(cat "$file"))"; else say "$name not running"; rc=1; fi
+  done
+  if [ $rc = 0 ]; then
+    say "config $CONF"
+    sinfo
+    squeue
+  fi
+  return $rc
+}
+
+case "${1:-}" in
+  up) up ;;
+  down) down ;;
+  status) status ;;
+  *) echo "usage: $0 up|down|status   (state under \$C2SEG_SLURM_DIR, default /tmp/c2seg-slurm)" >&2; exit 2 ;;
+esac

@@ -1,0 +1,66 @@
+"""Submit a chain of stage jobs: render the scripts, sbatch them with ``--dependency=afterok``, record the
+job ids in ``RUN_DIR/chain.json`` and tie the stages together in one MLflow parent run."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+from slurm import tracking
+from slurm.cluster import check_partition, run_slurm, sbatch
+from slurm.config import SubmitConfig
+from slurm.render import REPO_ROOT, Job, render_chain
+
+log = logging.getLogger("c2seg.slurm")
+
+
+def run_dir_of(cfg: SubmitConfig) -> Path:
+    """The chain's run directory (relative paths are taken from the jobs' working directory)."""
+    return (Path(cfg.workdir or REPO_ROOT) / cfg.run_dir).resolve()
+
+
+def submit_chain(cfg: SubmitConfig, dry_run: bool = False, config_path: str = "") -> list[Job]:
+    """Render and (unless ``dry_run``) submit the chain; returns the jobs with their ids."""
+    run_dir = run_dir_of(cfg)
+    if dry_run:
+        jobs = render_chain(cfg, run_dir)
+        log.info("dry run: %d scripts rendered in %s, nothing submitted", len(jobs), run_dir / "scripts")
+        return jobs
+    run_slurm(["sbatch", "--version"])  # clear error when SLURM is not installed
+    for stage in cfg.stages:
+        check_partition(cfg.resources_for(stage).partition)
+    if (run_dir / "status").exists():
+        shutil.rmtree(run_dir / "status")  # outcomes of an earlier submission into this run dir
+    exports, runs, uri = {}, None, None
+    if cfg.mlflow.enabled:
+        uri = tracking.default_tracking_uri(Path(cfg.workdir or REPO_ROOT)) if not cfg.mlflow.tracking_uri \
+            else cfg.mlflow.tracking_uri
+        runs = tracking.start_chain(uri, cfg.mlflow.experiment, run_dir.name, list(cfg.stages),
+                                    {"c2seg.run_dir": str(run_dir), "c2seg.config": config_path})
+        exports["MLFLOW_TRACKING_URI"] = uri
+        if runs:
+            exports["C2SEG_MLFLOW_PARENT_RUN_ID"] = runs["parent"]
+    jobs = render_chain(cfg, run_dir, exports)
+    previous: Job | None = None
+    for job in jobs:
+        extra = {"C2SEG_MLFLOW_RUN_ID": runs[job.stage]} if runs else None
+        job.job_id = sbatch(job.script, f"afterok:{previous.job_id}" if previous else None, extra)
+        log.info("submitted %-14s job %s%s", job.name, job.job_id,
+                 f" (array of {job.array_tasks})" if job.array_tasks else "")
+        previous = job
+    record = {
+        "submitted": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "config": config_path,
+        "run_dir": str(run_dir),
+        "tracking_uri": uri,
+        "mlflow_runs": runs,
+        "jobs": [{"name": j.name, "stage": j.stage, "script": str(j.script), "array_tasks": j.array_tasks,
+                  "job_id": j.job_id} for j in jobs],
+    }
+    (run_dir / "chain.json").write_text(json.dumps(record, indent=2))
+    if runs:
+        tracking.tag_jobs(uri, runs, record["jobs"])
+    return jobs

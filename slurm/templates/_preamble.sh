@@ -1,0 +1,14 @@
+set -euo pipefail
+# Rendered by `c2seg slurm submit` for stage {{stage}} of the chain in {{run_dir}}.
+cd {{workdir}}
+{{setup}}
+{{exports}}
+C2SEG="{{python}} -m c2seg.cli"
+RUN_DIR={{run_dir}}
+STAGE={{stage}}
+STATUS_FILE="$RUN_DIR/status/$STAGE${SLURM_ARRAY_TASK_ID:+_$SLURM_ARRAY_TASK_ID}.exit"
+mkdir -p "$RUN_DIR/status"
+# The exit status of this job (task) for `c2seg slurm status`; 'requeued' while a requeue is under way.
+trap 'rc=$?; echo "$rc" > "$STATUS_FILE"; echo "[c2seg-slurm] $(date +%T) stage $STAGE ended with exit $rc"' EXIT
+echo "[c2seg-slurm] $(date +%T) stage $STAGE: job ${SLURM_JOB_ID}${SLURM_ARRAY_TASK_ID:+ task $SLURM_ARRAY_TASK_ID} on $(hostname), requeue count ${SLURM_RESTART_COUNT:-0}"
+echo running > "$STATUS_FILE"

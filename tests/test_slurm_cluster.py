@@ -1,0 +1,175 @@
+"""The pipeline on a real SLURM cluster (slurm/local_cluster.sh up; scripts/run_tests.sh starts it).
+
+One chain prep -> pretrain -> finetune -> infer -> evaluate is submitted through the tool (2 tasks in the
+training stages) and reused: its prepared data feed the requeue test, its model the inference-array test.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import yaml
+
+from c2seg.cli import main
+from slurm.cluster import SlurmError, run_slurm, slurm_env
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+ROOT = Path(__file__).resolve().parent.parent
+LOCAL = ROOT / "configs" / "slurm" / "local.yaml"
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """Skip unless a SLURM controller answers (start one with slurm/local_cluster.sh up)."""
+    try:
+        run_slurm(["sinfo", "-h", "-o", "%P"], timeout=15)
+    except SlurmError as exc:
+        pytest.skip(f"no SLURM cluster reachable ({str(exc).splitlines()[0]}); start one with "
+                    "`slurm/local_cluster.sh up`")
+    os.environ.update({k: v for k, v in slurm_env().items() if k == "SLURM_CONF"})
+    os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+def submit(run_dir: Path, *sets: str, wait: bool = True) -> int:
+    args = ["slurm", "submit", "--config", str(LOCAL), "--set", f"run_dir={run_dir}", "--timeout", "400"]
+    for s in sets:
+        args += ["--set", s]
+    return main(args + (["--wait"] if wait else []))
+
+
+@pytest.fixture(scope="module")
+def chain(cluster, tiny_spec, tmp_path_factory) -> Path:
+    """The whole chain on the tiny generated cities, with its own MLflow store."""
+    run = tmp_path_factory.mktemp("slurm_chain")
+    rc = submit(run, f"data_root={tiny_spec.data_root}", f"mlflow.tracking_uri=sqlite:///{run}/mlflow.db")
+    assert rc == 0, f"chain failed, logs in {run / 'logs'}"
+    return run
+
+
+def test_whole_chain_completes_with_two_training_tasks(chain, tiny_spec):
+    metrics = yaml.safe_load((chain / "predictions" / "synth_target" / "metrics.json").read_text())
+    assert 0.0 <= metrics["miou"] <= 1.0 and metrics["oa"] > 0
+    assert (chain / "predictions" / "synth_target" / "synth_target.tif").is_file()
+    assert (chain / "models" / "model.pt").is_file()
+    for stage in ("pretrain", "finetune"):
+        log = next((chain / "logs").glob(f"{stage}-*.log")).read_text()
+        assert "2 tasks" in log and "x 2 ranks" in log, log[-2000:]
+    status = subprocess.run([sys.executable, "-m", "c2seg.cli", "slurm", "status", str(chain)],
+                            capture_output=True, text=True, env=slurm_env())
+    assert status.returncode == 0 and status.stdout.count("COMPLETED") == 6, status.stdout + status.stderr
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{chain}/mlflow.db")
+    exp = client.get_experiment_by_name("c2seg-slurm-local")
+    runs = client.search_runs([exp.experiment_id])
+    parent = [r for r in runs if r.data.tags.get("c2seg.kind") == "slurm-chain"]
+    assert len(parent) == 1 and parent[0].info.status == "FINISHED"
+    children = {r.data.tags["c2seg.stage"]: r for r in runs
+                if r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id and "c2seg.stage" in r.data.tags}
+    assert set(children) == {"prep", "pretrain", "finetune", "infer", "evaluate"}
+    assert all(r.info.status == "FINISHED" for r in children.values())
+    assert any(k.endswith("miou") for k in children["evaluate"].data.metrics), children["evaluate"].data.metrics
+
+
+def test_unknown_partition_is_refused(cluster, tmp_path, capsys):
+    assert submit(tmp_path / "run", "resources.partition=nosuchpart", wait=False) == 1
+    err = capsys.readouterr().err
+    assert "partition 'nosuchpart' does not exist" in err and "debug" in err
+
+
+def test_failed_job_names_stage_and_log(cluster, tmp_path, capsys):
+    rc = submit(tmp_path / "run", f"data_root={tmp_path / 'missing'}", "stages=[prep, pretrain]",
+                "mlflow.enabled=false")
+    assert rc == 1
+    err = capsys.readouterr().err
+    m = re.search(r"stage (\w+) \(job \d+\) failed: exit \d+.*; log: (\S+)", err)
+    assert m, err
+    assert m.group(1) == "prep" and Path(m.group(2)).is_file()
+    assert "missing" in Path(m.group(2)).read_text()
+
+
+def _weights(run: Path) -> tuple[str, dict]:
+    import torch
+
+    latest = (run / "checkpoints" / "LATEST").read_text().strip()
+    state = torch.load(run / "checkpoints" / latest / "weights.pt", map_location="cpu", weights_only=True)
+    return latest, state
+
+
+def _tensors(obj, prefix=""):
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _tensors(v, f"{prefix}{k}.")
+    elif hasattr(obj, "shape"):
+        yield prefix, obj
+
+
+def test_usr1_checkpoints_requeues_and_matches_uninterrupted(chain, tmp_path):
+    steps = 300
+    sets = ["stages=[pretrain]", "mlflow.enabled=false", f"pretrain.set=[data.prep_dir={chain / 'prep'}, "
+            f"steps={steps}, checkpoint_every=100]"]
+    assert submit(tmp_path / "plain", *sets) == 0
+    assert submit(tmp_path / "requeued", *sets, wait=False) == 0
+    run = tmp_path / "requeued"
+    job = yaml.safe_load((run / "chain.json").read_text())["jobs"][0]["job_id"]
+    log = run / "logs" / f"pretrain-{job}.log"
+    deadline = time.monotonic() + 300
+    while (log.read_text() if log.is_file() else "").count("DeepSpeed engine") < 2:  # both ranks training
+        assert time.monotonic() < deadline, "training never started"
+        time.sleep(0.5)
+    time.sleep(1.0)
+    run_slurm(["scancel", "--signal=USR1", "--batch", job])
+    assert main(["slurm", "status", str(run), "--wait", "--timeout", "400"]) == 0
+    text = log.read_text()
+    assert "USR1: asking the training tasks to checkpoint" in text
+    stopped = re.search(r"stopped at step (\d+) after a signal", text)
+    assert stopped and 0 < int(stopped.group(1)) < steps, "the signal did not arrive mid-training"
+    assert "requeue count 1" in text  # the requeued run logs its requeue count ...
+    assert "starting from step 0" not in text.split("requeue count 1")[1]  # ... and resumed, not restarted
+    step_a, plain = _weights(tmp_path / "plain" / "train" / "pretrain")
+    step_b, requeued = _weights(run / "train" / "pretrain")
+    assert step_a == step_b == f"step_{steps:08d}"
+    a, b = dict(_tensors(plain)), dict(_tensors(requeued))
+    assert a.keys() == b.keys() and a
+    for key in a:
+        assert np.array_equal(a[key].numpy(), b[key].numpy()), key
+
+
+def test_inference_array_over_three_scenes_equals_local_run(chain, tiny_spec, tmp_path):
+    from data_prep.readers import open_city
+    from data_prep.synth import generate_dataset
+
+    data = tmp_path / "tiles"
+    spec = generate_dataset(tiny_spec.with_data_root(data), 32, 96, seed=1, fmt="tiles")  # 3 target tiles
+    spec_file = tmp_path / "tiles_spec.yaml"
+    spec_file.write_text(yaml.safe_dump(spec.to_dict()))
+    assert len(open_city(spec, "synth_target")) == 3
+    model = chain / "models" / "model.pt"
+    infer_args = ["--window", "32", "--overlap", "0.25", "--block", "64"]
+    rc = main(["slurm", "submit", "--config", str(LOCAL), "--set", f"run_dir={tmp_path / 'array'}",
+               "--set", "stages=[infer]", "--set", f"spec={spec_file}", "--set", f"data_root={data}",
+               "--set", f"model={model}", "--set", "city=synth_target", "--set", "infer.array_tasks=3",
+               "--set", "mlflow.enabled=false", "--timeout", "300", "--wait"])
+    assert rc == 0
+    local = tmp_path / "local"
+    subprocess.run([sys.executable, "-m", "c2seg.cli", "infer", "run", "--model", str(model), "--spec",
+                    str(spec_file), "--data-root", str(data), "--city", "synth_target", "--out", str(local),
+                    *infer_args], check=True, cwd=ROOT, capture_output=True,
+                   env={k: v for k, v in os.environ.items() if not k.startswith("SLURM_")})
+    got = sorted(p.relative_to(tmp_path / "array" / "predictions")
+                 for p in (tmp_path / "array" / "predictions").rglob("*.tif"))
+    want = sorted(p.relative_to(local) for p in local.rglob("*.tif"))
+    assert got == want and len([p for p in got if "submission" in str(p)]) == 3
+    for rel in want:
+        with rasterio.open(local / rel) as a, rasterio.open(tmp_path / "array" / "predictions" / rel) as b:
+            assert np.array_equal(a.read(), b.read()), rel
+            assert a.transform == b.transform

@@ -135,11 +135,13 @@ def _report(out: Path, target: str, metrics: dict, pred_dir: Path, total: float,
               f"{m['kappa']:>8.3f}")
     adapted = pred_dir / "adapted" / target
     print("\nOutputs:")
-    for label, pattern in (("class map (COG)", "*.tif"), ("quicklook", "*.png")):
-        for path in sorted(adapted.glob(pattern)):
-            print(f"  {label:<16}{path}")
-    print(f"  {'metrics':<16}{adapted / 'metrics.json'}")
-    print(f"  {'everything':<16}{out}")
+    for path in sorted(adapted.glob("*.tif")):
+        print(f"  {'class map (COG)':<18}{path}")
+    for path in sorted(adapted.glob("*.png")):
+        label = "confusion matrix" if path.stem.endswith("confusion") else "quicklook"
+        print(f"  {label:<18}{path}")
+    print(f"  {'metrics':<18}{adapted / 'metrics.json'}")
+    print(f"  {'everything':<18}{out}")
     tracking = os.environ.get("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
     print(f"\nMLflow runs are in {tracking}; open the UI with:\n  .venv/bin/mlflow ui --backend-store-uri "
           f"{tracking}\n")

@@ -34,6 +34,7 @@ class DemoConfig:
     pretrain_config: str
     finetune_config: str
     source_only_config: str
+    data_root: str | None = None  # where the generated cities go (default: the spec's data_root)
     size: tuple[int, int] = (256, 384)
     seed: int = 0
     infer_window: int = 128
@@ -81,13 +82,13 @@ def run_demo(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     from c2seg.spec import load_spec
 
-    spec = load_spec(cfg.spec)
+    spec = load_spec(cfg.spec, data_root=cfg.data_root)
     source = spec.cities_with_role("source")[0].name
     target = spec.cities_with_role("target")[0].name
     prep_dir, models_dir, pred_dir = out / "prep", out / "models", out / "predictions"
     run = _Runner()
     t0 = time.perf_counter()
-    spec_args = ["--spec", cfg.spec]
+    spec_args = ["--spec", cfg.spec, *(["--data-root", cfg.data_root] if cfg.data_root else [])]
     h, w = cfg.size
     run.step("generate", ["data", "generate", *spec_args, "--size", f"{h}x{w}", "--seed", str(cfg.seed)],
              done=spec.resolve(spec.city(target), next(iter(spec.city(target).files))))

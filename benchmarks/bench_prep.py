@@ -1,54 +1,89 @@
-"""Prep throughput (MB/s of float32 input) against only reading the same scenes by windows, in one run.
+"""Prep throughput in MB/s of float32 input, against only reading the same scenes by windows.
 
-    .venv/bin/python benchmarks/bench_prep.py --size 256x384 --workers 1
+Generates AB-like GeoTIFF cities (configs/datasets/demo_ab.yaml: 242-band HSI, 4-band MSI, 2-band SAR,
+tile 128 / stride 64) of --size px, reads every scene once by row windows (the raw read rate), then
+runs ``c2seg data prep`` + finalize on them (statistics, tiles, zarr, shards, manifest):
+
+    .venv/bin/python benchmarks/bench_prep.py --size 768x768      # ~1.2 GB of input, ~1-2 min on 2 cores
+    .venv/bin/python benchmarks/bench_prep.py --quick              # 256 x 256
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-from c2seg.spec import load_spec
-from data_prep.manifest import finalize
-from data_prep.prep import run_prep
-from data_prep.prep_config import PrepConfig
-from data_prep.readers import Window, open_city
-from data_prep.synth import generate_dataset
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-ROOT = Path(__file__).parents[1]
+from benchmarks.report import figure  # noqa: E402
+from c2seg.spec import DatasetSpec, load_spec  # noqa: E402
+from data_prep.manifest import finalize  # noqa: E402
+from data_prep.prep import run_prep  # noqa: E402
+from data_prep.prep_config import PrepConfig  # noqa: E402
+from data_prep.readers import Window, open_city  # noqa: E402
+from data_prep.synth import generate_dataset  # noqa: E402
+
+AB_SPEC = ROOT / "configs/datasets/demo_ab.yaml"
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    h, _, w = text.partition("x")
+    return int(h), int(w or h)
+
+
+def generated_cities(spec_path: str | Path, data_root: Path, size: tuple[int, int]) -> DatasetSpec:
+    """The spec's cities generated as GeoTIFFs under ``data_root`` (kept when already there)."""
+    return generate_dataset(load_spec(spec_path, data_root=data_root), *size, seed=0, fmt="geotiff")
+
+
+def read_by_windows(spec: DatasetSpec, rows: int) -> int:
+    """Read every scene of every city once, ``rows`` rows at a time; returns the float32 bytes read."""
+    nbytes = 0
+    for city in spec.cities:
+        for scene in open_city(spec, city.name):
+            for r in range(0, scene.height, rows):
+                win = Window(r, 0, min(rows, scene.height - r), scene.width)
+                nbytes += sum(scene.read(m, win).nbytes for m in spec.modality_names)
+            scene.close()
+    return nbytes
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--spec", default=str(ROOT / "configs/datasets/demo_tiny.yaml"))
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--spec", default=str(AB_SPEC), help="dataset spec whose cities are generated (GeoTIFF)")
+    ap.add_argument("--size", default="768x768", help="HxW of each generated city")
     ap.add_argument("--tile", type=int, default=None, help="tile size (default: the spec's)")
-    ap.add_argument("--size", default="256x384", help="HxW of each generated city")
-    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--workers", type=int, default=1, help="prep worker processes")
+    ap.add_argument("--work", default=None, help="folder for the generated cities (kept; default: a temp dir)")
+    ap.add_argument("--quick", action="store_true", help="256 x 256 cities")
     args = ap.parse_args()
-    h, w = map(int, args.size.split("x"))
+    size = (256, 256) if args.quick else parse_size(args.size)
     with tempfile.TemporaryDirectory() as tmp:
-        spec = generate_dataset(load_spec(args.spec, data_root=Path(tmp) / "data"), h, w, seed=0)
+        work = Path(args.work or tmp)
+        spec = generated_cities(args.spec, work / f"data-{size[0]}x{size[1]}", size)
         cfg = PrepConfig(tile_size=args.tile)
-        rows = cfg.stats_block_rows
+        read_by_windows(spec, cfg.stats_block_rows)  # warm the page cache: both runs read from memory
         t0 = time.perf_counter()
-        nbytes = 0
-        for city in spec.cities:
-            for scene in open_city(spec, city.name):
-                for r in range(0, scene.height, rows):
-                    win = Window(r, 0, min(rows, scene.height - r), scene.width)
-                    nbytes += sum(scene.read(m, win).nbytes for m in spec.modality_names)
+        nbytes = read_by_windows(spec, cfg.stats_block_rows)
         read_s = time.perf_counter() - t0
+        out = work / "prep"
+        shutil.rmtree(out, ignore_errors=True)
         t0 = time.perf_counter()
-        run_prep(spec, cfg, Path(tmp) / "prep", workers=args.workers)
-        finalize(Path(tmp) / "prep")
+        counts = run_prep(spec, cfg, out, workers=args.workers)
+        finalize(out)
         prep_s = time.perf_counter() - t0
+        shutil.rmtree(out, ignore_errors=True)
     mb = nbytes / 2**20
-    print(f"input {mb:.1f} MB (float32) in {len(spec.cities)} cities of {h}x{w} px, tiling {spec.tiling}")
-    print(f"read only by windows: {mb / read_s:8.1f} MB/s")
-    print(f"prep (stats + tiles + zarr + shards + manifest, workers={args.workers}): {mb / prep_s:8.1f} MB/s")
-    print(f"ratio prep / read-only: {read_s / prep_s:.2f}")
+    note = f"{len(spec.cities)} cities {size[0]}x{size[1]} px, {spec.name}, {mb:.0f} MB float32 input"
+    figure("prep", "read only, by row windows", mb / read_s, "MB/s", note)
+    figure("prep", f"prep + finalize (workers={args.workers})", mb / prep_s, "MB/s", note)
+    figure("prep", "prep tiles", counts["tiles"] / prep_s, "tiles/s", f"{counts['tiles']} tiles")
+    figure("prep", "ratio prep / read only", read_s / prep_s, "x", "1 = prep as fast as only reading")
 
 
 if __name__ == "__main__":

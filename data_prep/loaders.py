@@ -15,7 +15,9 @@ exactly that many batches per rank.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +26,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from data_prep.manifest import Manifest, ShardInfo, load_manifest
-from data_prep.shards import decode_npy
+from data_prep.shards import decode_npy, iter_samples
 
 Piece = tuple[int, int, int]  # (shard index, first sample, stop)
 
@@ -84,33 +86,108 @@ def _cycle(indices: list[int], shards: list[ShardInfo], count: int, rng: np.rand
     return pieces
 
 
-class TileDecoder:
-    """Raw stored tile entries -> normalised float32 arrays, label, has_label, city_id (+ augmentation)."""
+def _move(x: np.ndarray, k: int, flip: bool) -> np.ndarray:
+    """``x`` rotated by ``k`` x 90 degrees and optionally flipped left-right, as a view."""
+    x = np.rot90(x, k, axes=(-2, -1)) if k else x
+    return x[..., ::-1] if flip else x
+
+
+@contextmanager
+def _one_thread():
+    """Run torch element-wise ops single-threaded: on cache-sized chunks threads only add overhead."""
+    n = torch.get_num_threads()
+    if n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+class _BatchMemory:
+    """Reusable float32 batch memory. A fresh allocation of a batch page-faults on first touch, which
+    costs about as much as filling it; so a buffer is handed out again once no tensor or view of it
+    is left (each tensor made by ``torch.frombuffer`` holds a reference to its buffer)."""
+
+    def __init__(self, keep: int = 6) -> None:
+        self.keep = keep
+        self.buffers: list[bytearray] = []
+
+    def empty(self, shape: tuple[int, ...]) -> torch.Tensor:
+        nbytes = 4 * math.prod(shape)
+        for buf in self.buffers:
+            if len(buf) == nbytes and sys.getrefcount(buf) == 3:  # the list, the loop name, the call argument
+                return torch.frombuffer(buf, dtype=torch.float32).view(shape)
+        buf = bytearray(nbytes)
+        if len(self.buffers) >= self.keep:
+            self.buffers.pop(0)
+        self.buffers.append(buf)
+        return torch.frombuffer(buf, dtype=torch.float32).view(shape)
+
+
+StoredTile = tuple[dict[str, np.ndarray], "np.ndarray | None", int]  # (arrays per modality, label, city id)
+
+
+class BatchAssembler:
+    """Stored tiles -> one batch: normalised float32 tensors per modality (nodata -> 0), ``label``
+    (int64, ignore id where there is no label), ``has_label``, ``city_id``; optionally the same random
+    rot90 / flip per tile for every modality and the label.
+
+    Each tile is cast and normalised straight into the batch tensor in cache-sized band chunks (one
+    pass over memory), so no per-tile float32 copies or stacking are made."""
+
+    CHUNK_BYTES = 2 << 20
 
     def __init__(self, manifest: Manifest) -> None:
-        self.spec = manifest.spec
-        self.norm = manifest.normalizer()
-        self.city_ids = {c.name: i for i, c in enumerate(self.spec.cities)}
-        self.tile = manifest.tile_size
+        spec = manifest.spec
+        norm = manifest.normalizer()
+        self.modalities = spec.modality_names
+        self.scale = {m: torch.from_numpy(1.0 / norm.std[m]).reshape(-1, 1, 1) for m in self.modalities}
+        self.shift = {m: torch.from_numpy(-norm.mean[m] / norm.std[m]).reshape(-1, 1, 1) for m in self.modalities}
+        self.fill = norm.fill
+        self.city_ids = {c.name: i for i, c in enumerate(spec.cities)}
+        self.tile, self.ignore_id = manifest.tile_size, spec.ignore_id
+        self.memory = _BatchMemory()
 
-    def __call__(self, arrays: dict[str, np.ndarray], label: np.ndarray | None, city: str,
-                 rng: np.random.Generator | None) -> dict[str, np.ndarray]:
-        out = {m: self.norm(m, arrays[m]) for m in self.spec.modality_names}
-        has_label = label is not None
-        out["label"] = (label if has_label else np.full((self.tile, self.tile), self.spec.ignore_id)).astype(np.int64)
-        if rng is not None:  # same rot90 / flip for every modality and the label
-            k, flip = int(rng.integers(4)), bool(rng.integers(2))
-            for name, x in out.items():
-                x = np.rot90(x, k, axes=(-2, -1))
-                out[name] = np.ascontiguousarray(x[..., ::-1] if flip else x)
-        out["has_label"] = np.bool_(has_label)
-        out["city_id"] = np.int64(self.city_ids[city])
+    def __call__(self, tiles: list[StoredTile], rng: np.random.Generator | None) -> dict[str, torch.Tensor]:
+        n, t = len(tiles), self.tile
+        moves = [(int(rng.integers(4)), bool(rng.integers(2))) for _ in tiles] if rng is not None else [(0, False)] * n
+        out: dict[str, torch.Tensor] = {}
+        with _one_thread():
+            for m in self.modalities:
+                first = tiles[0][0][m]
+                batch = self.memory.empty((n, first.shape[0], t, t))
+                for i, ((arrays, _, _), move) in enumerate(zip(tiles, moves)):
+                    self._normalise_into(batch[i], arrays[m], m, *move)
+                out[m] = batch
+        label = np.full((n, t, t), self.ignore_id, np.int64)
+        for i, ((_, lab, _), mv) in enumerate(zip(tiles, moves)):
+            if lab is not None:
+                label[i] = _move(lab, *mv)
+        out["label"] = torch.from_numpy(label)
+        out["has_label"] = torch.tensor([lab is not None for _, lab, _ in tiles])
+        out["city_id"] = torch.tensor([c for _, _, c in tiles], dtype=torch.int64)
         return out
 
-
-def collate(samples: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
-    """Stack sample dicts into a batch (webdataset's own ``__key__`` fields are left out)."""
-    return {k: torch.from_numpy(np.stack([s[k] for s in samples])) for k in samples[0] if not k.startswith("__")}
+    def _normalise_into(self, dest: torch.Tensor, values: np.ndarray, modality: str, k: int, flip: bool) -> None:
+        """Cast, move (rot90 ``k``, flip) and normalise one stored tile into ``dest``, band chunk by chunk."""
+        scale, shift = self.scale[modality], self.shift[modality]
+        values = np.ascontiguousarray(values)
+        src = torch.from_numpy(values)
+        step = max(1, self.CHUNK_BYTES // (4 * values.shape[-1] * values.shape[-2]))
+        for c0 in range(0, values.shape[0], step):
+            part, x = dest[c0:c0 + step], src[c0:c0 + step]
+            if k:
+                x = torch.rot90(x, k, (-2, -1))
+            part.copy_(x.flip(-1) if flip else x)
+            part.mul_(scale[c0:c0 + step]).add_(shift[c0:c0 + step])
+        fill = np.asarray(self.fill[modality], values.dtype)
+        if (values[0] == fill).any():  # cheap first-band test before the full nodata check
+            nodata = np.all(values == fill, axis=0)
+            if nodata.any():
+                dest[:, torch.from_numpy(np.ascontiguousarray(_move(nodata, k, flip)))] = 0.0
 
 
 class WdsTiles(IterableDataset):
@@ -124,7 +201,7 @@ class WdsTiles(IterableDataset):
             raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
         self.manifest = load_manifest(prep_dir)
         self.shards = [s for s in self.manifest.shards(split, cities) if s.samples]
-        self.decoder = TileDecoder(self.manifest)
+        self.assemble = BatchAssembler(self.manifest)
         self.batch_size, self.workers = batch_size, max(num_workers, 1)
         self.rank, self.world_size = rank, world_size
         self.city_weights, self.augment, self.seed, self.epoch = city_weights, augment, seed, epoch
@@ -141,37 +218,54 @@ class WdsTiles(IterableDataset):
         """Batches this rank yields per epoch (the same on every rank)."""
         return self.per_slot * self.workers
 
-    def _samples(self, src) -> Iterator[dict]:
-        for piece in src:
-            a, b = piece["start"], piece["stop"]
-            for j, sample in enumerate(wds.tarfile_samples([{"url": piece["url"]}])):
-                if j >= b:
-                    break
-                if j >= a:
-                    yield sample
-
-    def _decode(self, rng: np.random.Generator | None):
-        modalities = self.manifest.spec.modality_names
-
-        def decode(sample: dict) -> dict[str, np.ndarray]:
-            arrays = {m: decode_npy(sample[f"{m}.npy"]) for m in modalities}
-            label = decode_npy(sample["label.npy"]) if "label.npy" in sample else None
-            return self.decoder(arrays, label, sample["__key__"].rsplit("-", 2)[0], rng)
-        return decode
+    def _tiles(self, pieces: list[Piece]) -> Iterator[StoredTile]:
+        """The stored tiles of ``pieces``: zero-copy views into the memory-mapped shards."""
+        modalities = self.assemble.modalities
+        for i, a, b in pieces:
+            shard = self.shards[i]
+            city_id = self.assemble.city_ids[shard.city]
+            for key, entries in iter_samples(shard.path, a, b):
+                try:
+                    arrays = {m: decode_npy(entries[f"{m}.npy"]) for m in modalities}
+                    label = decode_npy(entries["label.npy"]) if "label.npy" in entries else None
+                except (KeyError, ValueError) as exc:
+                    raise ValueError(f"{shard.path}: sample '{key}' is not a valid tile ({exc!r}); "
+                                     f"run `c2seg data verify`") from exc
+                yield arrays, label, city_id
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         info = get_worker_info()
         worker = info.id if info is not None else 0
         slot = self.rank * self.workers + worker
-        src = [{"url": str(self.shards[i].path), "start": a, "stop": b} for i, a, b in self.pieces[slot]]
         seed = [self.seed, self.epoch, slot]
         rng = np.random.default_rng(seed) if self.augment else None
-        stages = [lambda: iter(src), self._samples]
+        tiles = self._tiles(self.pieces[slot])
         if self.shuffle_buffer > 1:
-            stages.append(wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer,
-                                      seed=int(np.random.default_rng(seed).integers(2**31))))
-        stages += [wds.map(self._decode(rng)), wds.batched(self.batch_size, collation_fn=collate, partial=False)]
-        return iter(wds.DataPipeline(*stages))
+            tiles = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer,
+                                seed=int(np.random.default_rng(seed).integers(2**31)))(tiles)
+        batch: list[StoredTile] = []
+        for tile in tiles:
+            batch.append(tile)
+            if len(batch) == self.batch_size:
+                yield self.assemble(batch, rng)
+                batch = []
+
+
+def collate_views(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Collate for ``DataLoader(ZarrTileDataset, batch_size=..., collate_fn=collate_views)``: items that
+    are the rows, in order, of one batch (as ``__getitems__`` returns them) give that batch back without
+    copying; other items are stacked like ``default_collate`` does."""
+    out = {}
+    for key in items[0]:
+        rows = [it[key] for it in items]
+        first = rows[0]
+        storage, size = first.untyped_storage().data_ptr(), first.numel()
+        consecutive = all(r.is_contiguous() and r.shape == first.shape and r.dtype == first.dtype
+                          and r.untyped_storage().data_ptr() == storage
+                          and r.storage_offset() == first.storage_offset() + j * size for j, r in enumerate(rows))
+        out[key] = (first.as_strided((len(rows), *first.shape), (size, *first.stride()), first.storage_offset())
+                    if consecutive else torch.stack(rows))
+    return out
 
 
 def make_wds_loader(prep_dir: str | Path, split: str, *, cities: list[str] | None = None, batch_size: int,
@@ -187,16 +281,25 @@ def make_wds_loader(prep_dir: str | Path, split: str, *, cities: list[str] | Non
                       multiprocessing_context="spawn" if num_workers else None)
 
 
+def _runs(slots: np.ndarray) -> list[list[int]]:
+    """Sorted ``slots`` cut into runs of consecutive values."""
+    cuts = np.flatnonzero(np.diff(slots) != 1) + 1
+    return [part.tolist() for part in np.split(slots, cuts)] if len(slots) else []
+
+
 class ZarrTileDataset(Dataset):
     """Random access to the kept tiles of ``split`` in ``dataset.zarr`` (same sample dict as the shards,
-    without the batch dimension); ``augment`` draws a random rot90 / flip per item."""
+    without the batch dimension); ``augment`` draws a random rot90 / flip per item.
+
+    ``__getitems__`` (used by DataLoader's batch sampler) reads a whole batch with one zarr call per
+    city and array, so the chunks are fetched and decoded concurrently, and normalises it at once."""
 
     def __init__(self, prep_dir: str | Path, split: str, cities: list[str] | None = None,
                  augment: bool = False) -> None:
         import zarr
 
         self.manifest = load_manifest(prep_dir)
-        self.decoder = TileDecoder(self.manifest)
+        self.assemble = BatchAssembler(self.manifest)
         self.augment = augment
         self.index: list[tuple[str, int]] = []
         self.labelled: dict[str, bool] = {}
@@ -207,23 +310,38 @@ class ZarrTileDataset(Dataset):
             self.labelled[city] = rec["labelled"]
         self.root = Path(prep_dir)
         self.split = split
-        self._groups: dict[str, object] = {}
+        self._arrays: dict[str, dict[str, object]] = {}
 
     def __len__(self) -> int:
         return len(self.index)
 
-    def _group(self, city: str):
-        if city not in self._groups:  # opened lazily, so that each DataLoader worker has its own handles
+    def _city_arrays(self, city: str) -> dict[str, object]:
+        if city not in self._arrays:  # opened lazily, so that each DataLoader worker has its own handles
             import zarr
 
-            self._groups[city] = zarr.open_group(self.root / self.manifest.cities[city]["splits"][self.split]["zarr"],
-                                                 mode="r")
-        return self._groups[city]
+            g = zarr.open_group(self.root / self.manifest.cities[city]["splits"][self.split]["zarr"], mode="r")
+            names = self.assemble.modalities + (("label",) if self.labelled[city] else ())
+            self._arrays[city] = {name: g[name] for name in names}
+        return self._arrays[city]
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        city, slot = self.index[i]
-        g = self._group(city)
-        arrays = {m: g[m][slot] for m in self.manifest.spec.modality_names}
-        label = g["label"][slot] if self.labelled[city] else None
+        return self.__getitems__([i])[0]
+
+    def __getitems__(self, indices: list[int]) -> list[dict[str, torch.Tensor]]:
+        """The items at ``indices``, read and normalised as one batch."""
+        by_city: dict[str, list[int]] = {}
+        for i in indices:
+            city, slot = self.index[i]
+            by_city.setdefault(city, []).append(slot)
+        stored: dict[tuple[str, int], StoredTile] = {}
+        for city, slots in by_city.items():
+            arrays = self._city_arrays(city)
+            for run in _runs(np.unique(slots)):  # one read per run of consecutive slots
+                data = {name: arr[run[0]:run[-1] + 1] for name, arr in arrays.items()}
+                for j, slot in enumerate(run):
+                    stored[city, slot] = ({m: data[m][j] for m in self.assemble.modalities},
+                                          data["label"][j] if "label" in data else None,
+                                          self.assemble.city_ids[city])
         rng = np.random.default_rng(torch.randint(2**31, ()).item()) if self.augment else None
-        return {k: torch.from_numpy(np.asarray(v)) for k, v in self.decoder(arrays, label, city, rng).items()}
+        batch = self.assemble([stored[self.index[i]] for i in indices], rng)
+        return [{k: v[j] for k, v in batch.items()} for j in range(len(indices))]

@@ -15,7 +15,7 @@ import logging
 import os
 import time
 import zlib
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -27,7 +27,7 @@ from c2seg.config import from_dict, to_dict
 from c2seg.spec import DatasetSpec, spec_from_dict
 from data_prep.prep_config import PrepConfig
 from data_prep.readers.base import Scene, Window
-from data_prep.shards import encode_npy, sample_key, write_shard
+from data_prep.shards import sample_key, write_shard
 from data_prep.stats import BandStats, fill_value, nodata_mask
 from data_prep.tiling import CityPlan, SplitPlan, plan_city
 from data_prep.zarr_store import create_store, file_lock, write_tiles
@@ -156,6 +156,21 @@ def _close_scenes() -> None:
     _SCENES.clear()
 
 
+def _max_rel_error(stored: np.ndarray, values: np.ndarray) -> float:
+    """Largest ``|stored - values| / max(|values|, 1e-6)``, computed in cache-sized band chunks."""
+    worst, step = 0.0, max(1, (1 << 18) // max(values[0].size, 1))
+    for c0 in range(0, len(values), step):
+        v = values[c0:c0 + step]
+        err = stored[c0:c0 + step].astype(np.float32)
+        np.subtract(err, v, out=err)
+        np.abs(err, out=err)
+        den = np.abs(v)
+        np.maximum(den, np.float32(1e-6), out=den)
+        np.divide(err, den, out=err)
+        worst = max(worst, float(err.max()))
+    return worst
+
+
 def _to_store(values: np.ndarray, dtype: str, modality: str, where: str) -> tuple[np.ndarray, float]:
     """``values`` cast to the stored dtype, and the largest relative error of the cast."""
     if dtype == "float32":
@@ -165,15 +180,16 @@ def _to_store(values: np.ndarray, dtype: str, modality: str, where: str) -> tupl
             raise ValueError(f"{where}: modality '{modality}' holds values that are not integers in 0..65535, "
                              f"so store_dtypes.{modality}: uint16 would lose them (use float16 or float32)")
         return values.astype(np.uint16), 0.0
-    if np.abs(values).max() > FLOAT16_MAX:
+    if values.size and max(-float(values.min()), float(values.max())) > FLOAT16_MAX:
         raise ValueError(f"{where}: modality '{modality}' holds values beyond the float16 range (|v| > 65504); "
                          f"set store_dtypes.{modality}: float32")
     stored = values.astype(np.float16)
-    err = np.abs(stored.astype(np.float32) - values) / np.maximum(np.abs(values), 1e-6)
-    return stored, float(err.max()) if err.size else 0.0
+    return stored, _max_rel_error(stored, values) if values.size else 0.0
 
 
 def _run_tiles(job: Job, city: str, split: str, k: int) -> dict:
+    """One unit: read the box around its tiles once per modality, cast it once, cut every tile from
+    it (views), then write the shard (in a thread) while the zarr chunks are compressed and written."""
     spec, cfg, t = job.spec, job.cfg, job.cfg.tile_size
     sp = job.plans[city].splits[split]
     start, stop = sp.units[k]
@@ -190,36 +206,37 @@ def _run_tiles(job: Job, city: str, split: str, k: int) -> dict:
         rows = tiles[tiles[:, 0] == scene_idx]
         r0, c0 = rows[:, 1].min(), rows[:, 2].min()
         box = Window(int(r0), int(c0), int(rows[:, 1].max() + t - r0), int(rows[:, 2].max() + t - c0))
-        block = {m: scene.read(m, box) for m in spec.modality_names}
+        block, nodata = {}, np.zeros((box.height, box.width), bool)
+        for m in spec.modalities:
+            values = scene.read(m.name, box)
+            nodata |= nodata_mask(values, fill_value(m))
+            block[m.name], err = _to_store(values, cfg.store_dtypes[m.name], m.name, str(scene.path))
+            max_err[m.name] = max(max_err[m.name], err)
         label = scene.read_label(box) if sp.labelled else None
         slot0 = start + int(np.flatnonzero(tiles[:, 0] == scene_idx)[0])
         for j, (_, r, c) in enumerate(rows):
             slot, rs, cs = slot0 + j, slice(r - r0, r - r0 + t), slice(c - c0, c - c0 + t)
-            parts = {m: block[m][:, rs, cs] for m in spec.modality_names}
-            nodata = np.zeros((t, t), bool)
-            for m in spec.modalities:
-                nodata |= nodata_mask(parts[m.name], fill_value(m))
-            if nodata.mean() > cfg.max_nodata_fraction:
+            if nodata[rs, cs].mean() > cfg.max_nodata_fraction:
                 dropped += 1
                 continue
-            entries = {}
+            entries: dict = {}
             for m in spec.modality_names:
-                stored, err = _to_store(parts[m], cfg.store_dtypes[m], m, str(scene.path))
-                max_err[m] = max(max_err[m], err)
-                zarr_tiles[m].append(stored)
-                entries[f"{m}.npy"] = encode_npy(stored)
+                entries[f"{m}.npy"] = block[m][:, rs, cs]
+                zarr_tiles[m].append(entries[f"{m}.npy"])
             if label is not None:
-                lab = np.ascontiguousarray(label[rs, cs])
+                lab = label[rs, cs]
                 zarr_tiles["label"].append(lab)
-                entries["label.npy"] = encode_npy(lab)
+                entries["label.npy"] = lab
                 hist += np.bincount(lab.ravel(), minlength=256)
             entries["json"] = json.dumps({"city": city, "split": split, "scene": scene.name, "slot": slot,
                                           "window": [int(r), int(c), t, t]}).encode()
             samples.append((sample_key(city, split, slot), entries))
             kept.append(slot)
-    if kept:
-        write_tiles(job.out, city, split, kept, zarr_tiles)
-    size, sha = write_shard(job.out / sp.shard_path(k), samples)
+    with ThreadPoolExecutor(1) as pool:  # file writes, sha256, fsync and blosc all release the GIL
+        shard = pool.submit(write_shard, job.out / sp.shard_path(k), samples)
+        if kept:
+            write_tiles(job.out, city, split, kept, zarr_tiles)
+        size, sha = shard.result()
     return {"unit": sp.unit_name(k), "city": city, "split": split, "kept": kept, "dropped_nodata": dropped,
             "class_histogram": hist.tolist(), "max_rel_error": max_err,
             "shard": {"path": sp.shard_path(k), "samples": len(samples), "bytes": size, "sha256": sha}}

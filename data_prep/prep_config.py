@@ -31,7 +31,8 @@ class PrepConfig:
     shard_max_bytes: int = 256 * 2**20
     min_shards_per_split: int = 4  # per city and split, so that ranks x workers all get work
     store_dtypes: dict[str, StoreDtype] = field(default_factory=dict)
-    zarr_clevel: int = 3  # Blosc zstd level
+    zarr_codec: Literal["lz4", "zstd", "none"] = "lz4"  # zarr chunks: Blosc lz4 (fast), zstd (smaller), none
+    zarr_clevel: int = 3  # Blosc compression level
     stats_block_rows: int = 256  # rows per statistics work unit
     stats_samples_per_block: int = 4096  # pixels sampled per statistics unit for percentiles
 

@@ -44,14 +44,21 @@ class BandStats:
                    np.full(bands, -np.inf), np.zeros((0, bands), np.float32))
 
     def add(self, values: np.ndarray, valid: np.ndarray, rng: np.random.Generator, keep: int) -> None:
-        """Add the ``valid`` pixels of ``values`` ``(C, h, w)``; keep up to ``keep`` of them as a sample."""
-        pixels = values[:, valid].astype(np.float64)  # (C, n)
+        """Add the ``valid`` pixels of ``values`` ``(C, h, w)``; keep up to ``keep`` of them as a sample.
+        Works band by band in float64 (exact like a whole-array float64 computation, without its memory)."""
+        bands = values.shape[0]
+        pixels = values.reshape(bands, -1) if valid.all() else values[:, valid]  # (C, n), a view when all valid
         n = pixels.shape[1]
         if n == 0:
             return
-        block = BandStats(np.full(len(pixels), n, np.int64), pixels.mean(axis=1),
-                          ((pixels - pixels.mean(axis=1, keepdims=True)) ** 2).sum(axis=1),
-                          pixels.min(axis=1), pixels.max(axis=1),
+        mean, m2 = np.empty(bands), np.empty(bands)
+        for b in range(bands):
+            x = pixels[b].astype(np.float64)
+            mean[b] = x.mean()
+            x -= mean[b]
+            m2[b] = np.dot(x, x)
+        block = BandStats(np.full(bands, n, np.int64), mean, m2, pixels.min(axis=1).astype(np.float64),
+                          pixels.max(axis=1).astype(np.float64),
                           pixels[:, rng.choice(n, size=min(keep, n), replace=False)].T.astype(np.float32))
         self.merge(block)
 

@@ -1,8 +1,8 @@
 """The Zarr v3 store ``dataset.zarr``: one group per ``<city>/<split>`` holding, for N planned tiles,
 one array per modality ``(N, C, T, T)`` in its stored dtype, ``label`` ``(N, T, T)`` uint8 when the
 split is labelled, ``windows`` ``(N, 4)`` int32 (row, col, height, width in the scene) and ``scene``
-``(N,)`` int32 (index into the group attribute ``scenes``). One tile per chunk, Blosc zstd
-(bitshuffle for floats, byte shuffle for integers). Tiles dropped for nodata stay unwritten; the
+``(N,)`` int32 (index into the group attribute ``scenes``). One tile per chunk, compressed by ``zarr_codec``
+(Blosc lz4 with byte shuffle by default; zstd with bitshuffle for floats; or none). Tiles dropped for nodata stay unwritten; the
 ``kept`` array (written by finalize) lists the slots that hold tiles. Plain zarr reads it all."""
 
 from __future__ import annotations
@@ -34,9 +34,13 @@ def file_lock(path: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _codec(dtype: str, clevel: int) -> BloscCodec:
-    shuffle = "bitshuffle" if np.dtype(dtype).kind == "f" else "shuffle"
-    return BloscCodec(cname="zstd", clevel=clevel, shuffle=shuffle)
+def _codec(dtype: str, cfg: PrepConfig) -> list[BloscCodec]:
+    """The compressors of an array: none, lz4 with byte shuffle (fast to decode), or zstd with bitshuffle
+    for floats (smaller)."""
+    if cfg.zarr_codec == "none":
+        return []
+    bits = cfg.zarr_codec == "zstd" and np.dtype(dtype).kind == "f"
+    return [BloscCodec(cname=cfg.zarr_codec, clevel=cfg.zarr_clevel, shuffle="bitshuffle" if bits else "shuffle")]
 
 
 def group_path(out: Path, city: str, split: str) -> Path:
@@ -62,11 +66,11 @@ def _create_split(root, spec: DatasetSpec, cfg: PrepConfig, plan: CityPlan, sp: 
     for m in spec.modalities:
         dtype = cfg.store_dtypes[m.name]
         g.create_array(m.name, shape=(n, m.bands, t, t), chunks=(1, m.bands, t, t), dtype=dtype,
-                       compressors=_codec(dtype, cfg.zarr_clevel), fill_value=0, overwrite=True,
+                       compressors=_codec(dtype, cfg), fill_value=0, overwrite=True,
                        dimension_names=("tile", "band", "y", "x"))
     if sp.labelled:
         g.create_array("label", shape=(n, t, t), chunks=(1, t, t), dtype="uint8",
-                       compressors=_codec("uint8", cfg.zarr_clevel), fill_value=0, overwrite=True,
+                       compressors=_codec("uint8", cfg), fill_value=0, overwrite=True,
                        dimension_names=("tile", "y", "x"))
     windows = np.column_stack([sp.tiles[:, 1], sp.tiles[:, 2], np.full(n, t), np.full(n, t)]).astype(np.int32)
     g.create_array("windows", data=windows.reshape(n, 4), chunks=(max(n, 1), 4), overwrite=True)

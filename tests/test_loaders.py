@@ -120,3 +120,65 @@ def test_zarr_dataset_and_same_augmentation_for_all(tiny_prepared):
     assert moved > 0
     with pytest.raises(KeyError, match="no city"):
         ZarrTileDataset(tiny_prepared, "val", cities=["paris"])
+
+
+def test_augmented_wds_batches_move_every_modality_and_label_together(tiny_prepared):
+    kwargs = dict(batch_size=4, batches_per_epoch=4, seed=3)
+    plain = list(make_wds_loader(tiny_prepared, "train", **kwargs))
+    moved = list(make_wds_loader(tiny_prepared, "train", augment=True, **kwargs))
+    transforms = [(k, f) for k in range(4) for f in (False, True)]
+    used = set()
+    for p, a in zip(plain, moved, strict=True):
+        assert torch.equal(p["city_id"], a["city_id"]) and torch.equal(p["has_label"], a["has_label"])
+        for i in range(4):
+            def apply(x, k, f):
+                x = torch.rot90(x, k, dims=(-2, -1))
+                return x.flip(-1) if f else x
+
+            match = [t for t in transforms if torch.equal(apply(p["hsi"][i], *t), a["hsi"][i])]
+            assert match, "augmented tile is not a rot90 / flip of the same tile"
+            k, f = match[0]
+            for key in ("msi", "sar", "label"):
+                assert torch.equal(apply(p[key][i], k, f), a[key][i]), key
+            used.add((k, f))
+    assert len(used) > 1
+
+
+def test_batch_assembler_zeroes_nodata_and_matches_the_normalizer(tiny_prepared):
+    from data_prep.loaders import BatchAssembler
+
+    m = load_manifest(tiny_prepared)
+    norm, t = m.normalizer(), m.tile_size
+    rng = np.random.default_rng(0)
+    tiles = []
+    for j in range(3):
+        arrays = {mod.name: (rng.random((mod.bands, t, t)) * 100 + 1).astype(np.float16) for mod in m.spec.modalities}
+        arrays["sar"][:, :5, :7] = 0  # every band at the fill value: nodata
+        arrays["msi"][0, 10, 10] = 0  # one band only: valid
+        tiles.append((arrays, None if j else np.full((t, t), 3, np.uint8), j % 2))
+    batch = BatchAssembler(m)(tiles, None)
+    for j, (arrays, label, city) in enumerate(tiles):
+        for name, values in arrays.items():
+            np.testing.assert_allclose(batch[name][j].numpy(), norm(name, values), rtol=1e-5, atol=1e-5)
+        assert int(batch["city_id"][j]) == city and bool(batch["has_label"][j]) == (label is not None)
+    assert (batch["sar"][:, :, :5, :7] == 0).all() and batch["msi"][0, 0, 10, 10] != 0
+    assert (batch["label"][0] == 3).all() and (batch["label"][1:] == m.spec.ignore_id).all()
+
+
+def test_zarr_batches_equal_items_and_collate_without_copy(tiny_prepared):
+    from data_prep.loaders import collate_views
+
+    ds = ZarrTileDataset(tiny_prepared, "train")
+    order = [5, 1, 2, 3, len(ds) - 1]  # a run of consecutive slots, and tiles of both cities
+    items = ds.__getitems__(order)
+    for i, item in zip(order, items):
+        single = ds[i]
+        assert item.keys() == single.keys()
+        for key in single:
+            assert torch.equal(item[key], single[key]), key
+    batch = collate_views(items)
+    assert batch["hsi"].data_ptr() == items[0]["hsi"].data_ptr() and batch["hsi"].shape[0] == len(order)
+    assert torch.equal(batch["label"], torch.stack([it["label"] for it in items]))
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, shuffle=True, collate_fn=collate_views)
+    seen = [_digest(x) for b in loader for x in b["msi"]]
+    assert sorted(seen) == sorted(_digest(ds[i]["msi"]) for i in range(len(ds)))

@@ -181,3 +181,38 @@ def test_config_errors_are_clear(tmp_path, tiny_spec):
     assert (cfg.tile_size, cfg.stride, cfg.val_block_size) == (32, 16, 128)
     with pytest.raises(ValueError, match="not integers in 0..65535"):
         run_prep(tiny_spec, PrepConfig(store_dtypes={"sar": "uint16"}, val_block_size=48), tmp_path / "u16")
+
+
+def test_shards_read_by_webdataset_and_by_sample_range(tiny_prepared, tmp_path):
+    import webdataset as wds
+
+    from data_prep.shards import decode_npy, iter_samples
+
+    m = load_manifest(tiny_prepared)
+    shard = m.shards("train", ["synth_source"])[0]
+    every = list(read_shard(shard.path))
+    assert len(every) == shard.samples > 2
+    plain = list(wds.WebDataset(str(shard.path), shardshuffle=False).decode())
+    assert [s["__key__"] for s in plain] == [k for k, _ in every]
+    np.testing.assert_array_equal(plain[1]["hsi.npy"], decode_npy(every[1][1]["hsi.npy"]))
+    part = list(iter_samples(shard.path, 1, 3))
+    assert [k for k, _ in part] == [k for k, _ in every[1:3]]
+    assert bytes(part[0][1]["sar.npy"]) == every[1][1]["sar.npy"]
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(shard.path.read_bytes()[: shard.bytes // 2])
+    with pytest.raises(ValueError, match=r"cut\.tar.*(truncated|checksum)"):
+        list(iter_samples(cut))
+
+
+@pytest.mark.parametrize("codec", ["none", "zstd"])
+def test_zarr_codecs_store_the_same_tiles(tiny_spec, tiny_prepared, tmp_path, codec):
+    from dataclasses import replace
+
+    out = tmp_path / codec
+    run_prep(tiny_spec, replace(TINY_PREP, zarr_codec=codec), out)
+    finalize(out)
+    assert verify(out) == []
+    _, arrays = _dataset_digest(out)
+    _, expect = _dataset_digest(tiny_prepared)
+    for key in expect:
+        np.testing.assert_array_equal(arrays[key], expect[key], err_msg=key)

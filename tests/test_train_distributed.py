@@ -32,7 +32,6 @@ def test_pretrain_two_ranks_zero2_checkpoints_every_rank(pretrained_tiny):
     assert sorted(steps) == [1, 2, 3, 4, 5, 6] and all(math.isfinite(v) for v in steps.values())
     ckpt = pretrained_tiny / "checkpoints" / "step_00000006"
     assert (pretrained_tiny / "checkpoints" / "LATEST").read_text() == ckpt.name
-    assert {p.name for p in ckpt.glob("rng_rank*.pt")} == {"rng_rank0.pt", "rng_rank1.pt"}
     assert len(list(ckpt.glob("*optim_states.pt"))) == 2  # ZeRO-2: one optimizer partition per rank
     assert json.loads((ckpt / "train_state.json").read_text())["world_size"] == 2
     assert (pretrained_tiny / "COMPLETED").is_file()

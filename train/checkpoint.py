@@ -1,9 +1,9 @@
 """Checkpoints of a run: DeepSpeed state (model, optimizer, LR schedule; per-rank ZeRO partitions),
-each rank's RNG state, the data position, and consolidated fp32 weights for export / init / a
-restart at another world size.
+the data position, and consolidated fp32 weights (plus the task's extras, e.g. the EMA teacher) for
+export / init / a restart at another world size. No RNG state is stored: training reseeds per
+micro-batch (train/determinism.py), so the position alone fixes every random draw after a resume.
 
-Layout: ``OUTPUT/checkpoints/step_00000100/`` (DeepSpeed files, ``train_state.json``,
-``rng_rank<r>.pt``, ``weights.pt``) and ``OUTPUT/checkpoints/LATEST`` naming the newest complete one;
+Layout: ``OUTPUT/checkpoints/step_00000100/`` (DeepSpeed files, ``train_state.json``, ``weights.pt``) and ``OUTPUT/checkpoints/LATEST`` naming the newest complete one;
 LATEST is replaced atomically only after every rank finished writing, so a kill -9 mid-save leaves
 the previous checkpoint in charge.
 """
@@ -81,10 +81,6 @@ def save_checkpoint(engine, output_dir: str | Path, state: dict[str, Any], weigh
     tag = f"step_{state['step']:08d}"
     path = root / tag
     engine.save_checkpoint(str(root), tag=tag, save_latest=False)
-    rng = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state()
-    torch.save(rng, path / f"rng_rank{_rank()}.pt")
     weights = full_state_dict(engine)
     if _rank() == 0:
         torch.save({"format": WEIGHTS_FORMAT, "model": weights, **(extra_weights or {}), **weights_meta,
@@ -120,7 +116,7 @@ def resolve_resume(resume: str | None, output_dir: str | Path) -> Path | None:
 
 
 def load_checkpoint(engine, path: Path, world_size: int) -> dict[str, Any]:
-    """Restore engine, optimizer, LR schedule and this rank's RNG; returns the saved train state."""
+    """Restore engine, optimizer and LR schedule; returns the saved train state."""
     state = json.loads((path / "train_state.json").read_text())
     if state["world_size"] != world_size:
         raise CheckpointError(
@@ -132,13 +128,6 @@ def load_checkpoint(engine, path: Path, world_size: int) -> dict[str, Any]:
                                        load_lr_scheduler_states=True)
     if loaded is None:
         raise CheckpointError(f"DeepSpeed could not load checkpoint {path}")
-    rng_file = path / f"rng_rank{_rank()}.pt"
-    if not rng_file.is_file():
-        raise CheckpointError(f"{rng_file} is missing: the checkpoint is incomplete")
-    rng = torch.load(rng_file, weights_only=True)
-    torch.set_rng_state(rng["cpu"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state(rng["cuda"])
     log.info("resumed from %s at step %d", path, state["step"])
     return state
 

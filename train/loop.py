@@ -1,5 +1,8 @@
 """The training loop shared by pretrain and finetune: DeepSpeed engine, gradient accumulation,
 step metrics, checkpoints every N steps and on SIGTERM / SIGUSR1, ``--resume``, MLflow on rank 0.
+A resumed run continues bit for bit like the uninterrupted one (same world size and thread count):
+random numbers are reseeded per micro-batch (train/determinism.py) and batch streams restart at the
+saved position.
 
 A task (train/pretrain.py, train/finetune.py) provides the module to optimise, its batch streams,
 the loss of one micro-batch, what happens after an optimizer step (EMA), validation, and extra
@@ -27,6 +30,7 @@ from c2seg.config import to_dict
 from c2seg.spec import DatasetSpec
 from train.checkpoint import StopRequest, load_checkpoint, load_weights, resolve_resume, save_checkpoint
 from train.config import ModelConfig, TrainConfig, load_model_config
+from train.determinism import seed_micro_batch
 from train.engine import create_engine, init_distributed
 from train.tracking import Tracker, git_commit
 
@@ -112,7 +116,8 @@ def run_training(cfg: TrainConfig, make_task, data, resume: str | None = None,
     while step < cfg.steps:
         t0 = time.perf_counter()
         logs: dict[str, float] = {}
-        for _ in range(gas):
+        for micro in range(gas):
+            seed_micro_batch(cfg.seed, env.rank, step * gas + micro)
             loss, extra = task.micro_loss(engine, step)
             engine.backward(loss)
             engine.step()

@@ -10,6 +10,7 @@ import torch
 from c2seg.spec import DatasetSpec
 from train.config import ModelConfig, TrainConfig
 from train.data import batch_stream, model_inputs
+from train.determinism import rng_isolated
 from train.engine import engine_dtype
 from train.models import MaskedPretrainer
 
@@ -34,7 +35,7 @@ class PretrainTask:
                                     augment=d.augment, batches_per_epoch=d.batches_per_epoch, seed=self.cfg.seed,
                                     epoch=epoch)
 
-        self.stream = batch_stream(make, d.batches_per_epoch, first_batch)
+        self.stream = rng_isolated(batch_stream(make, d.batches_per_epoch, first_batch))
         self.dtype = engine_dtype(self.cfg)
 
     def micro_loss(self, engine, step: int) -> tuple[torch.Tensor, dict[str, float]]:

@@ -4,9 +4,10 @@ overhead  DeepSpeed engine step time vs a plain PyTorch loop (same model, batch,
           LR schedule), 1 process:          python benchmarks/bench_train.py overhead --model configs/models/tiny.yaml
 memory    per-rank bytes of parameters + optimizer state for ZeRO 0/1/2/3 (run under 2 ranks):
           torchrun --nproc_per_node 2 benchmarks/bench_train.py memory --model configs/models/small.yaml
-crosscity target-city mIoU, source-only vs pretraining + adaptation at the same step budget, on generated
-          AB-like cities, through the real CLIs:
-          python benchmarks/bench_train.py crosscity --out runs/bench_crosscity --size 192x256 --steps 150 \
+crosscity target-city mIoU / OA / kappa at the same step budget on generated AB-like cities, through the
+          real CLIs: source-only (pooled normalisation), source-only + per-city standardisation, and
+          pretrain + per-city standardisation + mean-teacher adaptation:
+          python benchmarks/bench_train.py crosscity --out runs/bench_crosscity --size 256x384 --steps 150 \
               --model configs/models/demo.yaml
 """
 
@@ -143,7 +144,9 @@ def _cli(*args: str) -> None:
 
 
 def crosscity(args) -> dict:
-    """Source-only (``2 x steps`` supervised steps) vs pretrain (``steps``) + adapted finetune (``steps``)."""
+    """Target-city scores of three systems at the same step budget (``2 x steps``), in one go:
+    source-only with pooled normalisation (the baseline), source-only with per-city standardisation,
+    and the full system (per-city standardisation, pretrain ``steps`` + adapted finetune ``steps``)."""
     out = Path(args.out)
     spec_file = ROOT / "configs/datasets/demo_ab.yaml"
     data, prep = out / "data", out / "prep"
@@ -156,22 +159,32 @@ def crosscity(args) -> dict:
              "--set", f"val_block_size={2 * args.tile}", "--set", "val_fraction=0.25")
     common = ["--set", f"data.prep_dir={prep}", "--set", "tracking.enabled=false", "--set", f"model={args.model}",
               "--set", f"data.batch_size={args.batch}", "--resume", "auto"]
-    runs = {
-        "source_only": ("finetune", "configs/train/source_only_demo.yaml", 2 * args.steps, []),
-        "pretrain": ("pretrain", "configs/train/pretrain_demo.yaml", args.steps, []),
-        "adapted": ("finetune", "configs/train/finetune_demo.yaml", args.steps, ["--set", f"init_from={out / 'pretrain'}"]),
+    per_city = ["--set", "data.normalization=per_city"]
+    runs = {  # name: (command, config, steps, overrides)
+        "source_only_pooled": ("finetune", "configs/train/source_only_demo.yaml", 2 * args.steps,
+                               ["--set", "data.normalization=pooled"]),
+        "source_only_per_city": ("finetune", "configs/train/source_only_demo.yaml", 2 * args.steps, per_city),
+        "pretrain": ("pretrain", "configs/train/pretrain_demo.yaml", args.steps, per_city),
+        "adapted": ("finetune", "configs/train/finetune_demo.yaml", args.steps,
+                    [*per_city, "--set", f"init_from={out / 'pretrain'}"]),
     }
     result = {}
     for name, (cmd, config, steps, extra) in runs.items():
+        if args.only and name not in args.only:
+            continue
         t0 = time.perf_counter()
         _cli("train", cmd, "--config", config, *common, "--set", f"output_dir={out / name}", "--set", f"steps={steps}",
              "--set", f"finetune.eval_every={steps}", "--set", f"checkpoint_every={steps}",
-             "--set", f"optim.warmup_steps={max(1, steps // 10)}", *extra)
+             "--set", f"optim.warmup_steps={max(1, steps // 10)}", *extra,
+             *[a for o in args.override for a in ("--set", o)])
         result[f"{name}_s"] = round(time.perf_counter() - t0, 1)
         if cmd == "finetune":
             last = json.loads((out / name / "val_metrics.jsonl").read_text().splitlines()[-1])
             result[name] = {k: round(last[k], 4) for k in ("miou", "oa", "macro_f1", "kappa")}
-    result["miou_gain"] = round(result["adapted"]["miou"] - result["source_only"]["miou"], 4)
+    base = result.get("source_only_pooled", {}).get("miou")
+    for name in ("source_only_per_city", "adapted"):
+        if base is not None and name in result:
+            result[f"{name}_miou_gain"] = round(result[name]["miou"] - base, 4)
     return result
 
 
@@ -190,6 +203,11 @@ def main() -> None:
     sub.choices["crosscity"].add_argument("--out", default="runs/bench_crosscity")
     sub.choices["crosscity"].add_argument("--steps", type=int, default=200)
     sub.choices["crosscity"].add_argument("--tile", type=int, default=64)
+    sub.choices["crosscity"].add_argument("--only", nargs="+", default=None,
+                                          help="run only these of source_only_pooled, source_only_per_city, "
+                                          "pretrain, adapted")
+    sub.choices["crosscity"].add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                                          help="extra `--set KEY=VALUE` for every training run")
     args = parser.parse_args()
     if args.what != "crosscity":
         args.size = int(args.size)

@@ -139,6 +139,13 @@ class Normalizer:
         """``{modality: {"mean": [...], "std": [...]}}``, the form exported models carry."""
         return {m: {"mean": self.mean[m].tolist(), "std": self.std[m].tolist()} for m in self.modalities}
 
+    def remap_to(self, other: Normalizer, modality: str) -> tuple[np.ndarray, np.ndarray]:
+        """Per-band ``(scale, shift)`` with ``other(x) == self(x) * scale + shift`` for data pixels: the
+        exact affine map from values normalised by ``self`` to values normalised by ``other``."""
+        scale = self.std[modality] / other.std[modality]
+        shift = (self.mean[modality] - other.mean[modality]) / other.std[modality]
+        return scale.astype(np.float32), shift.astype(np.float32)
+
 
 class Manifest:
     """A prepared dataset's manifest: ``.spec``, ``.stats`` (pooled per modality), ``.city_stats``,
@@ -173,7 +180,31 @@ class Manifest:
         return out
 
     def normalizer(self) -> Normalizer:
+        """Normalisation with the statistics pooled over all cities."""
         return Normalizer(self.spec, self.stats)
+
+    def city_normalizer(self, city: str) -> Normalizer:
+        """Normalisation with ``city``'s own per-band statistics (per-city standardisation)."""
+        return Normalizer(self.spec, self.city_stats[self.city_names([city])[0]])
+
+    def city_normalization(self) -> dict[str, dict[str, dict[str, list[float]]]]:
+        """``{city: {modality: {"mean": [...], "std": [...]}}}`` for every city, as exported models carry it."""
+        return {c: self.city_normalizer(c).as_dict() for c in self.cities}
+
+    def city_remap(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Per modality ``(scale, shift)``, each ``(n_cities, C)`` float32, row ``i`` for ``spec.cities[i]``
+        (the loaders' ``city_id``): maps pooled-normalised values to the city's own standardisation
+        (:meth:`Normalizer.remap_to`). A spec city without prepared tiles keeps the identity."""
+        pooled = self.normalizer()
+        out = {}
+        for m in self.spec.modalities:
+            scale = np.ones((len(self.spec.cities), m.bands), np.float32)
+            shift = np.zeros((len(self.spec.cities), m.bands), np.float32)
+            for i, city in enumerate(self.spec.cities):
+                if city.name in self.cities:
+                    scale[i], shift[i] = pooled.remap_to(self.city_normalizer(city.name), m.name)
+            out[m.name] = (scale, shift)
+        return out
 
 
 def load_manifest(prep_dir: str | Path) -> Manifest:

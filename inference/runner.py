@@ -18,7 +18,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from c2seg.distributed import detect_env
-from c2seg.spec import DatasetSpec
+from c2seg.spec import DatasetSpec, Modality
 from data_prep.readers.base import Scene
 from inference.accumulator import BlockStore
 from inference.config import InferConfig
@@ -110,6 +110,39 @@ def infer_scene(scene: Scene, predict: PredictFn, normalize: Normalize, modaliti
     return outputs
 
 
+def city_statistics(spec: DatasetSpec, city: str, modalities: tuple[Modality, ...],
+                    block: int = 1024) -> dict[str, dict[str, list[float]]]:
+    """``{modality: {"mean", "std"}}`` per band of ``modalities`` over every scene of ``city`` (nodata pixels
+    left out; a modality no scene has gets mean 0, std 1), read block by block: the standardisation of a
+    city a ``per_city`` model has no statistics for."""
+    import numpy as np
+
+    from data_prep.readers import open_city
+    from data_prep.readers.base import iter_windows
+    from data_prep.stats import BandStats, fill_value, nodata_mask
+
+    acc = {m.name: BandStats.empty(m.bands) for m in modalities}
+    rng = np.random.default_rng(0)
+    for scene in tqdm(open_city(spec, city), desc=f"statistics of {city}", unit="scene"):
+        with scene:
+            for window in iter_windows(scene.height, scene.width, block):
+                for m in modalities:
+                    if m.name in scene.modalities:
+                        values = scene.read(m.name, window)
+                        acc[m.name].add(values, ~nodata_mask(values, fill_value(m)), rng, keep=0)
+    return {m: {k: v for k, v in a.summary().items() if k in ("mean", "std")} for m, a in acc.items()}
+
+
+def city_normalization(exported, spec: DatasetSpec, city: str) -> dict[str, dict[str, list[float]]]:
+    """The statistics an exported model normalises ``city`` with: pooled, the city's own from training,
+    or, for a city a ``per_city`` model has none for, computed from the city's scenes (one pass)."""
+    if exported.normalization_mode == "per_city" and city not in exported.city_normalization:
+        log.warning("the model standardises each city with its own statistics and has none for city '%s' (it has "
+                    "%s): computing them from the city's scenes", city, sorted(exported.city_normalization))
+        return city_statistics(spec, city, exported.spec.modalities)
+    return exported.normalization_for(city)
+
+
 def array_task() -> tuple[int, int]:
     """(task index, task count) of a SLURM array job, (0, 1) outside one."""
     env = os.environ
@@ -147,14 +180,14 @@ def infer_city(model_path: str | Path, spec: DatasetSpec, city: str, out: str | 
                          + "; ".join(problems))
     class_ids = exported.spec.scored_class_ids
     predictor = Predictor(exported.model, class_ids, device, cfg.tta)
-    normalize = Normalizer(exported.spec, exported.normalization)
+    normalize = Normalizer(exported.spec, city_normalization(exported, spec, city))
     stat = model_path.stat()
     store_key = {"model": f"{model_path.name}:{stat.st_size}:{stat.st_mtime_ns}"}
     scenes = open_city(spec, city)
     mine = scenes[task_index::num_tasks]
-    log.info("city %s: %d scenes, %d for task %d/%d; rank %d/%d on %s; window %d overlap %.2f blend %s tta %s",
-             city, len(scenes), len(mine), task_index, num_tasks, dist.rank, dist.world_size, device, cfg.window,
-             cfg.overlap, cfg.blend, cfg.tta)
+    log.info("city %s: %d scenes, %d for task %d/%d; rank %d/%d on %s; window %d overlap %.2f blend %s tta %s; "
+             "%s normalisation", city, len(scenes), len(mine), task_index, num_tasks, dist.rank, dist.world_size,
+             device, cfg.window, cfg.overlap, cfg.blend, cfg.tta, exported.normalization_mode)
     results = []
     out_dir = Path(out) / city
     for scene in tqdm(mine, desc=f"infer {city}", unit="scene", disable=len(mine) < 2):

@@ -63,7 +63,7 @@ def _run_training(args: argparse.Namespace) -> int:
 
     overrides = dict(parse_override(o) for o in args.overrides)
     cfg = load_train_config(args.config, overrides)
-    data = PreparedData(cfg.data.prep_dir, cfg.data.spec)
+    data = PreparedData(cfg.data.prep_dir, cfg.data.spec, cfg.data.normalization)
     task = PretrainTask if args.task == "pretrain" else FinetuneTask
     return run_training(cfg, task, data, resume=args.resume, config_path=str(args.config))
 

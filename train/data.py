@@ -13,10 +13,45 @@ from c2seg.spec import DatasetSpec, load_spec
 from train.tracking import file_hash
 
 
-class PreparedData:
-    """The prep output folder seen by training: its dataset spec, normalisation and loaders."""
+class CityStandardizer:
+    """Re-maps batches normalised with the pooled statistics (what the loaders give) to per-city
+    standardisation, ``x * scale[city] + shift[city]`` per band (exact: see
+    :meth:`data_prep.manifest.Manifest.city_remap`); nodata pixels (0 in every band) stay 0."""
 
-    def __init__(self, prep_dir: str | Path, spec_path: str | None = None) -> None:
+    def __init__(self, manifest) -> None:
+        self.remap = {m: (torch.from_numpy(a), torch.from_numpy(b)) for m, (a, b) in manifest.city_remap().items()}
+
+    def __call__(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        ids = batch["city_id"]
+        out = dict(batch)
+        for m, (scale, shift) in self.remap.items():
+            if m not in batch:
+                continue
+            x = batch[m]
+            nodata = (x == 0).all(1, keepdim=True)
+            mapped = x * scale[ids][:, :, None, None].to(x.dtype) + shift[ids][:, :, None, None].to(x.dtype)
+            out[m] = mapped.masked_fill_(nodata, 0.0)
+        return out
+
+
+class _MappedLoader:
+    """A loader whose batches pass through ``fn`` (keeps ``len``)."""
+
+    def __init__(self, loader: Iterable, fn: Callable[[dict], dict]) -> None:
+        self.loader, self.fn = loader, fn
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        return (self.fn(b) for b in self.loader)
+
+
+class PreparedData:
+    """The prep output folder seen by training: its dataset spec, normalisation and loaders.
+    ``normalization`` ``per_city`` standardises every tile with its own city's statistics."""
+
+    def __init__(self, prep_dir: str | Path, spec_path: str | None = None, normalization: str = "pooled") -> None:
         from data_prep.manifest import load_manifest
 
         self.prep_dir = Path(prep_dir)
@@ -25,11 +60,24 @@ class PreparedData:
         self.tile_size: int = self.manifest.tile_size
         self.manifest_hash = file_hash(self.prep_dir / "manifest.json")
         self.normalization = self.manifest.normalizer().as_dict()
+        if normalization not in ("pooled", "per_city"):
+            raise ValueError(f"normalization must be 'pooled' or 'per_city', got {normalization!r}")
+        self.normalization_mode = normalization
+        self.standardizer = CityStandardizer(self.manifest) if normalization == "per_city" else None
+
+    def normalization_meta(self) -> dict[str, Any]:
+        """What an exported model needs to normalise like training: the mode and, for ``per_city``, the
+        statistics of every prepared city."""
+        meta: dict[str, Any] = {"normalization_mode": self.normalization_mode}
+        if self.normalization_mode == "per_city":
+            meta["city_normalization"] = self.manifest.city_normalization()
+        return meta
 
     def loader(self, split: str, cities: Iterable[str], **kwargs: Any) -> Iterable[dict[str, torch.Tensor]]:
         from data_prep.loaders import make_wds_loader
 
-        return make_wds_loader(self.prep_dir, split, cities=list(cities), **kwargs)
+        loader = make_wds_loader(self.prep_dir, split, cities=list(cities), **kwargs)
+        return loader if self.standardizer is None else _MappedLoader(loader, self.standardizer)
 
 
 def batch_stream(make_loader: Callable[[int], Iterable], batches_per_epoch: int,

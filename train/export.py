@@ -2,14 +2,16 @@
 and the normalisation, loadable with ``weights_only=True`` and without DeepSpeed.
 
 ``{"format": "c2seg-model/1", "model_config", "spec", "state_dict", "normalization", "modalities",
-"tile_size"}``; ``modalities`` lists what the model was trained with (it accepts any non-empty subset,
-having been trained with modality dropout).
+"tile_size", "normalization_mode", "city_normalization"}``; ``normalization`` holds the pooled statistics,
+``city_normalization`` each prepared city's (used when ``normalization_mode`` is ``per_city``);
+``modalities`` lists what the model was trained with (it accepts any non-empty subset, having been
+trained with modality dropout).
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -31,6 +33,20 @@ class ExportedModel:
     normalization: dict[str, dict[str, list[float]]]
     modalities: list[str]
     tile_size: int
+    normalization_mode: str = "pooled"  # per_city: each city standardised with its own statistics
+    city_normalization: dict[str, dict[str, dict[str, list[float]]]] = field(default_factory=dict)
+
+    def normalization_for(self, city: str) -> dict[str, dict[str, list[float]]]:
+        """The ``{modality: {"mean", "std"}}`` statistics to normalise ``city``'s inputs with: the pooled ones,
+        or for a ``per_city`` model the city's own (an error for a city the model has none for)."""
+        if self.normalization_mode == "pooled":
+            return self.normalization
+        if city not in self.city_normalization:
+            raise ValueError(f"the model standardises each city with its own statistics and has none for city "
+                             f"'{city}' (it has {sorted(self.city_normalization)}); prepare the city with "
+                             "`c2seg data prep` alongside the training cities, or train with "
+                             "data.normalization=pooled")
+        return self.city_normalization[city]
 
 
 def export_model(run_dir: str | Path, out: str | Path, weights: str = "student") -> Path:
@@ -47,7 +63,9 @@ def export_model(run_dir: str | Path, out: str | Path, weights: str = "student")
     payload = {"format": FORMAT, "model_config": data["model_config"], "spec": data["spec"],
                "state_dict": data["ema" if weights == "ema" else "model"],
                "normalization": data["normalization"], "modalities": data["modalities"],
-               "tile_size": data["tile_size"], "step": data["step"]}
+               "tile_size": data["tile_size"], "step": data["step"],
+               "normalization_mode": data.get("normalization_mode", "pooled"),
+               "city_normalization": data.get("city_normalization", {})}
     torch.save(payload, out)
     log.info("exported %s weights of %s (step %d) to %s", weights, run_dir, data["step"], out)
     return out
@@ -69,4 +87,5 @@ def load_exported(path: str | Path, map_location: str | torch.device = "cpu") ->
     model = FusionSegmenter(spec, cfg)
     model.load_state_dict(data["state_dict"])
     model.to(map_location).eval()
-    return ExportedModel(model, spec, cfg, data["normalization"], list(data["modalities"]), int(data["tile_size"]))
+    return ExportedModel(model, spec, cfg, data["normalization"], list(data["modalities"]), int(data["tile_size"]),
+                         data.get("normalization_mode", "pooled"), data.get("city_normalization", {}))

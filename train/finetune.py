@@ -1,8 +1,10 @@
 """``c2seg train finetune``: supervised segmentation on source labels plus mean-teacher adaptation
 on the target city's unlabelled train tiles (DAFormer-style): an EMA teacher labels target tiles,
-confident pixels become pseudo-labels, and ClassMix pastes half of each source tile's classes onto a
-target tile. Validation on the target city's labelled val split: mIoU, OA, macro-F1, kappa, per-class
-IoU (c2seg.metrics), logged with a confusion-matrix plot and prediction previews."""
+its confident pixels become pseudo-labels (``pseudo_weighting: mask``) or every pixel does, each tile's
+loss weighted by its share of confident pixels (``fraction``), and ClassMix pastes half of each source
+tile's classes onto a target tile (pasted pixels weigh 1). Validation on the target city's labelled
+val split: mIoU, OA, macro-F1, kappa, per-class IoU (c2seg.metrics), logged with a confusion-matrix
+plot and prediction previews."""
 
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from c2seg.metrics import confusion_matrix, scores_from_confusion
 from c2seg.spec import DatasetSpec
 from train.config import ModelConfig, TrainConfig
 from train.data import batch_stream, model_inputs
+from train.determinism import rng_isolated
 from train.engine import engine_dtype, full_state_dict
 from train.models import FusionSegmenter
 from train.pretrain import load_backbone
@@ -56,8 +59,9 @@ def predict_classes(logits: torch.Tensor, scored: torch.Tensor) -> tuple[torch.T
 
 
 def classmix(src: dict[str, torch.Tensor], src_label: torch.Tensor, tgt: dict[str, torch.Tensor],
-             pseudo: torch.Tensor, ignore_id: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Paste the pixels of a random half of each source tile's classes onto the paired target tile."""
+             pseudo: torch.Tensor, ignore_id: int) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Paste the pixels of a random half of each source tile's classes onto the paired target tile;
+    returns the mixed inputs, the mixed labels and the pasted-pixel mask (B, H, W)."""
     masks = []
     for lab in src_label:
         classes = lab.unique()
@@ -66,7 +70,20 @@ def classmix(src: dict[str, torch.Tensor], src_label: torch.Tensor, tgt: dict[st
         masks.append(torch.isin(lab, chosen))
     m = torch.stack(masks)
     mixed = {k: torch.where(m[:, None], src[k], tgt[k]) for k in tgt if k in src}
-    return mixed, torch.where(m, src_label, pseudo)
+    return mixed, torch.where(m, src_label, pseudo), m
+
+
+def weighted_pseudo_loss(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, ignore_id: int,
+                         class_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-pixel cross-entropy times ``weight`` (B, H, W), normalised like ``F.cross_entropy``'s mean (by
+    the class weights of the pixels not ``ignore_id``): with ``weight`` 1 it equals that mean."""
+    logits = logits.float()
+    valid = labels != ignore_id
+    if not valid.any():
+        return logits.sum() * 0.0
+    ce = F.cross_entropy(logits, labels, weight=class_weights, ignore_index=ignore_id, reduction="none")
+    norm = valid.sum() if class_weights is None else class_weights[labels][valid].sum()
+    return (ce * weight).sum() / norm
 
 
 class FinetuneTask:
@@ -102,8 +119,8 @@ class FinetuneTask:
                 world_size=engine.world_size, city_weights={c: 1.0 / len(cities) for c in cities},
                 augment=d.augment, batches_per_epoch=d.batches_per_epoch, seed=self.cfg.seed, epoch=epoch)
 
-        self.source_stream = batch_stream(loader(self.sources), d.batches_per_epoch, first_batch)
-        self.target_stream = batch_stream(loader(self.targets), d.batches_per_epoch, first_batch) \
+        self.source_stream = rng_isolated(batch_stream(loader(self.sources), d.batches_per_epoch, first_batch))
+        self.target_stream = rng_isolated(batch_stream(loader(self.targets), d.batches_per_epoch, first_batch)) \
             if self.ft.adapt and self.targets else None
         if self.ft.adapt and self.teacher is None:
             self.teacher = self._copy(full_state_dict(engine))
@@ -127,21 +144,27 @@ class FinetuneTask:
             return segmentation_loss(engine(src_in), src_label, self.spec.ignore_id, self.ft.dice_weight,
                                      self._cw()), {}
         tgt_in = model_inputs(tgt, self.spec.modality_names, self.dtype, engine.device)
+        ignore = self.spec.ignore_id
         with torch.no_grad():
             teacher_in = {k: v.float() for k, v in tgt_in.items()}
             pseudo, conf = predict_classes(self.teacher(teacher_in), self.scored)
-            pseudo = torch.where(conf >= self.ft.pseudo_threshold, pseudo, torch.full_like(pseudo,
-                                                                                          self.spec.ignore_id))
+            sure = conf >= self.ft.pseudo_threshold
+            if self.ft.pseudo_weighting == "mask":
+                pseudo = torch.where(sure, pseudo, torch.full_like(pseudo, ignore))
+                weight = torch.ones_like(conf)
+            else:  # DAFormer: all pseudo-labels, each tile weighted by its share of confident pixels
+                weight = sure.float().mean((1, 2), keepdim=True).expand_as(conf)
         if self.ft.mix == "classmix":
-            mixed_in, mixed_label = classmix(src_in, src_label, tgt_in, pseudo, self.spec.ignore_id)
+            mixed_in, mixed_label, pasted = classmix(src_in, src_label, tgt_in, pseudo, ignore)
+            weight = torch.where(pasted, torch.ones_like(weight), weight)
         else:
             mixed_in, mixed_label = tgt_in, pseudo
         both = {k: torch.cat([src_in[k], mixed_in[k]]) for k in src_in if k in mixed_in}
         logits = engine(both)
         n = src_label.shape[0]
-        sup = segmentation_loss(logits[:n], src_label, self.spec.ignore_id, self.ft.dice_weight, self._cw())
-        adapt = segmentation_loss(logits[n:], mixed_label, self.spec.ignore_id, 0.0, self._cw())
-        confident = float((pseudo != self.spec.ignore_id).float().mean())
+        sup = segmentation_loss(logits[:n], src_label, ignore, self.ft.dice_weight, self._cw())
+        adapt = weighted_pseudo_loss(logits[n:], mixed_label, weight, ignore, self._cw())
+        confident = float(sure.float().mean())
         return sup + self.ft.adapt_weight * adapt, {"loss_source": float(sup.detach()),
                                                     "loss_target": float(adapt.detach()),
                                                     "pseudo_confident": confident}
@@ -208,8 +231,11 @@ class FinetuneTask:
         return values
 
     def extra_weights(self) -> dict[str, Any]:
-        return {"ema": {k: v.detach().cpu().clone() for k, v in self.teacher.state_dict().items()}} \
-            if self.teacher is not None else {}
+        """The EMA teacher (when adapting) and the normalisation mode / per-city statistics for export."""
+        out = dict(self.data.normalization_meta())
+        if self.teacher is not None:
+            out["ema"] = {k: v.detach().cpu().clone() for k, v in self.teacher.state_dict().items()}
+        return out
 
     def load_extra(self, weights: dict[str, Any]) -> None:
         if self.ft.adapt and "ema" in weights:

@@ -1,0 +1,95 @@
+"""Per-city standardisation (training re-map, export, inference) and confidence-weighted pseudo-labels."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+
+from data_prep.manifest import load_manifest
+from data_prep.readers import open_city
+from tests.fixtures_train import run_train, tiny_args
+from train.data import CityStandardizer, PreparedData
+
+
+def test_city_remap_equals_direct_per_city_normalisation(tiny_spec, tiny_prepared):
+    """Raw scene values normalised with the pooled statistics and re-mapped equal the same values
+    normalised with their city's own statistics; nodata pixels stay exactly 0."""
+    manifest = load_manifest(tiny_prepared)
+    pooled, remap = manifest.normalizer(), CityStandardizer(manifest)
+    for city_id, city in enumerate(manifest.spec.cities):
+        scene = open_city(tiny_spec, city.name)[0]
+        with scene:
+            raw = {m: scene.read(m)[:, :24, :40].copy() for m in manifest.spec.modality_names}
+        fill = np.asarray(pooled.fill["msi"], raw["msi"].dtype)
+        raw["msi"][:, :3, :5] = fill  # a nodata patch
+        batch = {m: torch.from_numpy(pooled(m, v))[None] for m, v in raw.items()}
+        batch["city_id"] = torch.tensor([city_id])
+        mapped = remap(batch)
+        direct = manifest.city_normalizer(city.name)
+        for m, v in raw.items():
+            np.testing.assert_allclose(mapped[m][0].numpy(), direct(m, v), rtol=1e-4, atol=1e-4)
+        assert (mapped["msi"][0, :, :3, :5] == 0).all()
+        assert not np.allclose(mapped["msi"][0].numpy(), batch["msi"][0].numpy(), atol=1e-3)  # stats differ
+
+
+def test_per_city_loader_standardises_each_city(tiny_prepared):
+    """Batches of a per_city PreparedData are the pooled batches re-mapped with their own city's rows."""
+    pooled, per_city = PreparedData(tiny_prepared), PreparedData(tiny_prepared, normalization="per_city")
+    cities = list(pooled.manifest.cities)
+    kw = dict(batch_size=4, batches_per_epoch=2, augment=False, seed=3)
+    for a, b in zip(pooled.loader("train", cities, **kw), per_city.loader("train", cities, **kw), strict=True):
+        assert torch.equal(a["city_id"], b["city_id"]) and torch.equal(a["label"], b["label"])
+        expected = per_city.standardizer(a)
+        for m in pooled.spec.modality_names:
+            assert torch.equal(b[m], expected[m])
+    with pytest.raises(ValueError, match="normalization"):
+        PreparedData(tiny_prepared, normalization="city")
+
+
+def test_per_city_model_exports_and_infers_with_city_statistics(tiny_spec, tiny_prepared, tmp_path):
+    """A per_city fine-tune (with DAFormer-weighted pseudo-labels) exports its mode and every city's
+    statistics; inference on a city uses that city's statistics, or computes them from the scenes of a
+    city it has none for."""
+    from inference.config import InferConfig
+    from inference.runner import city_statistics, infer_city
+    from train.export import export_model, load_exported
+
+    run = tmp_path / "run"
+    run_train(tiny_args("finetune", tiny_prepared, run, "deepspeed.zero_stage=0", "steps=3", "checkpoint_every=3",
+                        "finetune.eval_every=3", "data.normalization=per_city", "finetune.pseudo_weighting=fraction",
+                        "finetune.adapt_warmup_steps=1"))
+    model_path = export_model(run, tmp_path / "model.pt")
+    exported = load_exported(model_path)
+    manifest = load_manifest(tiny_prepared)
+    assert exported.normalization_mode == "per_city"
+    assert set(exported.city_normalization) == {c.name for c in tiny_spec.cities}
+    target = "synth_target"
+    assert exported.normalization_for(target) == manifest.city_normalizer(target).as_dict()
+    assert exported.normalization_for(target) != exported.normalization
+
+    cfg = InferConfig(window=32, overlap=0.5, block=32, quicklook=False, save_probs=True)
+    per_city = infer_city(model_path, tiny_spec, target, tmp_path / "per_city", cfg)[0]
+    # the same weights as a pooled model whose pooled statistics are the target city's: identical output
+    payload = torch.load(model_path, weights_only=True)
+    as_pooled = tmp_path / "as_pooled.pt"
+    torch.save({**payload, "normalization_mode": "pooled", "normalization": payload["city_normalization"][target]},
+               as_pooled)
+    same = infer_city(as_pooled, tiny_spec, target, tmp_path / "as_pooled", cfg)[0]
+    with rasterio.open(per_city.probabilities) as a, rasterio.open(same.probabilities) as b:
+        np.testing.assert_array_equal(a.read(), b.read())
+
+    # a city the model has no statistics for: computed from its scenes, they match what prep measured
+    del payload["city_normalization"][target]
+    unknown = tmp_path / "no_target_stats.pt"
+    torch.save(payload, unknown)
+    with pytest.raises(ValueError, match="has none for city 'synth_target'"):
+        load_exported(unknown).normalization_for(target)
+    computed = city_statistics(tiny_spec, target, tiny_spec.modalities)
+    for m, stats in manifest.city_normalizer(target).as_dict().items():
+        np.testing.assert_allclose(computed[m]["mean"], stats["mean"], rtol=1e-5)
+        np.testing.assert_allclose(computed[m]["std"], stats["std"], rtol=1e-4)
+    fresh = infer_city(unknown, tiny_spec, target, tmp_path / "unknown", cfg)[0]
+    with rasterio.open(per_city.probabilities) as a, rasterio.open(fresh.probabilities) as b:
+        np.testing.assert_allclose(a.read(), b.read(), atol=1e-4)

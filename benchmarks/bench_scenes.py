@@ -16,6 +16,9 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.report import figure  # noqa: E402
+
 
 def _spec(out: Path, fmt: str):
     from c2seg.spec import load_spec
@@ -56,7 +59,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("/tmp/bench_scenes"))
     parser.add_argument("--block", type=int, default=512, help="read window in px (default: %(default)s)")
     parser.add_argument("--phase", choices=["generate", "read"], help=argparse.SUPPRESS)
+    parser.add_argument("--quick", action="store_true", help="a 500 x 500 city")
     args = parser.parse_args()
+    if args.quick:
+        args.size = 500
     if args.phase:
         print(json.dumps(phase(args.phase, args.size, args.format, args.out, args.block)))
         return
@@ -65,7 +71,12 @@ def main() -> None:
         result = subprocess.run([sys.executable, __file__, "--phase", name, "--size", str(args.size), "--format",
                                  args.format, "--out", str(args.out), "--block", str(args.block)],
                                 check=True, capture_output=True, text=True)
-        print(result.stdout.strip().splitlines()[-1], flush=True)
+        line = result.stdout.strip().splitlines()[-1]
+        print(line, flush=True)
+        r = json.loads(line)
+        what = f"{name} {r['size']}x{r['size']} AB-like city ({r['format']})"
+        figure("scenes", f"{what}: time", r["seconds"], "s", f"{r['disk_gib']} GiB on disk")
+        figure("scenes", f"{what}: peak RSS", r["peak_rss_mib"], "MiB")
 
 
 if __name__ == "__main__":

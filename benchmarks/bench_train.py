@@ -188,9 +188,30 @@ def crosscity(args) -> dict:
     return result
 
 
+def report(what: str, r: dict) -> None:
+    """The headline figures of a result, in run_all's table."""
+    from benchmarks.report import figure
+
+    if what == "overhead":
+        figure("train", f"plain PyTorch step ({r['model']}, batch {r['batch']})", r["plain_ms"], "ms")
+        figure("train", "DeepSpeed ZeRO-0 engine step, same model + batch", r["deepspeed_ms"], "ms")
+        figure("train", "DeepSpeed overhead over the plain loop", r["overhead_pct"], "%", "goal <= 10 %")
+    elif what == "memory":
+        for row in r["rows"]:
+            if row["rank"] == 0:
+                figure("train", f"ZeRO-{row['zero']} params+optimizer per rank ({r['world_size']} ranks)",
+                       row["total_mb"], "MB", f"{r['model']}, {r['parameters'] / 1e6:.1f} M params")
+    elif what == "crosscity":
+        for name in ("source_only_pooled", "source_only_per_city", "adapted"):
+            if name in r:
+                figure("train", f"target mIoU, {name}", 100 * r[name]["miou"], "%", f"OA {100 * r[name]['oa']:.1f} %")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="what", required=True)
+    parser.add_argument("--quick", action="store_true",
+                        help="with no sub-command (as run_all calls it): fewer steps, tiny model")
+    sub = parser.add_subparsers(dest="what")
     for name in ("overhead", "memory", "crosscity"):
         p = sub.add_parser(name)
         p.add_argument("--spec", default=str(ROOT / "configs/datasets/demo_tiny.yaml"))
@@ -209,11 +230,25 @@ def main() -> None:
     sub.choices["crosscity"].add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                                           help="extra `--set KEY=VALUE` for every training run")
     args = parser.parse_args()
+    if args.what is None:  # run_all: overhead in this process, ZeRO memory under 2 ranks
+        steps = ["--steps", "8", "--rounds", "2"] if args.quick else []
+        _run_self(["overhead", *steps])
+        _run_self(["memory", "--model", str(ROOT / ("configs/models/tiny.yaml" if args.quick else
+                                                     "configs/models/small.yaml")), "--size", "32"], ranks=2)
+        return
     if args.what != "crosscity":
         args.size = int(args.size)
     result = {"overhead": overhead, "memory": memory, "crosscity": crosscity}[args.what](args)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(result, indent=1))
+        report(args.what, result)
+
+
+def _run_self(args: list[str], ranks: int = 1) -> None:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks)] if ranks > 1 \
+        else [sys.executable]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    subprocess.run([*launcher, __file__, *args], env=env, check=True)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,24 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def load_json_record(path: str | Path, fmt: str, missing: str) -> dict[str, Any]:
+    """Read a JSON record this project wrote (manifest, job file): errors name the file when it is
+    missing (``missing`` says what to run), malformed, or of another ``format`` than ``fmt``."""
+    import json
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: {missing}")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON: {exc}") from exc
+    if not isinstance(data, dict) or data.get("format") != fmt:
+        got = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise ValueError(f"{path}: format {got!r} is not {fmt}")
+    return data
+
+
 def load_config(cls: type[T], path: str | Path, overrides: dict[str, Any] | None = None) -> T:
     """Load a YAML file into dataclass ``cls``; ``overrides`` (dotted keys) are applied first."""
     data = load_yaml(path)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from c2seg.config import load_json_record
 from c2seg.spec import DatasetSpec, spec_from_dict
 from data_prep.prep import load_job
 from data_prep.stats import BandStats
@@ -209,13 +210,6 @@ class Manifest:
 
 def load_manifest(prep_dir: str | Path) -> Manifest:
     """Read ``prep_dir/manifest.json`` (made by ``c2seg data prep`` / ``finalize``)."""
-    path = Path(prep_dir) / MANIFEST
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no manifest (run `c2seg data prep` and `c2seg data finalize` first)")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON: {exc}") from exc
-    if data.get("format") != FORMAT:
-        raise ValueError(f"{path}: format {data.get('format')!r} is not {FORMAT}")
+    data = load_json_record(Path(prep_dir) / MANIFEST, FORMAT,
+                            "no manifest (run `c2seg data prep` and `c2seg data finalize` first)")
     return Manifest(Path(prep_dir), data)

@@ -23,7 +23,7 @@ from typing import Callable
 import numpy as np
 from tqdm import tqdm
 
-from c2seg.config import from_dict, to_dict
+from c2seg.config import from_dict, load_json_record, to_dict
 from c2seg.spec import DatasetSpec, spec_from_dict
 from data_prep.prep_config import PrepConfig
 from data_prep.readers.base import Scene, Window
@@ -95,14 +95,7 @@ def _job_record(job: Job) -> dict:
 def load_job(out: Path, opener: SceneOpener = default_opener) -> Job:
     """The job recorded in ``out/job.json`` (written by the first task)."""
     path = Path(out) / "job.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no prep job here (run `c2seg data prep --out {out}` first)")
-    try:
-        rec = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON: {exc}") from exc
-    if rec.get("format") != JOB_FORMAT:
-        raise ValueError(f"{path}: format {rec.get('format')!r} is not {JOB_FORMAT}")
+    rec = load_json_record(path, JOB_FORMAT, f"no prep job here (run `c2seg data prep --out {out}` first)")
     spec = spec_from_dict(rec["spec"], source=str(path), data_root=rec["data_root"])
     cfg = from_dict(PrepConfig, rec["config"], source=str(path))
     return Job(Path(out), spec, cfg, {c: _plan_from_dict(p) for c, p in rec["plans"].items()}, opener)

@@ -80,3 +80,32 @@ def finetuned_tiny(tiny_prepared, pretrained_tiny, tmp_path_factory) -> Path:
     run_train(tiny_args("finetune", tiny_prepared, out, "deepspeed.zero_stage=3", f"init_from={pretrained_tiny}"),
               nproc=2)
     return out
+
+
+def checkpoint_tensors(run_dir: Path) -> tuple[str, dict[str, "torch.Tensor"]]:
+    """The newest checkpoint's tag and every tensor of its weights.pt (model, EMA teacher, ...), by key."""
+    import torch
+
+    tag = (run_dir / "checkpoints" / "LATEST").read_text().strip()
+    state = torch.load(run_dir / "checkpoints" / tag / "weights.pt", map_location="cpu", weights_only=True)
+
+    def flat(obj, prefix=""):
+        if isinstance(obj, dict):
+            for k, v in obj.items():
+                yield from flat(v, f"{prefix}{k}.")
+        elif isinstance(obj, torch.Tensor):
+            yield prefix.rstrip("."), obj
+
+    return tag, dict(flat(state))
+
+
+def assert_same_weights(run_a: Path, run_b: Path) -> None:
+    """Both runs' newest checkpoints are at the same step and hold bit-identical tensors."""
+    import torch
+
+    tag_a, a = checkpoint_tensors(run_a)
+    tag_b, b = checkpoint_tensors(run_b)
+    assert tag_a == tag_b and a and a.keys() == b.keys(), (tag_a, tag_b, sorted(a.keys() ^ b.keys())[:5])
+    differ = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not differ, f"{len(differ)} of {len(a)} tensors differ, first {differ[0]}: max abs diff " \
+                       f"{float((a[differ[0]].float() - b[differ[0]].float()).abs().max()):.3g}"

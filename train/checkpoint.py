@@ -3,9 +3,9 @@ the data position, and consolidated fp32 weights (plus the task's extras, e.g. t
 export / init / a restart at another world size. No RNG state is stored: training reseeds per
 micro-batch (train/determinism.py), so the position alone fixes every random draw after a resume.
 
-Layout: ``OUTPUT/checkpoints/step_00000100/`` (DeepSpeed files, ``train_state.json``, ``weights.pt``) and ``OUTPUT/checkpoints/LATEST`` naming the newest complete one;
-LATEST is replaced atomically only after every rank finished writing, so a kill -9 mid-save leaves
-the previous checkpoint in charge.
+Layout: ``OUTPUT/checkpoints/step_00000100/`` (DeepSpeed files, ``train_state.json``, ``weights.pt``)
+and ``OUTPUT/checkpoints/LATEST`` naming the newest complete one; LATEST is replaced atomically only
+after every rank finished writing, so a kill -9 mid-save leaves the previous checkpoint in charge.
 """
 
 from __future__ import annotations

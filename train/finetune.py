@@ -119,9 +119,11 @@ class FinetuneTask:
                 world_size=engine.world_size, city_weights={c: 1.0 / len(cities) for c in cities},
                 augment=d.augment, batches_per_epoch=d.batches_per_epoch, seed=self.cfg.seed, epoch=epoch)
 
-        self.source_stream = rng_isolated(batch_stream(loader(self.sources), d.batches_per_epoch, first_batch))
-        self.target_stream = rng_isolated(batch_stream(loader(self.targets), d.batches_per_epoch, first_batch)) \
-            if self.ft.adapt and self.targets else None
+        def stream(cities):
+            return rng_isolated(batch_stream(loader(cities), d.batches_per_epoch, first_batch))
+
+        self.source_stream = stream(self.sources)
+        self.target_stream = stream(self.targets) if self.ft.adapt and self.targets else None
         if self.ft.adapt and self.teacher is None:
             self.teacher = self._copy(full_state_dict(engine))
         elif self.teacher is not None:

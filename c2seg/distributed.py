@@ -56,3 +56,16 @@ def detect_env(default_port: int = 29500) -> DistEnv:
     env.setdefault("MASTER_PORT", str(default_port))
     env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"] = str(rank), str(world), str(local)
     return DistEnv(rank, world, local, launcher)
+
+
+def array_task(task_index: int | None = None, num_tasks: int | None = None) -> tuple[int, int]:
+    """(task index, task count) of this SLURM array task: given values win, else SLURM_ARRAY_TASK_ID
+    (relative to SLURM_ARRAY_TASK_MIN) / SLURM_ARRAY_TASK_COUNT, else (0, 1)."""
+    env = os.environ
+    if num_tasks is None:
+        num_tasks = int(env.get("SLURM_ARRAY_TASK_COUNT", 1))
+    if task_index is None:
+        task_index = int(env.get("SLURM_ARRAY_TASK_ID", 0)) - int(env.get("SLURM_ARRAY_TASK_MIN", 0))
+    if not 0 <= task_index < num_tasks:
+        raise ValueError(f"task index {task_index} is outside 0..{num_tasks - 1}")
+    return task_index, num_tasks

@@ -50,13 +50,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _prep(args: argparse.Namespace) -> int:
     from c2seg.config import parse_override
+    from c2seg.distributed import array_task
     from data_prep.manifest import finalize
-    from data_prep.prep import run_prep, task_from_env
+    from data_prep.prep import run_prep
     from data_prep.prep_config import load_prep_config
 
     spec = spec_from_args(args)
     cfg = load_prep_config(args.config, dict(parse_override(s) for s in args.set))
-    task, tasks = task_from_env(args.task_index, args.num_tasks)
+    task, tasks = array_task(args.task_index, args.num_tasks)
     run_prep(spec, cfg, args.out, task_index=task, num_tasks=tasks, workers=args.workers)
     if tasks == 1 and not args.no_finalize:
         print(finalize(args.out))

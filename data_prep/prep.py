@@ -286,19 +286,6 @@ def _init_worker(out: str) -> None:
     _JOB = load_job(Path(out))
 
 
-def task_from_env(task_index: int | None, num_tasks: int | None) -> tuple[int, int]:
-    """``--task-index`` / ``--num-tasks``, defaulting to SLURM_ARRAY_TASK_ID / SLURM_ARRAY_TASK_COUNT
-    (the index taken relative to SLURM_ARRAY_TASK_MIN)."""
-    env = os.environ
-    if num_tasks is None:
-        num_tasks = int(env.get("SLURM_ARRAY_TASK_COUNT", 1))
-    if task_index is None:
-        task_index = int(env.get("SLURM_ARRAY_TASK_ID", 0)) - int(env.get("SLURM_ARRAY_TASK_MIN", 0))
-    if not 0 <= task_index < num_tasks:
-        raise ValueError(f"task index {task_index} is outside 0..{num_tasks - 1}")
-    return task_index, num_tasks
-
-
 def run_prep(spec: DatasetSpec, cfg: PrepConfig, out: Path, *, task_index: int = 0, num_tasks: int = 1,
              workers: int = 1, opener: SceneOpener = default_opener) -> dict:
     """Run task ``task_index`` of ``num_tasks`` (every ``num_tasks``-th unit); returns counts."""

@@ -9,7 +9,6 @@ submission tile). Scenes of a city are split across SLURM array tasks (``task_in
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -17,7 +16,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from c2seg.distributed import detect_env
+from c2seg.distributed import array_task, detect_env
 from c2seg.spec import DatasetSpec, Modality
 from data_prep.readers.base import Scene
 from inference.accumulator import BlockStore
@@ -143,15 +142,6 @@ def city_normalization(exported, spec: DatasetSpec, city: str) -> dict[str, dict
     return exported.normalization_for(city)
 
 
-def array_task() -> tuple[int, int]:
-    """(task index, task count) of a SLURM array job, (0, 1) outside one."""
-    env = os.environ
-    if "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
-        first = int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
-        return int(env["SLURM_ARRAY_TASK_ID"]) - first, int(env["SLURM_ARRAY_TASK_COUNT"])
-    return 0, 1
-
-
 def infer_city(model_path: str | Path, spec: DatasetSpec, city: str, out: str | Path, cfg: InferConfig,
                modalities: list[str] | None = None, task_index: int | None = None, num_tasks: int | None = None,
                overwrite: bool = False) -> list[SceneOutputs]:
@@ -165,10 +155,7 @@ def infer_city(model_path: str | Path, spec: DatasetSpec, city: str, out: str | 
     from train.export import load_exported
 
     dist = detect_env()
-    if task_index is None or num_tasks is None:
-        task_index, num_tasks = array_task()
-    if not 0 <= task_index < num_tasks:
-        raise ValueError(f"task index {task_index} is outside 0..{num_tasks - 1}")
+    task_index, num_tasks = array_task(task_index, num_tasks)
     device = pick_device(cfg.device)
     if device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)

@@ -9,19 +9,26 @@ crosscity target-city mIoU / OA / kappa at the same step budget on generated AB-
           pretrain + per-city standardisation + mean-teacher adaptation:
           python benchmarks/bench_train.py crosscity --out runs/bench_crosscity --size 256x384 --steps 150 \
               --model configs/models/demo.yaml
+fusion    joint attention vs per-location fusion + cross-attention (model `fusion`) on the AB-like spec
+          (G = 6 tokens per location): parameters, plain training step time and forward FLOPs per tile
+          (cost), and target mIoU after source-only fine-tuning through the real CLI (accuracy):
+          python benchmarks/bench_train.py fusion --prep runs/xc/prep --steps 300 [--parts cost]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -41,6 +48,36 @@ def _train_cfg(model: str, zero: int, batch: int, steps: int):
                        deepspeed=DeepSpeedConfig(zero_stage=zero), tracking=TrackingConfig(enabled=False))
 
 
+def _timed(step_fn: Callable[[], None], warmup: int, steps: int) -> float:
+    """Seconds per call of ``step_fn`` over ``steps`` calls after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        step_fn()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step_fn()
+    return (time.perf_counter() - t0) / steps
+
+
+def _plain_step(model: torch.nn.Module, batch: dict[str, torch.Tensor], cfg) -> Callable[[], None]:
+    """One plain PyTorch training step of ``model`` on ``batch``: cross-entropy, backward, gradient clipping,
+    AdamW and the warmup LR schedule of TrainConfig ``cfg``."""
+    import torch.nn.functional as F
+
+    inputs = {m: t for m, t in batch.items() if m != "label"}
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.optim.warmup_steps))
+
+    def step() -> None:
+        loss = F.cross_entropy(model(inputs), batch["label"], ignore_index=0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        opt.step()
+        sched.step()
+
+    return step
+
+
 def overhead(args) -> dict:
     import torch.nn.functional as F
 
@@ -53,30 +90,9 @@ def overhead(args) -> dict:
     mcfg = load_model_config(args.model)
     batch = _batch(spec, args.batch, args.size)
     inputs = {m: batch[m] for m in spec.modality_names}
-    total = args.warmup + args.steps
-    cfg = _train_cfg(args.model, 0, args.batch, total)
-
-    def timed(step_fn) -> float:
-        for _ in range(args.warmup):
-            step_fn()
-        t0 = time.perf_counter()
-        for _ in range(args.steps):
-            step_fn()
-        return (time.perf_counter() - t0) / args.steps
-
+    cfg = _train_cfg(args.model, 0, args.batch, args.warmup + args.steps)
     torch.manual_seed(0)
-    model = FusionSegmenter(spec, mcfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.optim.warmup_steps))
-
-    def plain():
-        loss = F.cross_entropy(model(inputs), batch["label"], ignore_index=0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-        opt.step()
-        sched.step()
-
+    plain = _plain_step(FusionSegmenter(spec, mcfg), batch, cfg)
     init_distributed()
     torch.manual_seed(0)
     engine = create_engine(FusionSegmenter(spec, mcfg), cfg, 1)
@@ -88,8 +104,8 @@ def overhead(args) -> dict:
 
     results = {}
     for rnd in range(args.rounds):  # interleaved rounds: both loops see the same machine load
-        results.setdefault("plain_ms", []).append(1000 * timed(plain))
-        results.setdefault("deepspeed_ms", []).append(1000 * timed(ds))
+        results.setdefault("plain_ms", []).append(1000 * _timed(plain, args.warmup, args.steps))
+        results.setdefault("deepspeed_ms", []).append(1000 * _timed(ds, args.warmup, args.steps))
     p, d = min(results["plain_ms"]), min(results["deepspeed_ms"])
     return {"model": mcfg.name, "batch": args.batch, "size": args.size, "plain_ms": round(p, 2),
             "deepspeed_ms": round(d, 2), "overhead_pct": round(100 * (d / p - 1), 1), "rounds": results,
@@ -143,20 +159,37 @@ def _cli(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "c2seg.cli", *args], cwd=ROOT, env=env, check=True)
 
 
+def _demo_prep(prep: Path, size: str, tile: int) -> Path:
+    """The prepared AB-like demo cities at ``prep``: generated (scenes ``size`` = HxW, into ``prep``'s
+    sibling ``data``) and prepared (``tile`` px tiles, half-tile stride) unless already there."""
+    spec_file = ROOT / "configs/datasets/demo_ab.yaml"
+    data = prep.parent / "data"
+    if not (prep / "manifest.json").is_file():
+        _cli("data", "generate", "--spec", str(spec_file), "--data-root", str(data), "--size", size, "--seed", "0")
+        _cli("data", "prep", "--spec", str(spec_file), "--data-root", str(data), "--out", str(prep),
+             "--set", f"tile_size={tile}", "--set", f"stride={tile // 2}",
+             "--set", f"val_block_size={2 * tile}", "--set", "val_fraction=0.25")
+    return prep
+
+
+def _train(cmd: str, config: str, run_dir: Path, steps: int, extra: list[str]) -> dict[str, float] | None:
+    """A ``steps``-step training run through the real CLI (``--set`` overrides ``extra`` last), validated and
+    checkpointed at its end; for a finetune run, its final target-city val mIoU / OA / macro-F1 / kappa."""
+    _cli("train", cmd, "--config", config, "--set", f"output_dir={run_dir}", "--set", f"steps={steps}",
+         "--set", f"finetune.eval_every={steps}", "--set", f"checkpoint_every={steps}",
+         "--set", f"optim.warmup_steps={max(1, steps // 10)}", *extra)
+    if cmd != "finetune":
+        return None
+    last = json.loads((run_dir / "val_metrics.jsonl").read_text().splitlines()[-1])
+    return {k: round(last[k], 4) for k in ("miou", "oa", "macro_f1", "kappa")}
+
+
 def crosscity(args) -> dict:
     """Target-city scores of three systems at the same step budget (``2 x steps``), in one go:
     source-only with pooled normalisation (the baseline), source-only with per-city standardisation,
     and the full system (per-city standardisation, pretrain ``steps`` + adapted finetune ``steps``)."""
     out = Path(args.out)
-    spec_file = ROOT / "configs/datasets/demo_ab.yaml"
-    data, prep = out / "data", out / "prep"
-    h, w = args.size.split("x")
-    if not (prep / "manifest.json").is_file():
-        _cli("data", "generate", "--spec", str(spec_file), "--data-root", str(data), "--size", f"{h}x{w}",
-             "--seed", "0")
-        _cli("data", "prep", "--spec", str(spec_file), "--data-root", str(data), "--out", str(prep),
-             "--set", f"tile_size={args.tile}", "--set", f"stride={args.tile // 2}",
-             "--set", f"val_block_size={2 * args.tile}", "--set", "val_fraction=0.25")
+    prep = _demo_prep(out / "prep", args.size, args.tile)
     common = ["--set", f"data.prep_dir={prep}", "--set", "tracking.enabled=false", "--set", f"model={args.model}",
               "--set", f"data.batch_size={args.batch}", "--resume", "auto"]
     per_city = ["--set", "data.normalization=per_city"]
@@ -173,18 +206,99 @@ def crosscity(args) -> dict:
         if args.only and name not in args.only:
             continue
         t0 = time.perf_counter()
-        _cli("train", cmd, "--config", config, *common, "--set", f"output_dir={out / name}", "--set", f"steps={steps}",
-             "--set", f"finetune.eval_every={steps}", "--set", f"checkpoint_every={steps}",
-             "--set", f"optim.warmup_steps={max(1, steps // 10)}", *extra,
-             *[a for o in args.override for a in ("--set", o)])
+        scores = _train(cmd, config, out / name, steps, [*common, *extra, *_overrides(args)])
         result[f"{name}_s"] = round(time.perf_counter() - t0, 1)
-        if cmd == "finetune":
-            last = json.loads((out / name / "val_metrics.jsonl").read_text().splitlines()[-1])
-            result[name] = {k: round(last[k], 4) for k in ("miou", "oa", "macro_f1", "kappa")}
+        if scores is not None:
+            result[name] = scores
     base = result.get("source_only_pooled", {}).get("miou")
     for name in ("source_only_per_city", "adapted"):
         if base is not None and name in result:
             result[f"{name}_miou_gain"] = round(result[name]["miou"] - base, 4)
+    return result
+
+
+def _overrides(args) -> list[str]:
+    return [a for o in args.override for a in ("--set", o)]
+
+
+FUSIONS = ("joint", "cross")
+
+
+def _fusion_cost(args, spec, mcfg) -> dict:
+    """Parameters, forward FLOPs per tile and plain training step time (min over interleaved rounds) of
+    each fusion mode, with modality dropout off so every step sees all G tokens per location."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from train.models import FusionSegmenter
+
+    cfg = _train_cfg(args.model, 0, args.batch, 10 ** 6)
+    batches = {tile: _batch(spec, args.batch, tile) for tile in args.tiles}
+    models, steps = {}, {}
+    for mode in FUSIONS:
+        torch.manual_seed(0)
+        models[mode] = FusionSegmenter(spec, dataclasses.replace(mcfg, fusion=mode, modality_dropout=0.0))
+        for tile in args.tiles:
+            steps[mode, tile] = _plain_step(models[mode], batches[tile], cfg)
+    result = {"tiles": args.tiles, **{mode: {"parameters": sum(p.numel() for p in m.parameters())}
+                                      for mode, m in models.items()}}
+    for mode, model in models.items():
+        model.eval()
+        for tile in args.tiles:
+            tile_in = {m: t for m, t in _batch(spec, 1, tile).items() if m != "label"}
+            # the math SDPA kernel is made of counted matmuls; the fused CPU kernel is not counted
+            with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+                model(tile_in)
+            result[mode][f"gflops_{tile}"] = round(counter.get_total_flops() / 1e9, 3)
+            encoder = counter.get_flop_counts()[f"{type(model).__name__}.backbone.encoder"]
+            result[mode][f"encoder_gflops_{tile}"] = round(sum(encoder.values()) / 1e9, 3)
+        model.train()
+    for _ in range(args.rounds):  # interleaved: every mode and tile size sees the same machine load
+        for tile in args.tiles:
+            for mode in FUSIONS:
+                ms = 1000 * _timed(steps[mode, tile], args.warmup, args.timed_steps)
+                result[mode].setdefault(f"step_ms_{tile}_rounds", []).append(round(ms, 1))
+    for mode in FUSIONS:
+        for tile in args.tiles:
+            result[mode][f"step_ms_{tile}"] = min(result[mode][f"step_ms_{tile}_rounds"])
+    return result
+
+
+def _fusion_accuracy(args, mcfg_data: dict) -> dict:
+    """Target val scores of source-only fine-tuning (configs/train/source_only_demo.yaml) per fusion mode."""
+    out = Path(args.out).resolve()
+    prep = _demo_prep(Path(args.prep).resolve(), args.scene_size, args.tile)
+    result = {}
+    for mode in FUSIONS:
+        model_file = out / f"model_{mode}.yaml"
+        model_file.parent.mkdir(parents=True, exist_ok=True)
+        model_file.write_text(yaml.safe_dump({**mcfg_data, "fusion": mode}, sort_keys=False))
+        t0 = time.perf_counter()
+        result[mode] = _train("finetune", "configs/train/source_only_demo.yaml", out / mode, args.steps,
+                              ["--set", f"model={model_file}", "--set", f"data.prep_dir={prep}",
+                               "--set", "tracking.enabled=false", "--set", f"data.batch_size={args.batch}",
+                               "--resume", "auto", *_overrides(args)])
+        result[mode]["train_s"] = round(time.perf_counter() - t0, 1)
+    return result
+
+
+def fusion(args) -> dict:
+    """Joint attention vs per-location fusion + cross-attention: cost and / or accuracy (``--parts``)."""
+    from c2seg.spec import load_spec
+    from train.config import model_config_from_dict
+    from train.models import FusionBackbone
+
+    spec = load_spec(args.spec)
+    mcfg_data = yaml.safe_load(Path(args.model).read_text())
+    mcfg = model_config_from_dict(mcfg_data, source=args.model)
+    with torch.device("meta"):
+        groups = sum(e.groups for e in FusionBackbone(spec, mcfg).embeds.values())
+    result = {"model": mcfg.name, "spec": spec.name, "tokens_per_location": groups, "batch": args.batch,
+              "threads": torch.get_num_threads()}
+    if "cost" in args.parts:
+        result["cost"] = _fusion_cost(args, spec, mcfg)
+    if "accuracy" in args.parts:
+        result["accuracy"] = {**_fusion_accuracy(args, mcfg_data), "steps": args.steps}
     return result
 
 
@@ -205,6 +319,21 @@ def report(what: str, r: dict) -> None:
         for name in ("source_only_pooled", "source_only_per_city", "adapted"):
             if name in r:
                 figure("train", f"target mIoU, {name}", 100 * r[name]["miou"], "%", f"OA {100 * r[name]['oa']:.1f} %")
+    elif what == "fusion":
+        note = f"{r['model']}, G = {r['tokens_per_location']}"
+        cost = r.get("cost", {})
+        for mode in FUSIONS:
+            if mode in cost:
+                figure("train", f"{mode} fusion parameters", cost[mode]["parameters"] / 1e6, "M", note)
+                for tile in cost["tiles"]:
+                    figure("train", f"{mode} fusion forward FLOPs per {tile} px tile", cost[mode][f"gflops_{tile}"],
+                           "GFLOP", f"{note}, encoder {cost[mode][f'encoder_gflops_{tile}']:.3g} GFLOP")
+                    figure("train", f"{mode} fusion train step, batch {r['batch']} x {tile} px",
+                           cost[mode][f"step_ms_{tile}"], "ms", f"{note}, {r['threads']} threads")
+            acc = r.get("accuracy", {}).get(mode)
+            if acc:
+                figure("train", f"{mode} fusion target mIoU, source-only", 100 * acc["miou"], "%",
+                       f"{r['accuracy']['steps']} steps, OA {100 * acc['oa']:.1f} %")
 
 
 def main() -> None:
@@ -227,8 +356,24 @@ def main() -> None:
     sub.choices["crosscity"].add_argument("--only", nargs="+", default=None,
                                           help="run only these of source_only_pooled, source_only_per_city, "
                                           "pretrain, adapted")
-    sub.choices["crosscity"].add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
-                                          help="extra `--set KEY=VALUE` for every training run")
+    fus = sub.add_parser("fusion")
+    for p in (sub.choices["crosscity"], fus):
+        p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                       help="extra `--set KEY=VALUE` for every training run")
+    fus.add_argument("--spec", default=str(ROOT / "configs/datasets/demo_ab.yaml"))
+    fus.add_argument("--model", default=str(ROOT / "configs/models/demo.yaml"))
+    fus.add_argument("--batch", type=int, default=8)
+    fus.add_argument("--parts", nargs="+", choices=("cost", "accuracy"), default=["cost", "accuracy"])
+    fus.add_argument("--tiles", nargs="+", type=int, default=[64, 128], help="cost: tile sizes (px)")
+    fus.add_argument("--rounds", type=int, default=3, help="cost: interleaved timing rounds (min is reported)")
+    fus.add_argument("--timed-steps", type=int, default=5, help="cost: timed steps per round")
+    fus.add_argument("--warmup", type=int, default=2, help="cost: untimed steps per round")
+    fus.add_argument("--steps", type=int, default=300, help="accuracy: fine-tuning steps per mode")
+    fus.add_argument("--prep", default="runs/xc/prep",
+                     help="accuracy: prepared AB-like demo cities (created if missing, as crosscity does)")
+    fus.add_argument("--scene-size", default="256x384", help="accuracy: HxW of generated cities if --prep is missing")
+    fus.add_argument("--tile", type=int, default=64, help="accuracy: tile size if --prep is missing")
+    fus.add_argument("--out", default="runs/bench_fusion", help="accuracy: run folders and model files")
     args = parser.parse_args()
     if args.what is None:  # run_all: overhead in this process, ZeRO memory under 2 ranks
         steps = ["--steps", "8", "--rounds", "2"] if args.quick else []
@@ -236,9 +381,9 @@ def main() -> None:
         _run_self(["memory", "--model", str(ROOT / ("configs/models/tiny.yaml" if args.quick else
                                                      "configs/models/small.yaml")), "--size", "32"], ranks=2)
         return
-    if args.what != "crosscity":
+    if args.what in ("overhead", "memory"):
         args.size = int(args.size)
-    result = {"overhead": overhead, "memory": memory, "crosscity": crosscity}[args.what](args)
+    result = {"overhead": overhead, "memory": memory, "crosscity": crosscity, "fusion": fusion}[args.what](args)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(result, indent=1))
         report(args.what, result)

@@ -93,3 +93,23 @@ def test_per_city_model_exports_and_infers_with_city_statistics(tiny_spec, tiny_
     fresh = infer_city(unknown, tiny_spec, target, tmp_path / "unknown", cfg)[0]
     with rasterio.open(per_city.probabilities) as a, rasterio.open(fresh.probabilities) as b:
         np.testing.assert_allclose(a.read(), b.read(), atol=1e-4)
+
+
+def test_class_balanced_pseudo_labels_keep_every_predicted_class():
+    """With pseudo_class_keep, the most confident share of each predicted class counts as confident even
+    when no pixel reaches the threshold; without it the threshold alone decides."""
+    from train.finetune import confident_pixels
+
+    g = torch.Generator().manual_seed(0)
+    pseudo = torch.randint(1, 4, (2, 16, 16), generator=g)
+    conf = torch.rand(2, 16, 16, generator=g) * 0.5  # an uncalibrated teacher: nothing above 0.9
+    assert not confident_pixels(pseudo, conf, 0.9).any()
+    sure = confident_pixels(pseudo, conf, 0.9, class_keep=0.25)
+    for c in (1, 2, 3):
+        of_class = pseudo == c
+        share = float(sure[of_class].float().mean())
+        assert 0.2 < share < 0.3, (c, share)
+        kept, dropped = conf[of_class & sure], conf[of_class & ~sure]
+        assert kept.min() >= dropped.max(), "the kept pixels are the class's most confident"
+    conf[0, 0, 0] = 0.95
+    assert confident_pixels(pseudo, conf, 0.9, class_keep=0.25)[0, 0, 0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,11 @@ from train.models import FusionSegmenter, MaskedPretrainer
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = load_model_config(ROOT / "configs/models/tiny.yaml")
+FUSIONS = pytest.mark.parametrize("fusion", ["joint", "cross"])
+
+
+def _cfg(fusion: str, **changes) -> ModelConfig:
+    return dataclasses.replace(TINY, fusion=fusion, **changes)
 
 
 @pytest.fixture(scope="module")
@@ -27,9 +33,10 @@ def _inputs(spec, b=2, h=32, w=40):
     return {m.name: torch.randn(b, m.bands, h, w, generator=g) for m in spec.modalities}
 
 
-def test_logits_at_input_resolution_for_any_size_and_subset(spec):
+@FUSIONS
+def test_logits_at_input_resolution_for_any_size_and_subset(spec, fusion):
     torch.manual_seed(0)
-    model = FusionSegmenter(spec, TINY).eval()
+    model = FusionSegmenter(spec, _cfg(fusion)).eval()
     x = _inputs(spec, h=30, w=45)  # not multiples of the patch size
     assert model(x).shape == (2, spec.num_logits, 30, 45)
     for subset in (["msi"], ["hsi", "sar"], ["sar"]):
@@ -59,12 +66,44 @@ def test_wavelength_embedding_transfers_between_band_sets():
     assert out.shape[-2:] == (16, 16)
 
 
-def test_modality_dropout_keeps_every_parameter_in_the_graph(spec):
+@FUSIONS
+def test_modality_dropout_keeps_every_parameter_in_the_graph(spec, fusion):
     torch.manual_seed(0)
-    cfg = ModelConfig(**{**TINY.__dict__, "modality_dropout": 0.99})
-    model = FusionSegmenter(spec, cfg).train()
+    model = FusionSegmenter(spec, _cfg(fusion, modality_dropout=0.99)).train()
     model(_inputs(spec)).sum().backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+@FUSIONS
+def test_gradient_reaches_every_parameter_and_checkpointing_does_not_change_it(spec, fusion):
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = FusionSegmenter(spec, _cfg(fusion, modality_dropout=0.0, activation_checkpointing=checkpointing))
+        model.train()(_inputs(spec)).square().mean().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+    assert [n for n, g in grads[0].items() if g is None or not g.abs().sum() > 0] == []
+    assert all(torch.allclose(grads[0][n], grads[1][n], atol=1e-6) for n in grads[0])
+
+
+@FUSIONS
+def test_fused_features_depend_on_every_modality_there_and_elsewhere(spec, fusion):
+    """Changing one modality at one location changes the fused features there and, through attention,
+    elsewhere."""
+    torch.manual_seed(0)
+    model = FusionSegmenter(spec, _cfg(fusion)).eval()
+    x = _inputs(spec)
+    base = model.backbone(x)
+    for name in x:
+        changed = {**x, name: x[name].clone()}
+        changed[name][..., :8, :8] += 1.0  # the top-left patch only
+        diff = (model.backbone(changed) - base).abs().sum(dim=(0, 1))
+        assert diff[0, 0] > 0 and diff[1:, 1:].sum() > 0
+
+
+def test_masked_pretraining_refuses_cross_fusion(spec):
+    with pytest.raises(ValueError, match="implemented for fusion: joint"):
+        MaskedPretrainer(spec, _cfg("cross"), PretrainConfig())
 
 
 def test_pretraining_reconstructs_a_fully_hidden_modality(spec):
@@ -94,6 +133,19 @@ def test_zoo_parameter_counts_on_the_meta_device(name, low, high):
     total = count_parameters(ROOT / f"configs/models/{name}.yaml",
                              load_spec(ROOT / "configs/datasets/c2seg_ab.yaml"))["total"]
     assert low <= total <= high
+
+
+@pytest.mark.parametrize("name", ["tiny", "base"])
+def test_cross_fusion_adds_a_local_block_and_one_cross_attention_per_block(name, tmp_path):
+    path = tmp_path / f"{name}.yaml"
+    path.write_text((ROOT / f"configs/models/{name}.yaml").read_text() + "\nfusion: cross\n")
+    spec = load_spec(ROOT / "configs/datasets/c2seg_ab.yaml")
+    joint, cross = count_parameters(ROOT / f"configs/models/{name}.yaml", spec), count_parameters(path, spec)
+    cfg = load_model_config(path)
+    d, hidden = cfg.embed_dim, int(cfg.embed_dim * cfg.mlp_ratio)
+    block = 4 * d * d + 4 * d + 2 * d * hidden + hidden + d + 4 * d  # attention, MLP, two LayerNorms
+    extra = block + 2 * d + cfg.depth * (4 * d * d + 4 * d + 2 * d)  # + context norm, per block q/kv/proj + norm
+    assert cross["total"] - joint["total"] == cross["encoder"] - joint["encoder"] == extra
 
 
 def test_model_config_rejects_unknown_keys_and_bad_values(tmp_path):

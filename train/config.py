@@ -29,6 +29,11 @@ class ModelConfig:
     qkv_bias: bool = True
     modality_dropout: float = 0.3  # training: probability of dropping one whole modality from a batch
     activation_checkpointing: bool = False
+    # joint: all G*N modality / spectral-group tokens attend jointly in `depth` blocks, then are averaged per
+    # location. cross: the G tokens of each location attend among themselves and are averaged into one token
+    # per location, then `depth` blocks of self-attention over the N fused tokens + cross-attention to all G*N
+    # tokens (attention cost ~G x lower). Masked pretraining supports joint only.
+    fusion: Literal["joint", "cross"] = "joint"
 
     def __post_init__(self) -> None:
         if self.embed_dim % self.num_heads:
@@ -39,6 +44,25 @@ class ModelConfig:
             raise ValueError(f"patch_size must be a power of two, got {self.patch_size}")
         if not 0 <= self.modality_dropout < 1:
             raise ValueError("modality_dropout must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class RadiometricConfig:
+    """Radiometric augmentation of training tiles (:mod:`train.augment`): each tile, with chance ``prob``,
+    gets an illumination gain and spectral tilt, a haze offset (in the modality's units at 450 nm) on its
+    optical modalities, and a calibration offset on its dB modalities. ``prob`` 0 turns it off."""
+
+    prob: float = 0.0
+    gain: tuple[float, float] = (0.75, 1.1)
+    tilt_per_1000nm: float = 0.2
+    haze_450nm: float = 500.0
+    db_offset: float = 3.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.prob <= 1:
+            raise ValueError("data.radiometric.prob must be in [0, 1]")
+        if not 0 < self.gain[0] <= self.gain[1]:
+            raise ValueError("data.radiometric.gain must be [low, high] with 0 < low <= high")
 
 
 @dataclass(frozen=True)
@@ -57,6 +81,7 @@ class DataConfig:
     # statistics (removes per-city gain / offset shifts; the model then needs the statistics of any city it
     # is run on, which exported models carry for the prepared cities)
     normalization: Literal["pooled", "per_city"] = "pooled"
+    radiometric: RadiometricConfig = field(default_factory=RadiometricConfig)  # training tiles only
 
 
 @dataclass(frozen=True)
@@ -128,11 +153,19 @@ class FinetuneConfig:
     # mask: pixels below pseudo_threshold are ignored; fraction (DAFormer): every pixel keeps its
     # pseudo-label and the target loss of a tile is weighted by its fraction of pixels above the threshold
     pseudo_weighting: Literal["mask", "fraction"] = "mask"
+    # class-balanced selection (CBST): in each batch, the most confident pseudo_class_keep share of the pixels
+    # predicted as each class also counts as confident, whatever pseudo_threshold says, so an uncalibrated early
+    # teacher still teaches and no class is left out; None: pseudo_threshold alone decides
+    pseudo_class_keep: float | None = None
     adapt_weight: float = 1.0
     adapt_warmup_steps: int = 0  # no target loss before this step
     mix: Literal["classmix", "none"] = "classmix"
     eval_every: int = 50
     eval_batches: int | None = None  # per rank; None: the whole val split
+
+    def __post_init__(self) -> None:
+        if self.pseudo_class_keep is not None and not 0 < self.pseudo_class_keep <= 1:
+            raise ValueError("finetune.pseudo_class_keep must be in (0, 1]")
 
 
 @dataclass(frozen=True)
@@ -177,5 +210,5 @@ def load_train_config(path: str | Path, overrides: dict[str, Any] | None = None)
     return cfg
 
 
-__all__ = ["ModelConfig", "DataConfig", "OptimConfig", "DeepSpeedConfig", "TrackingConfig", "PretrainConfig",
+__all__ = ["ModelConfig", "RadiometricConfig", "DataConfig", "OptimConfig", "DeepSpeedConfig", "TrackingConfig", "PretrainConfig",
            "FinetuneConfig", "TrainConfig", "load_model_config", "load_train_config", "model_config_from_dict"]

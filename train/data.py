@@ -10,6 +10,8 @@ from typing import Any
 import torch
 
 from c2seg.spec import DatasetSpec, load_spec
+from train.augment import RadiometricJitter, jittered
+from train.config import RadiometricConfig
 from train.tracking import file_hash
 
 
@@ -34,17 +36,24 @@ class CityStandardizer:
         return out
 
 
-class _MappedLoader:
-    """A loader whose batches pass through ``fn`` (keeps ``len``)."""
+class _Batches:
+    """A loader's batches through the radiometric jitter (if any), then per-city standardisation (if
+    any); keeps ``len``."""
 
-    def __init__(self, loader: Iterable, fn: Callable[[dict], dict]) -> None:
-        self.loader, self.fn = loader, fn
+    def __init__(self, loader: Iterable, jitter: RadiometricJitter | None, seed: list[int],
+                 standardizer: CityStandardizer | None) -> None:
+        self.loader, self.jitter, self.seed, self.standardizer = loader, jitter, seed, standardizer
 
     def __len__(self) -> int:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        return (self.fn(b) for b in self.loader)
+        batches: Iterable[dict[str, torch.Tensor]] = self.loader
+        if self.jitter is not None:
+            batches = jittered(batches, self.jitter, self.seed)
+        if self.standardizer is not None:
+            batches = map(self.standardizer, batches)
+        return iter(batches)
 
 
 class PreparedData:
@@ -73,11 +82,20 @@ class PreparedData:
             meta["city_normalization"] = self.manifest.city_normalization()
         return meta
 
-    def loader(self, split: str, cities: Iterable[str], **kwargs: Any) -> Iterable[dict[str, torch.Tensor]]:
+    def loader(self, split: str, cities: Iterable[str], radiometric: RadiometricConfig | None = None,
+               **kwargs: Any) -> Iterable[dict[str, torch.Tensor]]:
+        """``data_prep.loaders.make_wds_loader`` (``kwargs``) of ``split``; tiles get the radiometric
+        augmentation ``radiometric`` (when its ``prob`` > 0), then this run's normalisation."""
         from data_prep.loaders import make_wds_loader
 
         loader = make_wds_loader(self.prep_dir, split, cities=list(cities), **kwargs)
-        return loader if self.standardizer is None else _MappedLoader(loader, self.standardizer)
+        jitter = None
+        if radiometric is not None and radiometric.prob > 0:
+            jitter = RadiometricJitter(self.spec, self.normalization, radiometric)
+        if jitter is None and self.standardizer is None:
+            return loader
+        seed = [kwargs.get("seed", 0), kwargs.get("epoch", 0), kwargs.get("rank", 0), 1]
+        return _Batches(loader, jitter, seed, self.standardizer)
 
 
 def batch_stream(make_loader: Callable[[int], Iterable], batches_per_epoch: int,

@@ -58,6 +58,19 @@ def predict_classes(logits: torch.Tensor, scored: torch.Tensor) -> tuple[torch.T
     return scored[idx], conf
 
 
+def confident_pixels(pseudo: torch.Tensor, conf: torch.Tensor, threshold: float,
+                     class_keep: float | None = None) -> torch.Tensor:
+    """Pixels whose pseudo-label counts as confident: confidence >= ``threshold`` or, with ``class_keep``,
+    among the ``class_keep`` most confident share of the pixels predicted as the same class (CBST)."""
+    sure = conf >= threshold
+    if class_keep is not None:
+        for c in pseudo.unique():
+            of_class = pseudo == c
+            cut = torch.quantile(conf[of_class].float(), 1 - class_keep)
+            sure |= of_class & (conf >= cut)
+    return sure
+
+
 def classmix(src: dict[str, torch.Tensor], src_label: torch.Tensor, tgt: dict[str, torch.Tensor],
              pseudo: torch.Tensor, ignore_id: int) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
     """Paste the pixels of a random half of each source tile's classes onto the paired target tile;
@@ -113,17 +126,18 @@ class FinetuneTask:
         self.dtype, self.device = engine_dtype(self.cfg), engine.device
         self.scored = self.scored.to(engine.device)
 
-        def loader(cities):
-            return lambda epoch: self.data.loader(
-                "train", cities, batch_size=d.batch_size, num_workers=d.num_workers, rank=engine.global_rank,
-                world_size=engine.world_size, city_weights={c: 1.0 / len(cities) for c in cities},
-                augment=d.augment, batches_per_epoch=d.batches_per_epoch, seed=self.cfg.seed, epoch=epoch)
+        def stream(cities, radiometric):
+            def loader(epoch):
+                return self.data.loader(
+                    "train", cities, radiometric=radiometric, batch_size=d.batch_size, num_workers=d.num_workers,
+                    rank=engine.global_rank, world_size=engine.world_size,
+                    city_weights={c: 1.0 / len(cities) for c in cities}, augment=d.augment,
+                    batches_per_epoch=d.batches_per_epoch, seed=self.cfg.seed, epoch=epoch)
+            return rng_isolated(batch_stream(loader, d.batches_per_epoch, first_batch))
 
-        def stream(cities):
-            return rng_isolated(batch_stream(loader(cities), d.batches_per_epoch, first_batch))
-
-        self.source_stream = stream(self.sources)
-        self.target_stream = stream(self.targets) if self.ft.adapt and self.targets else None
+        # source tiles get the radiometric augmentation; target tiles stay as the teacher must see them
+        self.source_stream = stream(self.sources, d.radiometric)
+        self.target_stream = stream(self.targets, None) if self.ft.adapt and self.targets else None
         if self.ft.adapt and self.teacher is None:
             self.teacher = self._copy(full_state_dict(engine))
         elif self.teacher is not None:
@@ -150,7 +164,7 @@ class FinetuneTask:
         with torch.no_grad():
             teacher_in = {k: v.float() for k, v in tgt_in.items()}
             pseudo, conf = predict_classes(self.teacher(teacher_in), self.scored)
-            sure = conf >= self.ft.pseudo_threshold
+            sure = confident_pixels(pseudo, conf, self.ft.pseudo_threshold, self.ft.pseudo_class_keep)
             if self.ft.pseudo_weighting == "mask":
                 pseudo = torch.where(sure, pseudo, torch.full_like(pseudo, ignore))
                 weight = torch.ones_like(conf)

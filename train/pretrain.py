@@ -30,10 +30,10 @@ class PretrainTask:
         weights = {c: 1.0 / len(self.cities) for c in self.cities}  # every city drawn equally often
 
         def make(epoch: int):
-            return self.data.loader("train", self.cities, batch_size=d.batch_size, num_workers=d.num_workers,
-                                    rank=engine.global_rank, world_size=engine.world_size, city_weights=weights,
-                                    augment=d.augment, batches_per_epoch=d.batches_per_epoch, seed=self.cfg.seed,
-                                    epoch=epoch)
+            return self.data.loader("train", self.cities, radiometric=d.radiometric, batch_size=d.batch_size,
+                                    num_workers=d.num_workers, rank=engine.global_rank, world_size=engine.world_size,
+                                    city_weights=weights, augment=d.augment, batches_per_epoch=d.batches_per_epoch,
+                                    seed=self.cfg.seed, epoch=epoch)
 
         self.stream = rng_isolated(batch_stream(make, d.batches_per_epoch, first_batch))
         self.dtype = engine_dtype(self.cfg)

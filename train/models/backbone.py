@@ -1,9 +1,12 @@
 """The fusion backbone: every present modality's tokens, with position, modality and spectral-group
-embeddings, attend jointly in one shared transformer encoder.
+embeddings, are fused by one shared transformer encoder into one token per location.
 
-Joint attention (rather than per-location fusion + cross-attention) lets any token see every
-modality at every location; a missing modality is simply absent from the token sequence, so the
-same weights serve any subset of modalities.
+``fusion: joint``: all G*N tokens (G modality / group tokens at each of N locations) attend jointly
+(:class:`TransformerEncoder`), so any token sees every modality at every location. ``fusion: cross``:
+per-location fusion, then self-attention over N fused tokens + cross-attention to the G*N tokens
+(:class:`CrossFusionEncoder`). Accuracy and cost of both: ``python benchmarks/bench_train.py fusion``.
+In both, a missing modality is simply absent from the token set, so the same weights serve any subset of
+modalities.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from torch import nn
 
 from c2seg.spec import DatasetSpec
 from train.config import ModelConfig
+from train.models.cross_fusion import CrossFusionEncoder
 from train.models.embed import SpectralPatchEmbed, sincos_pos_embed
 from train.models.encoder import TransformerEncoder
 
@@ -24,8 +28,9 @@ class FusionBackbone(nn.Module):
         self.modalities = spec.modality_names
         self.embeds = nn.ModuleDict({m.name: SpectralPatchEmbed(m, cfg) for m in spec.modalities})
         self.modality_embed = nn.Parameter(torch.randn(len(self.modalities), cfg.embed_dim) * 0.02)
-        self.encoder = TransformerEncoder(cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias,
-                                          cfg.activation_checkpointing)
+        encoder = CrossFusionEncoder if cfg.fusion == "cross" else TransformerEncoder
+        self.encoder = encoder(cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.mlp_ratio, cfg.qkv_bias,
+                               cfg.activation_checkpointing)
 
     def present(self, inputs: dict[str, torch.Tensor]) -> list[str]:
         """The model's modalities found in ``inputs``, in spec order."""
@@ -47,17 +52,18 @@ class FusionBackbone(nn.Module):
         return tokens
 
     def forward(self, inputs: dict[str, torch.Tensor], drop: str | None = None) -> torch.Tensor:
-        """Fused features (B, D, H/p, W/p): the encoder output averaged over the modality and group tokens
-        of each location. ``drop`` (training): a modality left out of the sequence; it is still embedded
-        (zero-weighted) so every rank runs the same modules in the same order with the same parameters
-        used, which ZeRO-3 gathering and data-parallel reduction rely on."""
+        """Fused features (B, D, H/p, W/p), one per location. ``drop`` (training): a modality left out of the
+        tokens; it is still embedded (zero-weighted) so every rank runs the same modules in the same order with
+        the same parameters used, which ZeRO-3 gathering and data-parallel reduction rely on."""
         names = self.present(inputs)
         tokens = self.embed(inputs, names)
         unused = tokens.pop(drop).sum() * 0.0 if drop is not None else None
-        b, _, n, d = next(iter(tokens.values())).shape
-        seq = torch.cat([t.reshape(b, -1, d) for t in tokens.values()], dim=1)
-        out = self.encoder(seq)
-        fused = out.view(b, -1, n, d).mean(dim=1)
+        stacked = torch.cat(list(tokens.values()), dim=1)  # (B, G, N, D)
+        b, g, n, d = stacked.shape
+        if self.cfg.fusion == "cross":
+            fused = self.encoder(stacked)
+        else:  # joint attention over all G*N tokens, then the mean over the G tokens of each location
+            fused = self.encoder(stacked.reshape(b, g * n, d)).view(b, g, n, d).mean(dim=1)
         if unused is not None:
             fused = fused + unused
         x = inputs[names[0]]

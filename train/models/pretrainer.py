@@ -23,6 +23,10 @@ from train.models.encoder import TransformerEncoder, init_weights
 class MaskedPretrainer(nn.Module):
     def __init__(self, spec: DatasetSpec, cfg: ModelConfig, pre: PretrainConfig) -> None:
         super().__init__()
+        if cfg.fusion != "joint":
+            raise ValueError(f"masked pretraining is implemented for fusion: joint; model '{cfg.name}' has fusion: "
+                             f"{cfg.fusion}, whose per-location fusion needs every token of a location: finetune it "
+                             "from scratch, or use fusion: joint to pretrain")
         self.cfg, self.pre = cfg, pre
         self.backbone = FusionBackbone(spec, cfg)
         dd = pre.decoder_dim

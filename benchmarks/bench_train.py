@@ -4,11 +4,11 @@ overhead  DeepSpeed engine step time vs a plain PyTorch loop (same model, batch,
           LR schedule), 1 process:          python benchmarks/bench_train.py overhead --model configs/models/tiny.yaml
 memory    per-rank bytes of parameters + optimizer state for ZeRO 0/1/2/3 (run under 2 ranks):
           torchrun --nproc_per_node 2 benchmarks/bench_train.py memory --model configs/models/small.yaml
-crosscity target-city mIoU / OA / kappa at the same step budget on generated AB-like cities, through the
-          real CLIs: source-only (pooled normalisation), source-only + per-city standardisation, and
-          pretrain + per-city standardisation + mean-teacher adaptation:
-          python benchmarks/bench_train.py crosscity --out runs/bench_crosscity --size 256x384 --steps 150 \
-              --model configs/models/demo.yaml
+crosscity target-city mIoU / OA / kappa at the same fine-tuning step count on generated AB-like cities,
+          through the real CLIs: source-only (pooled normalisation), source-only + per-city
+          standardisation, per-city + mean-teacher adaptation from scratch and from a pretrained encoder:
+          python benchmarks/bench_train.py crosscity --out runs/bench_crosscity --size 256x384 --steps 300 \
+              --model configs/models/demo.yaml [--seeds 0 1 2]
 fusion    joint attention vs per-location fusion + cross-attention (model `fusion`) on the AB-like spec
           (G = 6 tokens per location): parameters, plain training step time and forward FLOPs per tile
           (cost), and target mIoU after source-only fine-tuning through the real CLI (accuracy):
@@ -185,35 +185,45 @@ def _train(cmd: str, config: str, run_dir: Path, steps: int, extra: list[str]) -
 
 
 def crosscity(args) -> dict:
-    """Target-city scores of three systems at the same step budget (``2 x steps``), in one go:
-    source-only with pooled normalisation (the baseline), source-only with per-city standardisation,
-    and the full system (per-city standardisation, pretrain ``steps`` + adapted finetune ``steps``)."""
+    """Target-city scores at the same number of fine-tuning steps (``--steps``) through the real CLIs, per
+    seed: source-only with pooled normalisation (the baseline users run today), source-only with per-city
+    standardisation, per-city + mean-teacher adaptation (configs/train/finetune_demo.yaml) from scratch, and
+    the same from an encoder pretrained ``steps / 2`` extra steps. An adaptation step also runs the teacher
+    and a second (mixed target) batch: the ``*_s`` wall times show the compute each arm took."""
     out = Path(args.out)
     prep = _demo_prep(out / "prep", args.size, args.tile)
     common = ["--set", f"data.prep_dir={prep}", "--set", "tracking.enabled=false", "--set", f"model={args.model}",
               "--set", f"data.batch_size={args.batch}", "--resume", "auto"]
     per_city = ["--set", "data.normalization=per_city"]
-    runs = {  # name: (command, config, steps, overrides)
-        "source_only_pooled": ("finetune", "configs/train/source_only_demo.yaml", 2 * args.steps,
-                               ["--set", "data.normalization=pooled"]),
-        "source_only_per_city": ("finetune", "configs/train/source_only_demo.yaml", 2 * args.steps, per_city),
-        "pretrain": ("pretrain", "configs/train/pretrain_demo.yaml", args.steps, per_city),
-        "adapted": ("finetune", "configs/train/finetune_demo.yaml", args.steps,
-                    [*per_city, "--set", f"init_from={out / 'pretrain'}"]),
-    }
-    result = {}
-    for name, (cmd, config, steps, extra) in runs.items():
-        if args.only and name not in args.only:
-            continue
-        t0 = time.perf_counter()
-        scores = _train(cmd, config, out / name, steps, [*common, *extra, *_overrides(args)])
-        result[f"{name}_s"] = round(time.perf_counter() - t0, 1)
-        if scores is not None:
-            result[name] = scores
-    base = result.get("source_only_pooled", {}).get("miou")
-    for name in ("source_only_per_city", "adapted"):
-        if base is not None and name in result:
-            result[f"{name}_miou_gain"] = round(result[name]["miou"] - base, 4)
+    adapt = [*per_city, "--set", f"finetune.adapt_warmup_steps={args.steps // 2}"]
+    result: dict = {"steps": args.steps, "seeds": args.seeds}
+    for seed in args.seeds:
+        runs = {  # name: (command, config, steps, overrides)
+            "source_only_pooled": ("finetune", "configs/train/source_only_demo.yaml", args.steps,
+                                   ["--set", "data.normalization=pooled"]),
+            "source_only_per_city": ("finetune", "configs/train/source_only_demo.yaml", args.steps, per_city),
+            "adapted": ("finetune", "configs/train/finetune_demo.yaml", args.steps, [*adapt, "--set", "init_from=null"]),
+            "pretrain": ("pretrain", "configs/train/pretrain_demo.yaml", args.steps // 2, per_city),
+            "pretrained_adapted": ("finetune", "configs/train/finetune_demo.yaml", args.steps,
+                                   [*adapt, "--set", f"init_from={out / f'pretrain_seed{seed}'}"]),
+        }
+        for name, (cmd, config, steps, extra) in runs.items():
+            if args.only and name not in args.only:
+                continue
+            t0 = time.perf_counter()
+            scores = _train(cmd, config, out / f"{name}_seed{seed}", steps,
+                            [*common, "--set", f"seed={seed}", *extra, *_overrides(args)])
+            result.setdefault(f"{name}_s", []).append(round(time.perf_counter() - t0, 1))
+            if scores is not None:
+                result.setdefault(name, []).append(scores)
+    for name in ("source_only_pooled", "source_only_per_city", "adapted", "pretrained_adapted"):
+        if name in result:
+            result[f"{name}_mean"] = {k: round(sum(r[k] for r in result[name]) / len(result[name]), 4)
+                                      for k in ("miou", "oa", "macro_f1", "kappa")}
+    base = result.get("source_only_pooled_mean", {}).get("miou")
+    for name in ("source_only_per_city", "adapted", "pretrained_adapted"):
+        if base is not None and f"{name}_mean" in result:
+            result[f"{name}_miou_gain"] = round(result[f"{name}_mean"]["miou"] - base, 4)
     return result
 
 
@@ -316,9 +326,11 @@ def report(what: str, r: dict) -> None:
                 figure("train", f"ZeRO-{row['zero']} params+optimizer per rank ({r['world_size']} ranks)",
                        row["total_mb"], "MB", f"{r['model']}, {r['parameters'] / 1e6:.1f} M params")
     elif what == "crosscity":
-        for name in ("source_only_pooled", "source_only_per_city", "adapted"):
-            if name in r:
-                figure("train", f"target mIoU, {name}", 100 * r[name]["miou"], "%", f"OA {100 * r[name]['oa']:.1f} %")
+        for name in ("source_only_pooled", "source_only_per_city", "adapted", "pretrained_adapted"):
+            if f"{name}_mean" in r:
+                m = r[f"{name}_mean"]
+                figure("train", f"target mIoU, {name} ({r['steps']} steps)", 100 * m["miou"], "%",
+                       f"OA {100 * m['oa']:.1f} %, seeds {r['seeds']}, {sum(r[f'{name}_s']):.0f} s")
     elif what == "fusion":
         note = f"{r['model']}, G = {r['tokens_per_location']}"
         cost = r.get("cost", {})
@@ -350,12 +362,15 @@ def main() -> None:
     sub.choices["overhead"].add_argument("--steps", type=int, default=20)
     sub.choices["overhead"].add_argument("--warmup", type=int, default=3)
     sub.choices["overhead"].add_argument("--rounds", type=int, default=3)
+    sub.choices["crosscity"].set_defaults(size="256x384", model=str(ROOT / "configs/models/demo.yaml"))
     sub.choices["crosscity"].add_argument("--out", default="runs/bench_crosscity")
-    sub.choices["crosscity"].add_argument("--steps", type=int, default=200)
+    sub.choices["crosscity"].add_argument("--steps", type=int, default=300)
+    sub.choices["crosscity"].add_argument("--seeds", type=int, nargs="+", default=[0],
+                                          help="training seeds; scores are reported per seed and averaged")
     sub.choices["crosscity"].add_argument("--tile", type=int, default=64)
     sub.choices["crosscity"].add_argument("--only", nargs="+", default=None,
                                           help="run only these of source_only_pooled, source_only_per_city, "
-                                          "pretrain, adapted")
+                                          "adapted, pretrain, pretrained_adapted")
     fus = sub.add_parser("fusion")
     for p in (sub.choices["crosscity"], fus):
         p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",

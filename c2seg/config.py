@@ -7,6 +7,7 @@ mapping and fails with a :class:`ConfigError` naming the source file and the dot
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -111,6 +112,9 @@ def from_dict(cls: type[T], data: Any, source: str = "<config>", path: str = "")
     return obj
 
 
+_YAML11_FLOAT = re.compile(r"^[-+]?[0-9]+(\.[0-9]*)?[eE][-+]?[0-9]+$")
+
+
 def _coerce(tp: Any, value: Any, source: str, path: str) -> Any:
     origin = get_origin(tp)
     args = get_args(tp)
@@ -149,8 +153,12 @@ def _coerce(tp: Any, value: Any, source: str, path: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
         kt, vt = args if args else (Any, Any)
+        if kt is int:  # JSON records (job.json, manifest) store integer keys as strings
+            value = {int(k) if isinstance(k, str) and k.lstrip("-").isdigit() else k: v for k, v in value.items()}
         return {_coerce(kt, k, source, f"{path}.{k}"): _coerce(vt, v, source, f"{path}.{k}") for k, v in value.items()}
     if tp is float:
+        if isinstance(value, str) and _YAML11_FLOAT.match(value):  # YAML 1.1 reads 3e-4 as a string
+            return float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         return float(value)

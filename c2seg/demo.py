@@ -1,7 +1,7 @@
 """``c2seg demo``: the whole pipeline on generated cities, on this machine, through the stage CLIs.
 
-generate -> inspect -> prep -> pretrain -> finetune (adapted) and finetune (source only) -> export
--> infer on the target city -> evaluate, then a table of target-city metrics. Each step is skipped
+generate -> inspect -> prep -> pretrain -> finetune (source only; adapted from scratch; adapted from the
+pretrained encoder) -> export -> infer on the target city -> evaluate, then a table of target-city metrics. Each step is skipped
 when its output already exists, and training resumes, so an interrupted demo continues where it
 stopped. The same CLIs are what the SLURM job scripts call.
 """
@@ -44,7 +44,8 @@ class DemoConfig:
 def register(stages: argparse._SubParsersAction) -> None:
     parser = stages.add_parser(
         "demo", help="run the whole pipeline locally on generated demo cities (the README's main command)",
-        description="generate -> inspect -> prep -> pretrain -> finetune (adapted / source only) -> export -> "
+        description="generate -> inspect -> prep -> pretrain -> finetune (source only / adapted from scratch / "
+        "adapted from the pretrained encoder) -> export -> "
         "infer -> evaluate on generated AB-like cities, tracked in the local MLflow store. Steps whose "
         "outputs exist are skipped; training resumes.",
     )
@@ -97,19 +98,19 @@ def run_demo(args: argparse.Namespace) -> int:
     run.step("prep", ["data", "prep", *spec_args, "--config", cfg.prep_config, "--out", str(prep_dir),
                       "--workers", "2"], done=prep_dir / "manifest.json")
     run.step("verify", ["data", "verify", "--out", str(prep_dir)])
-    runs = {
-        "pretrain": (cfg.pretrain_config, ["train", "pretrain"]),
-        "adapted": (cfg.finetune_config, ["train", "finetune"]),
-        "source_only": (cfg.source_only_config, ["train", "finetune"]),
+    runs = {  # name: (config, command, init_from)
+        "pretrain": (cfg.pretrain_config, ["train", "pretrain"], None),
+        "source_only": (cfg.source_only_config, ["train", "finetune"], None),
+        "adapted": (cfg.finetune_config, ["train", "finetune"], None),
+        "pretrained_adapted": (cfg.finetune_config, ["train", "finetune"], out / "train" / "pretrain"),
     }
-    for name, (config, command) in runs.items():
-        overrides = ["--set", f"data.prep_dir={prep_dir}", "--set", f"output_dir={out / 'train' / name}"]
-        if name == "adapted":
-            overrides += ["--set", f"init_from={out / 'train' / 'pretrain'}"]
+    for name, (config, command, init_from) in runs.items():
+        overrides = ["--set", f"data.prep_dir={prep_dir}", "--set", f"output_dir={out / 'train' / name}",
+                     "--set", f"tracking.run_name={name}", "--set", f"init_from={init_from or 'null'}"]
         run.step(name, [*command, "--config", config, "--resume", "auto", *overrides],
                  done=out / "train" / name / "COMPLETED")
     metrics = {}
-    for name in ("source_only", "adapted"):
+    for name in ("source_only", "adapted", "pretrained_adapted"):
         model = models_dir / f"{name}.pt"
         run.step(f"export {name}", ["train", "export", "--run-dir", str(out / "train" / name), "--out", str(model)],
                  done=model)

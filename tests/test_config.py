@@ -51,6 +51,10 @@ def test_load_config_with_overrides(tmp_path):
     key, value = parse_override("optim.lr=0.5")
     run = load_config(Run, path, {key: value})
     assert run.optim.lr == 0.5
+    key, value = parse_override("optim.lr=3e-4")  # YAML 1.1 reads an exponent without a dot as a string
+    assert load_config(Run, path, {key: value}).optim.lr == 3e-4
+    path.write_text("name: a\noptim: {lr: 1e-3}\n")
+    assert load_config(Run, path).optim.lr == 1e-3
     path.write_text("name: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(Run, path)

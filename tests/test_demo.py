@@ -27,7 +27,7 @@ infer_window: 64
     run = subprocess.run(env_cmd, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "source_only" in run.stdout and "adapted" in run.stdout and "mIoU" in run.stdout
-    for name in ("source_only", "adapted"):
+    for name in ("source_only", "adapted", "pretrained_adapted"):
         city = tmp_path / "out" / "predictions" / name / "synth_target"
         metrics = json.loads((city / "metrics.json").read_text())
         assert 0.0 <= metrics["miou"] <= 1.0 and len(metrics["per_class"]) == 13
@@ -37,4 +37,4 @@ infer_window: 64
     # a rerun finds every step done (training COMPLETED, models exported) and only re-scores
     again = subprocess.run(env_cmd, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "[pretrain] skipped" in again.stderr and "[adapted] skipped" in again.stderr
+    assert all(f"[{n}] skipped" in again.stderr for n in ("pretrain", "adapted", "pretrained_adapted"))

@@ -1,8 +1,9 @@
 """``c2seg train finetune``: supervised segmentation on source labels plus mean-teacher adaptation
 on the target city's unlabelled train tiles (DAFormer-style): an EMA teacher labels target tiles,
-its confident pixels become pseudo-labels (``pseudo_weighting: mask``) or every pixel does, each tile's
-loss weighted by its share of confident pixels (``fraction``), and ClassMix pastes half of each source
-tile's classes onto a target tile (pasted pixels weigh 1). Validation on the target city's labelled
+its confident pixels (above ``pseudo_threshold``, or with ``pseudo_class_keep`` the most confident share
+of each predicted class, CBST) become pseudo-labels (``pseudo_weighting: mask``) or every pixel does, each
+tile's loss weighted by its share of confident pixels (``fraction``), and ClassMix pastes half of each
+source tile's classes onto a target tile (pasted pixels weigh 1). Validation on the target city's labelled
 val split: mIoU, OA, macro-F1, kappa, per-class IoU (c2seg.metrics), logged with a confusion-matrix
 plot and prediction previews."""
 

@@ -86,3 +86,16 @@ cities: [{name: chip_train, role: source, format: tiles, files: {root: train}},
     spec = load_spec(path, data_root=tmp_path)
     assert spec.modality_names == ("s1", "s2") and spec.num_logits == 3
     assert spec.resolve(spec.city("chip_train"), "root") == (tmp_path / "train").resolve()
+
+
+@pytest.mark.parametrize("path", SPECS, ids=lambda p: p.stem)
+def test_spec_survives_the_json_records(path):
+    """Prep stores the spec in job.json / manifest.json, where integer keys (label_remap codes) become
+    strings: reading it back gives the same spec."""
+    import json
+
+    from c2seg.spec import spec_from_dict
+
+    spec = load_spec(path)
+    again = spec_from_dict(json.loads(json.dumps(spec.to_dict())), source="manifest.json")
+    assert again.to_dict() == spec.to_dict() and again.spec_hash == spec.spec_hash

@@ -25,11 +25,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.report import figure  # noqa: E402
+from c2seg.cli import parse_size  # noqa: E402
 
-
-def _size(text: str) -> tuple[int, int]:
-    h, _, w = text.partition("x")
-    return int(h), int(w or h)
 
 
 def _peak_rss_mib() -> float:
@@ -42,17 +39,15 @@ def _peak_rss_mib() -> float:
 
 def _export_random(spec, model_yaml: Path, path: Path) -> Path:
     """An exported model file (c2seg-model/1) with random weights and unit normalisation."""
-    import torch
-    import yaml
-
-    from train.config import model_config_from_dict
+    from c2seg.config import to_dict
+    from train.config import load_model_config
+    from train.export import save_exported
     from train.models import FusionSegmenter
 
-    cfg = yaml.safe_load(model_yaml.read_text())
-    model = FusionSegmenter(spec, model_config_from_dict(cfg))
+    cfg = load_model_config(model_yaml)
+    model = FusionSegmenter(spec, cfg)
     norm = {m.name: {"mean": [0.0] * m.bands, "std": [1000.0] * m.bands} for m in spec.modalities}
-    torch.save({"format": "c2seg-model/1", "model_config": cfg, "spec": spec.to_dict(), "state_dict": model.state_dict(),
-                "normalization": norm, "modalities": list(spec.modality_names), "tile_size": 128, "step": 0}, path)
+    save_exported(path, to_dict(cfg), spec.to_dict(), model.state_dict(), norm, spec.modality_names, 128)
     return path
 
 
@@ -100,7 +95,7 @@ def _throughput(args, work: Path) -> dict:
     from inference.windows import window_grid
     from train.export import load_exported
 
-    h, w = _size(args.size)
+    h, w = parse_size(args.size)
     spec = generate_dataset(load_spec(ROOT / "configs/datasets/demo_ab.yaml", data_root=work / "data"), h, w,
                             seed=0, fmt="geotiff")
     model_path = _export_random(spec, Path(args.model), work / "model.pt")

@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.report import figure  # noqa: E402
+from c2seg.cli import parse_size  # noqa: E402
 from c2seg.spec import DatasetSpec, load_spec  # noqa: E402
 from data_prep.manifest import finalize  # noqa: E402
 from data_prep.prep import run_prep  # noqa: E402
@@ -30,10 +31,6 @@ from data_prep.synth import generate_dataset  # noqa: E402
 
 AB_SPEC = ROOT / "configs/datasets/demo_ab.yaml"
 
-
-def parse_size(text: str) -> tuple[int, int]:
-    h, _, w = text.partition("x")
-    return int(h), int(w or h)
 
 
 def generated_cities(spec_path: str | Path, data_root: Path, size: tuple[int, int]) -> DatasetSpec:

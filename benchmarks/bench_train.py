@@ -25,13 +25,16 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, get_args
 
 import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from c2seg.config import load_yaml  # noqa: E402  (after the path insert)
+from train.config import Fusion  # noqa: E402
 
 
 def _batch(spec, b: int, size: int) -> dict[str, torch.Tensor]:
@@ -202,7 +205,8 @@ def crosscity(args) -> dict:
             "source_only_pooled": ("finetune", "configs/train/source_only_demo.yaml", args.steps,
                                    ["--set", "data.normalization=pooled"]),
             "source_only_per_city": ("finetune", "configs/train/source_only_demo.yaml", args.steps, per_city),
-            "adapted": ("finetune", "configs/train/finetune_demo.yaml", args.steps, [*adapt, "--set", "init_from=null"]),
+            "adapted": ("finetune", "configs/train/finetune_demo.yaml", args.steps,
+                        [*adapt, "--set", "init_from=null"]),
             "pretrain": ("pretrain", "configs/train/pretrain_demo.yaml", args.steps // 2, per_city),
             "pretrained_adapted": ("finetune", "configs/train/finetune_demo.yaml", args.steps,
                                    [*adapt, "--set", f"init_from={out / f'pretrain_seed{seed}'}"]),
@@ -231,7 +235,7 @@ def _overrides(args) -> list[str]:
     return [a for o in args.override for a in ("--set", o)]
 
 
-FUSIONS = ("joint", "cross")
+FUSIONS = get_args(Fusion)
 
 
 def _fusion_cost(args, spec, mcfg) -> dict:
@@ -299,7 +303,7 @@ def fusion(args) -> dict:
     from train.models import FusionBackbone
 
     spec = load_spec(args.spec)
-    mcfg_data = yaml.safe_load(Path(args.model).read_text())
+    mcfg_data = load_yaml(args.model)
     mcfg = model_config_from_dict(mcfg_data, source=args.model)
     with torch.device("meta"):
         groups = sum(e.groups for e in FusionBackbone(spec, mcfg).embeds.values())

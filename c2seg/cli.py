@@ -9,10 +9,20 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import re
 import sys
 from pathlib import Path
 
 STAGES = ("data_prep.cli", "train.cli", "inference.cli", "slurm.cli", "c2seg.demo")
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """``HEIGHTxWIDTH`` (or ``N`` for N x N) as an argparse type."""
+    match = re.fullmatch(r"(\d+)(?:x(\d+))?", text.strip())
+    if not match:
+        raise argparse.ArgumentTypeError(f"size '{text}' must look like HEIGHTxWIDTH (e.g. 256x384) or N")
+    h = int(match.group(1))
+    return h, int(match.group(2) or h)
 
 
 def add_spec_args(parser: argparse.ArgumentParser, required: bool = True) -> None:

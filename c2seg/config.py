@@ -22,13 +22,28 @@ class ConfigError(ValueError):
     """A config file holds an unknown key, a missing key or an impossible value."""
 
 
+class _SafeLoader(yaml.SafeLoader):
+    """The safe loader, reading floats as YAML 1.2 does: ``3e-4`` is a number (YAML 1.1 wants ``3.0e-4``)."""
+
+
+_SafeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def safe_load(text: str) -> Any:
+    """``yaml.safe_load`` with YAML 1.2 exponent floats; the only YAML reader of the project."""
+    return yaml.load(text, Loader=_SafeLoader)
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping with the safe loader; a clear error for a missing or malformed file."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     if data is None:
@@ -80,7 +95,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ConfigError(f"override '{text}' must look like key.path=value")
     key, raw = text.split("=", 1)
-    return key.strip(), yaml.safe_load(raw)
+    return key.strip(), safe_load(raw)
 
 
 def from_dict(cls: type[T], data: Any, source: str = "<config>", path: str = "") -> T:
@@ -110,9 +125,6 @@ def from_dict(cls: type[T], data: Any, source: str = "<config>", path: str = "")
             raise
         raise ConfigError(f"{where or source}: {exc}") from exc
     return obj
-
-
-_YAML11_FLOAT = re.compile(r"^[-+]?[0-9]+(\.[0-9]*)?[eE][-+]?[0-9]+$")
 
 
 def _coerce(tp: Any, value: Any, source: str, path: str) -> Any:
@@ -157,8 +169,6 @@ def _coerce(tp: Any, value: Any, source: str, path: str) -> Any:
             value = {int(k) if isinstance(k, str) and k.lstrip("-").isdigit() else k: v for k, v in value.items()}
         return {_coerce(kt, k, source, f"{path}.{k}"): _coerce(vt, v, source, f"{path}.{k}") for k, v in value.items()}
     if tp is float:
-        if isinstance(value, str) and _YAML11_FLOAT.match(value):  # YAML 1.1 reads 3e-4 as a string
-            return float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         return float(value)

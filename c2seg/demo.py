@@ -1,9 +1,10 @@
 """``c2seg demo``: the whole pipeline on generated cities, on this machine, through the stage CLIs.
 
 generate -> inspect -> prep -> pretrain -> finetune (source only; adapted from scratch; adapted from the
-pretrained encoder) -> export -> infer on the target city -> evaluate, then a table of target-city metrics. Each step is skipped
-when its output already exists, and training resumes, so an interrupted demo continues where it
-stopped. The same CLIs are what the SLURM job scripts call.
+pretrained encoder) -> export -> infer on the target city -> evaluate, then a table of target-city metrics.
+Generation, prep, training and export are skipped when their outputs exist and training resumes, so an
+interrupted demo continues where it stopped; inference and scoring run again. The same CLIs are what
+the SLURM job scripts call.
 """
 
 from __future__ import annotations
@@ -84,7 +85,6 @@ def run_demo(args: argparse.Namespace) -> int:
     from c2seg.spec import load_spec
 
     spec = load_spec(cfg.spec, data_root=cfg.data_root)
-    source = spec.cities_with_role("source")[0].name
     target = spec.cities_with_role("target")[0].name
     prep_dir, models_dir, pred_dir = out / "prep", out / "models", out / "predictions"
     run = _Runner()
@@ -131,9 +131,10 @@ def _report(out: Path, target: str, metrics: dict, pred_dir: Path, total: float,
     print(f"\nDemo finished in {total / 60:.1f} min. Step times: "
           + ", ".join(f"{n} {t:.0f}s" for n, t in timings))
     print(f"\nTarget city '{target}' (never seen with labels in training):")
-    print(f"  {'model':<14}{'mIoU':>8}{'OA':>8}{'macro-F1':>10}{'kappa':>8}")
+    width = max(len("model"), *map(len, metrics)) + 2
+    print(f"  {'model':<{width}}{'mIoU':>8}{'OA':>8}{'macro-F1':>10}{'kappa':>8}")
     for name, m in metrics.items():
-        print(f"  {name:<14}{100 * m['miou']:>7.1f}%{100 * m['oa']:>7.1f}%{100 * m['macro_f1']:>9.1f}%"
+        print(f"  {name:<{width}}{100 * m['miou']:>7.1f}%{100 * m['oa']:>7.1f}%{100 * m['macro_f1']:>9.1f}%"
               f"{m['kappa']:>8.3f}")
     adapted = pred_dir / "adapted" / target
     print("\nOutputs:")

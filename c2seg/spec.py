@@ -227,6 +227,24 @@ class DatasetSpec:
                 return c.name
         return f"class {class_id}"
 
+    def class_lut(self):
+        """(256, 3) uint8 colour lookup table of the class ids (other ids black), for quicklooks and previews."""
+        import numpy as np
+
+        lut = np.zeros((256, 3), np.uint8)
+        for c in self.classes:
+            lut[c.id] = c.rgb
+        return lut
+
+    def rgb_bands(self) -> tuple[str, list[int]]:
+        """Modality and three band indices for an RGB view: MSI red/green/blue by wavelength, else the first
+        modality with wavelengths, else the first bands of the first modality (repeated if fewer than 3)."""
+        m = sorted(self.modalities, key=lambda m: (m.name != "msi", m.wavelengths_nm is None))[0]
+        if m.wavelengths_nm is not None and m.bands >= 3:
+            return m.name, [min(range(m.bands), key=lambda i: abs(m.wavelengths_nm[i] - target))
+                            for target in (660, 560, 485)]
+        return m.name, [min(i, m.bands - 1) for i in range(3)]
+
     def resolve(self, city: City, key: str) -> Path:
         """Absolute path of ``city.files[key]`` under the data root."""
         if key not in city.files:

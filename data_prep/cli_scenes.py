@@ -4,23 +4,16 @@ from __future__ import annotations
 
 import argparse
 import logging
-import re
 from pathlib import Path
+from typing import get_args
 
 import yaml
 
-from c2seg.cli import add_spec_args, spec_from_args
+from c2seg.cli import add_spec_args, parse_size, spec_from_args
+from c2seg.spec import SceneFormat
 
 log = logging.getLogger("c2seg.data")
-FORMATS = ("mat_v5", "mat_v73", "geotiff", "tiles")
-
-
-def _size(text: str) -> tuple[int, int]:
-    match = re.fullmatch(r"(\d+)(?:x(\d+))?", text.strip())
-    if not match:
-        raise argparse.ArgumentTypeError(f"size '{text}' must look like HEIGHTxWIDTH (e.g. 256x384) or N")
-    h = int(match.group(1))
-    return h, int(match.group(2) or h)
+FORMATS = get_args(SceneFormat)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -32,7 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "data root; deterministic by seed. Cities whose files exist are kept unless --overwrite.",
     )
     add_spec_args(gen)
-    gen.add_argument("--size", type=_size, default=(256, 384), metavar="HxW",
+    gen.add_argument("--size", type=parse_size, default=(256, 384), metavar="HxW",
                      help="city size in grid pixels, e.g. 256x384 (default: %(default)s)")
     gen.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     gen.add_argument("--format", choices=FORMATS, default=None,

@@ -64,17 +64,6 @@ class CitySummary:
         return data
 
 
-def rgb_bands(spec: DatasetSpec) -> tuple[str, list[int]]:
-    """Modality and three band indices for an RGB view: MSI red/green/blue by wavelength, else the first
-    modality with wavelengths, else the first bands of the first modality (repeated if fewer than 3)."""
-    mods = sorted(spec.modalities, key=lambda m: (m.name != "msi", m.wavelengths_nm is None))
-    m = mods[0]
-    if m.wavelengths_nm is not None and m.bands >= 3:
-        lam = np.asarray(m.wavelengths_nm)
-        return m.name, [int(np.abs(lam - target).argmin()) for target in (660, 560, 485)]
-    return m.name, [min(i, m.bands - 1) for i in range(3)]
-
-
 def _stretch(rgb: np.ndarray) -> np.ndarray:
     """(3, h, w) -> (h, w, 3) in [0, 1] with a 2-98 percentile stretch per channel."""
     out = np.empty(rgb.shape[1:] + (3,), np.float32)
@@ -84,18 +73,11 @@ def _stretch(rgb: np.ndarray) -> np.ndarray:
     return out
 
 
-def _palette(spec: DatasetSpec) -> np.ndarray:
-    pal = np.zeros((256, 3), np.uint8)
-    for c in spec.classes:
-        pal[c.id] = c.rgb
-    return pal
-
-
 class _Quicklook:
     """Collects a subsampled RGB and label view of a city while its windows are read."""
 
     def __init__(self, spec: DatasetSpec, scenes: list[Scene]) -> None:
-        self.modality, self.bands = rgb_bands(spec)
+        self.modality, self.bands = spec.rgb_bands()
         self.tiled = len(scenes) > 1
         self.scenes = scenes[:QUICKLOOK_TILES] if self.tiled else scenes
         first = scenes[0]
@@ -132,7 +114,7 @@ class _Quicklook:
         axes[0, 0].imshow(_stretch(self.rgb), interpolation="nearest")
         axes[0, 0].set_title(f"{self.modality} bands {[b + 1 for b in self.bands]} (2-98 % stretch)")
         if labelled:
-            axes[0, 1].imshow(_palette(spec)[self.label], interpolation="nearest")
+            axes[0, 1].imshow(spec.class_lut()[self.label], interpolation="nearest")
             axes[0, 1].set_title("label")
             handles = [Patch(color=np.array(c.rgb) / 255, label=f"{c.id} {c.name}") for c in spec.classes
                        if summary.class_pixels.get(c.id)]

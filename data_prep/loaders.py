@@ -106,19 +106,33 @@ def _one_thread():
         torch.set_num_threads(n)
 
 
+def _free_refcount() -> int:
+    """``sys.getrefcount`` of a buffer nothing else holds, seen from the loop in :meth:`_BatchMemory.empty`
+    (the list, the loop name, the call argument: measured, as interpreters count differently)."""
+    for buf in [bytearray(1)]:
+        return sys.getrefcount(buf)
+    raise AssertionError
+
+
 class _BatchMemory:
     """Reusable float32 batch memory. A fresh allocation of a batch page-faults on first touch, which
     costs about as much as filling it; so a buffer is handed out again once no tensor or view of it
-    is left (each tensor made by ``torch.frombuffer`` holds a reference to its buffer)."""
+    is left (each tensor made by ``torch.frombuffer`` holds a reference to its buffer). In a DataLoader
+    worker, batches go to shared memory instead: a batch sent to the main process is moved there anyway,
+    and filling it there directly saves that copy."""
+
+    FREE = _free_refcount()
 
     def __init__(self, keep: int = 6) -> None:
         self.keep = keep
         self.buffers: list[bytearray] = []
 
     def empty(self, shape: tuple[int, ...]) -> torch.Tensor:
+        if get_worker_info() is not None:
+            return torch.empty(shape).share_memory_()
         nbytes = 4 * math.prod(shape)
         for buf in self.buffers:
-            if len(buf) == nbytes and sys.getrefcount(buf) == 3:  # the list, the loop name, the call argument
+            if len(buf) == nbytes and sys.getrefcount(buf) == self.FREE:
                 return torch.frombuffer(buf, dtype=torch.float32).view(shape)
         buf = bytearray(nbytes)
         if len(self.buffers) >= self.keep:
@@ -281,18 +295,13 @@ def make_wds_loader(prep_dir: str | Path, split: str, *, cities: list[str] | Non
                       multiprocessing_context="spawn" if num_workers else None)
 
 
-def _runs(slots: np.ndarray) -> list[list[int]]:
-    """Sorted ``slots`` cut into runs of consecutive values."""
-    cuts = np.flatnonzero(np.diff(slots) != 1) + 1
-    return [part.tolist() for part in np.split(slots, cuts)] if len(slots) else []
-
-
 class ZarrTileDataset(Dataset):
     """Random access to the kept tiles of ``split`` in ``dataset.zarr`` (same sample dict as the shards,
     without the batch dimension); ``augment`` draws a random rot90 / flip per item.
 
-    ``__getitems__`` (used by DataLoader's batch sampler) reads a whole batch with one zarr call per
-    city and array, so the chunks are fetched and decoded concurrently, and normalises it at once."""
+    ``__getitems__`` (used by DataLoader's batch sampler) reads a batch with one zarr call per array and
+    run of consecutive slots of a city (shuffled batches: mostly one tile per call), and normalises it at
+    once."""
 
     def __init__(self, prep_dir: str | Path, split: str, cities: list[str] | None = None,
                  augment: bool = False) -> None:
@@ -329,6 +338,8 @@ class ZarrTileDataset(Dataset):
 
     def __getitems__(self, indices: list[int]) -> list[dict[str, torch.Tensor]]:
         """The items at ``indices``, read and normalised as one batch."""
+        from data_prep.zarr_store import consecutive_runs  # zarr only loads where this dataset is used
+
         by_city: dict[str, list[int]] = {}
         for i in indices:
             city, slot = self.index[i]
@@ -336,7 +347,9 @@ class ZarrTileDataset(Dataset):
         stored: dict[tuple[str, int], StoredTile] = {}
         for city, slots in by_city.items():
             arrays = self._city_arrays(city)
-            for run in _runs(np.unique(slots)):  # one read per run of consecutive slots
+            slots = np.unique(slots).tolist()
+            for a, b in consecutive_runs(slots):  # one read per run of consecutive slots
+                run = slots[a:b]
                 data = {name: arr[run[0]:run[-1] + 1] for name, arr in arrays.items()}
                 for j, slot in enumerate(run):
                     stored[city, slot] = ({m: data[m][j] for m in self.assemble.modalities},

@@ -164,20 +164,26 @@ def _max_rel_error(stored: np.ndarray, values: np.ndarray) -> float:
     return worst
 
 
-def _to_store(values: np.ndarray, dtype: str, modality: str, where: str) -> tuple[np.ndarray, float]:
-    """``values`` cast to the stored dtype, and the largest relative error of the cast."""
-    if dtype == "float32":
+def _to_store(values: np.ndarray, dtype: str, modality: str, where: str,
+              parts: list[tuple[slice, slice]]) -> tuple[np.ndarray, float]:
+    """``values`` (C, h, w) cast to the stored dtype (once, whole), and the largest relative error of the
+    cast; only the pixels of ``parts`` (the kept tiles' windows) are stored, so only they must fit the
+    dtype and count in the error."""
+    if dtype == "float32" or not parts:
         return values, 0.0
+    views = [values[:, rs, cs] for rs, cs in parts]
+    lo, hi = min(float(v.min()) for v in views), max(float(v.max()) for v in views)
     if dtype == "uint16":
-        if values.min() < 0 or values.max() > 65535 or not np.array_equal(values, np.round(values)):
+        if lo < 0 or hi > 65535 or not all(np.array_equal(v, np.round(v)) for v in views):
             raise ValueError(f"{where}: modality '{modality}' holds values that are not integers in 0..65535, "
                              f"so store_dtypes.{modality}: uint16 would lose them (use float16 or float32)")
         return values.astype(np.uint16), 0.0
-    if values.size and max(-float(values.min()), float(values.max())) > FLOAT16_MAX:
+    if max(-lo, hi) > FLOAT16_MAX:
         raise ValueError(f"{where}: modality '{modality}' holds values beyond the float16 range (|v| > 65504); "
                          f"set store_dtypes.{modality}: float32")
-    stored = values.astype(np.float16)
-    return stored, _max_rel_error(stored, values) if values.size else 0.0
+    with np.errstate(over="ignore"):  # out-of-range values can only lie in pixels that are not stored
+        stored = values.astype(np.float16)
+    return stored, max(_max_rel_error(stored[:, rs, cs], values[:, rs, cs]) for rs, cs in parts)
 
 
 def _run_tiles(job: Job, city: str, split: str, k: int) -> dict:
@@ -199,19 +205,22 @@ def _run_tiles(job: Job, city: str, split: str, k: int) -> dict:
         rows = tiles[tiles[:, 0] == scene_idx]
         r0, c0 = rows[:, 1].min(), rows[:, 2].min()
         box = Window(int(r0), int(c0), int(rows[:, 1].max() + t - r0), int(rows[:, 2].max() + t - c0))
-        block, nodata = {}, np.zeros((box.height, box.width), bool)
+        raw = {m.name: scene.read(m.name, box) for m in spec.modalities}
+        nodata = np.zeros((box.height, box.width), bool)
         for m in spec.modalities:
-            values = scene.read(m.name, box)
-            nodata |= nodata_mask(values, fill_value(m))
-            block[m.name], err = _to_store(values, cfg.store_dtypes[m.name], m.name, str(scene.path))
-            max_err[m.name] = max(max_err[m.name], err)
-        label = scene.read_label(box) if sp.labelled else None
+            nodata |= nodata_mask(raw[m.name], fill_value(m))
         slot0 = start + int(np.flatnonzero(tiles[:, 0] == scene_idx)[0])
-        for j, (_, r, c) in enumerate(rows):
-            slot, rs, cs = slot0 + j, slice(r - r0, r - r0 + t), slice(c - c0, c - c0 + t)
-            if nodata[rs, cs].mean() > cfg.max_nodata_fraction:
-                dropped += 1
-                continue
+        windows = [(slot0 + j, r, c, slice(r - r0, r - r0 + t), slice(c - c0, c - c0 + t))
+                   for j, (_, r, c) in enumerate(rows)]
+        keep = [w for w in windows if nodata[w[3], w[4]].mean() <= cfg.max_nodata_fraction]
+        dropped += len(windows) - len(keep)
+        block = {}
+        for m in spec.modality_names:
+            block[m], err = _to_store(raw.pop(m), cfg.store_dtypes[m], m, str(scene.path),
+                                      [(rs, cs) for *_, rs, cs in keep])
+            max_err[m] = max(max_err[m], err)
+        label = scene.read_label(box) if sp.labelled else None
+        for slot, r, c, rs, cs in keep:
             entries: dict = {}
             for m in spec.modality_names:
                 entries[f"{m}.npy"] = block[m][:, rs, cs]

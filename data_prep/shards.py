@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import mmap
 import os
 import tarfile
@@ -170,6 +169,3 @@ def read_shard(path: Path) -> Iterator[tuple[str, dict[str, bytes]]]:
     for key, entries in iter_samples(path):
         yield key, {s: bytes(v) for s, v in entries.items()}
 
-
-def sample_meta(entries: dict[str, bytes]) -> dict:
-    return json.loads(bytes(entries["json"]))

@@ -15,7 +15,7 @@ import zarr
 from tqdm import tqdm
 
 from data_prep.manifest import load_manifest
-from data_prep.shards import decode_npy, file_sha256, read_shard, sample_key
+from data_prep.shards import decode_npy, file_sha256, iter_samples, sample_key
 
 log = logging.getLogger("c2seg.prep")
 
@@ -66,7 +66,7 @@ def verify(prep_dir: str | Path, samples_per_shard: int = 2) -> list[str]:
 def _check_shard(path: Path, shard: dict, city: str, split: str, g, kept: set[int], in_shards: set[int],
                  samples_per_shard: int, modalities: tuple[str, ...], labelled: bool) -> list[str]:
     problems, count = [], 0
-    for key, entries in read_shard(path):
+    for key, entries in iter_samples(path):  # payloads stay views: only a few samples are decoded
         count += 1
         slot = int(key.rsplit("-", 1)[-1])
         if key != sample_key(city, split, slot) or slot not in kept:

@@ -8,6 +8,7 @@ split is labelled, ``windows`` ``(N, 4)`` int32 (row, col, height, width in the 
 from __future__ import annotations
 
 import fcntl
+from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -80,14 +81,20 @@ def _create_split(root, spec: DatasetSpec, cfg: PrepConfig, plan: CityPlan, sp: 
                     "tile_size": t})
 
 
-def write_tiles(out: Path, city: str, split: str, slots: list[int], tiles: dict[str, list[np.ndarray]]) -> None:
-    """Write tiles to their slots; runs of consecutive slots go in one call (each slot is one chunk)."""
-    g = zarr.open_group(group_path(out, city, split), mode="r+")
+def consecutive_runs(slots: Sequence[int]) -> list[tuple[int, int]]:
+    """``(a, b)`` index ranges of ``slots`` whose values ``slots[a:b]`` run consecutively (one zarr call each)."""
     runs, start = [], 0
     for i in range(1, len(slots) + 1):
         if i == len(slots) or slots[i] != slots[i - 1] + 1:
             runs.append((start, i))
             start = i
+    return runs
+
+
+def write_tiles(out: Path, city: str, split: str, slots: list[int], tiles: dict[str, list[np.ndarray]]) -> None:
+    """Write tiles to their slots; runs of consecutive slots go in one call (each slot is one chunk)."""
+    g = zarr.open_group(group_path(out, city, split), mode="r+")
+    runs = consecutive_runs(slots)
     for name, arrays in tiles.items():
         arr = g[name]
         for a, b in runs:

@@ -114,26 +114,11 @@ def evaluate(spec: DatasetSpec, pred: Path, truths: list[Truth]) -> dict:
 
 
 def plot_confusion(result: dict, spec: DatasetSpec, path: Path) -> Path:
-    """Row-normalised confusion matrix (truth rows, predicted columns, last column: no prediction)."""
-    import matplotlib
+    """The row-normalised confusion matrix of ``result`` as a PNG (:func:`train.plots.confusion_figure`)."""
+    from train.plots import confusion_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cm = np.asarray(result["confusion_matrix"], np.float64)
-    rows = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
-    names = [spec.class_name(c) for c in result["class_ids"]]
-    fig, ax = plt.subplots(figsize=(1.0 + 0.55 * len(names), 1.0 + 0.5 * len(names)))
-    im = ax.imshow(rows, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(len(names) + 1), names + ["no prediction"], rotation=60, ha="right", fontsize=7)
-    ax.set_yticks(range(len(names)), names, fontsize=7)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("truth")
-    ax.set_title(f"mIoU {100 * result['miou']:.1f}%  OA {100 * result['oa']:.1f}%", fontsize=9)
-    fig.colorbar(im, ax=ax, fraction=0.04)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    title = f"mIoU {100 * result['miou']:.1f}%  OA {100 * result['oa']:.1f}%"
+    confusion_figure(np.asarray(result["confusion_matrix"]), spec, title).savefig(path, dpi=110)
     return path
 
 

@@ -49,14 +49,7 @@ def write_quicklook(store: BlockStore, scene: Scene, spec: DatasetSpec, path: Pa
     import matplotlib.image
 
     step = max(1, -(-max(scene.height, scene.width) // max_px))
-    rows, cols = np.arange(0, scene.height, step), np.arange(0, scene.width, step)
-    small = np.zeros((len(rows), len(cols)), np.uint8)
-    for b in block_grid(scene.height, scene.width, store.block):
-        ri = rows[(rows >= b.row) & (rows < b.row + b.height)]
-        ci = cols[(cols >= b.col) & (cols < b.col + b.width)]
-        if len(ri) and len(ci):
-            block = store.classes[b.slices]
-            small[np.ix_(ri // step, ci // step)] = block[np.ix_(ri - b.row, ci - b.col)]
+    small = store.classes[::step, ::step]  # zarr reads chunk by chunk: memory stays bounded
     lut = np.zeros((256, 4), np.uint8)
     for cid, rgba in class_colormap(spec).items():
         lut[cid] = rgba

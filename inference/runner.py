@@ -61,9 +61,10 @@ def select_modalities(model_modalities: list[str], scene: Scene, requested: list
 def infer_scene(scene: Scene, predict: PredictFn, normalize: Normalize, modalities: list[str],
                 class_ids: tuple[int, ...], cfg: InferConfig, out_dir: Path, spec: DatasetSpec,
                 store_key: dict | None = None, rank: int = 0, world_size: int = 1,
-                overwrite: bool = False) -> SceneOutputs | None:
-    """Predict this rank's blocks of ``scene``; on rank 0 also wait for all blocks and write the outputs
-    under ``out_dir`` (returned). Other ranks return None."""
+                overwrite: bool = False, first_block: int = 0) -> SceneOutputs | None:
+    """Predict this rank's blocks of ``scene`` (block ``i`` goes to rank ``(first_block + i) % world_size``:
+    a city of many one-block tiles is spread over every rank); on rank 0 also wait for all blocks and write
+    the outputs under ``out_dir`` (returned). Other ranks return None."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -77,7 +78,7 @@ def infer_scene(scene: Scene, predict: PredictFn, normalize: Normalize, modaliti
                             rank=rank, timeout_s=cfg.wait_timeout_s)
     grid = window_grid(scene.height, scene.width, cfg.window, cfg.overlap)
     blocks = block_grid(scene.height, scene.width, cfg.block)
-    mine = [b for i, b in enumerate(blocks) if i % world_size == rank]
+    mine = [b for i, b in enumerate(blocks, first_block) if i % world_size == rank]
     todo = [b for b in mine if not store.is_done(b)]
     if len(todo) < len(mine):
         log.info("scene %s: resuming, %d of this rank's %d blocks already done", scene.name,
@@ -157,7 +158,7 @@ def infer_city(model_path: str | Path, spec: DatasetSpec, city: str, out: str | 
     dist = detect_env()
     task_index, num_tasks = array_task(task_index, num_tasks)
     device = pick_device(cfg.device)
-    if device.type == "cuda":
+    if device.type == "cuda" and device.index is None:  # one GPU per local rank unless one was named
         device = torch.device("cuda", dist.local_rank)
     model_path = Path(model_path)
     exported = load_exported(model_path, map_location=device)
@@ -177,11 +178,13 @@ def infer_city(model_path: str | Path, spec: DatasetSpec, city: str, out: str | 
              device, cfg.window, cfg.overlap, cfg.blend, cfg.tta, exported.normalization_mode)
     results = []
     out_dir = Path(out) / city
+    first_block = 0
     for scene in tqdm(mine, desc=f"infer {city}", unit="scene", disable=len(mine) < 2):
         with scene:
             used = select_modalities(exported.modalities, scene, modalities)
             res = infer_scene(scene, predictor, normalize, used, class_ids, cfg, out_dir, spec, store_key,
-                              dist.rank, dist.world_size, overwrite)
+                              dist.rank, dist.world_size, overwrite, first_block)
+        first_block += len(block_grid(scene.height, scene.width, cfg.block))
         if res is not None:
             results.append(res)
     return results

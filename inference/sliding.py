@@ -58,12 +58,13 @@ def predict_block(scene: Scene, block: Window, grid: list[Window], window: int, 
         strip = Window(row, c0, strip_windows[0].height, c1 - c0)
         raw = {m: scene.read(m, strip) for m in modalities}
         _mark_valid(valid, block, strip, raw, fills)
+        # padded to a full window: only an axis shorter than the window (one window at 0) needs it, so every
+        # crop below is window x window
         strip_in = {m: _pad_to(normalize(m, v), window, max(window, v.shape[-1])) for m, v in raw.items()}
         for i in range(0, len(strip_windows), batch_size):
             batch = strip_windows[i:i + batch_size]
             inputs = {m: np.stack([v[:, :, w.col - c0:w.col - c0 + window] for w in batch])
                       for m, v in strip_in.items()}
-            inputs = {m: _pad_to(v, window, window) for m, v in inputs.items()}
             probs = predict(inputs)
             for w, p in zip(batch, probs):
                 _accumulate(acc, wsum, block, w, p, weights)

@@ -13,6 +13,7 @@ from typing import Literal
 import numpy as np
 
 from data_prep.readers.base import Window, iter_windows
+from data_prep.tiling import tile_origins
 
 Blend = Literal["gaussian", "cosine"]
 MIN_WEIGHT = 1e-3  # weights are clamped here so edge pixels of every window still count
@@ -26,12 +27,9 @@ def stride_of(window: int, overlap: float) -> int:
 
 
 def axis_starts(length: int, window: int, stride: int) -> list[int]:
-    """Window starts along one axis: every ``stride``, the last one shifted inward to end at ``length``."""
-    if length <= window:
-        return [0]
-    starts = list(range(0, length - window, stride))
-    starts.append(length - window)
-    return starts
+    """Window starts along one axis: every ``stride``, the last one shifted inward to end at ``length`` (the
+    prep tiling's origins; one window at 0 for an axis shorter than the window)."""
+    return tile_origins(length, window, stride) or [0]
 
 
 def window_grid(height: int, width: int, window: int, overlap: float) -> list[Window]:

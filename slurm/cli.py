@@ -58,7 +58,6 @@ def _submit(args: argparse.Namespace) -> int:
     from slurm.cluster import SlurmError
     from slurm.config import load_submit_config
     from slurm.submit import run_dir_of, submit_chain
-    from slurm.tracking import close_chain
 
     cfg = load_submit_config(args.config, dict(parse_override(s) for s in args.set))
     try:
@@ -77,39 +76,42 @@ def _submit(args: argparse.Namespace) -> int:
     print(f"chain: {run_dir / 'chain.json'}   follow: c2seg slurm status {run_dir} --wait")
     if not args.wait:
         return 0
-    return _wait(run_dir, args.timeout, close_chain)
+    return _wait(run_dir, args.timeout)
 
 
-def _wait(run_dir: Path, timeout: float, close) -> int:
+def _wait(run_dir: Path, timeout: float) -> int:
+    """Wait for the chain; close its MLflow runs with the outcome either way."""
     from slurm.cluster import SlurmError
     from slurm.status import wait_chain
+    from slurm.tracking import close_chain
 
     try:
         wait_chain(run_dir, timeout, progress=lambda s: print(f"[slurm] {s}", flush=True))
     except SlurmError as exc:
-        close(run_dir)
+        close_chain(run_dir)
         print(f"c2seg slurm: chain failed: {exc}", file=sys.stderr)
         return 1
-    close(run_dir)
+    close_chain(run_dir)
     print(f"chain completed: {run_dir}")
     return 0
 
 
 def _status(args: argparse.Namespace) -> int:
-    from slurm.status import chain_status, failure_message
+    from slurm.status import chain_status, failure_message, first_failure
     from slurm.tracking import close_chain
 
     if args.wait:
-        return _wait(args.run_dir, args.timeout, close_chain)
+        return _wait(args.run_dir, args.timeout)
     states = chain_status(args.run_dir)
     for st in states:
         print(f"{st.job.name:<14} {st.job.job_id:<10} {st.state:<10} {st.detail}")
-    failed = [s for s in states if s.state in ("FAILED", "CANCELLED")]
-    if failed:
-        print(failure_message(next((s for s in failed if s.state == "FAILED"), failed[0])), file=sys.stderr)
-    if failed or all(s.state == "COMPLETED" for s in states):
+    failed = first_failure(states)
+    if failed is not None:
+        print(failure_message(failed), file=sys.stderr)
+    completed = all(s.state == "COMPLETED" for s in states)
+    if failed is not None or completed:
         close_chain(args.run_dir)
-    return 1 if failed else 0 if all(s.state == "COMPLETED" for s in states) else 3
+    return 1 if failed is not None else 0 if completed else 3
 
 
 def _cluster(args: argparse.Namespace) -> int:

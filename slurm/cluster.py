@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from collections.abc import Iterable
 from pathlib import Path
 
 LOCAL_CLUSTER_SCRIPT = Path(__file__).resolve().parent / "local_cluster.sh"
@@ -51,14 +52,16 @@ def partitions() -> list[str]:
     return sorted({p.strip().rstrip("*") for p in run_slurm(["sinfo", "-h", "-o", "%P"]).split() if p.strip()})
 
 
-def check_partition(name: str | None) -> None:
-    """Fail clearly when partition ``name`` does not exist (None: the cluster's default partition)."""
+def check_partitions(names: Iterable[str | None]) -> None:
+    """Fail clearly when a partition of ``names`` does not exist (None: the cluster's default partition);
+    asks the controller once."""
     known = partitions()
     if not known:
         raise SlurmError("the SLURM controller reports no partitions")
-    if name is not None and name not in known:
-        raise SlurmError(f"partition '{name}' does not exist on this cluster (partitions: {', '.join(known)}); "
-                         "set resources.partition in the slurm config")
+    for name in names:
+        if name is not None and name not in known:
+            raise SlurmError(f"partition '{name}' does not exist on this cluster (partitions: {', '.join(known)}); "
+                             "set resources.partition in the slurm config")
 
 
 def sbatch(script: Path, dependency: str | None = None, extra_env: dict[str, str] | None = None) -> str:

@@ -61,8 +61,8 @@ class StageConfig:
     """One stage of the chain: the stage's own config file, overrides of it and of the resources."""
 
     config: str | None = None  # prep: configs/prep/*.yaml; pretrain / finetune: configs/train/*.yaml;
-    # infer: configs/infer/*.yaml
-    set: tuple[str, ...] = ()  # --set key=value overrides of that config (train and prep)
+    # infer: configs/infer/*.yaml; evaluate: none
+    set: tuple[str, ...] = ()  # --set key=value overrides of that config (prep and train only)
     args: tuple[str, ...] = ()  # further command-line arguments of the stage command
     array_tasks: int = 1  # prep and infer: tasks of the array job
     resources: Resources = field(default_factory=Resources)
@@ -118,6 +118,13 @@ class SubmitConfig:
         for name in ("pretrain", "finetune"):
             if name in self.stages and not self.stage(name).config:
                 raise ValueError(f"{name}.config (a configs/train/*.yaml) is required when stage {name} runs")
+        for name in ("infer", "evaluate"):  # their commands take no --set: say so rather than drop it
+            if self.stage(name).set:
+                raise ValueError(f"{name}.set is not supported (`c2seg infer` takes no --set): put the settings in "
+                                 f"{name}.config or {name}.args")
+        if self.evaluate.config:
+            raise ValueError("evaluate.config is not supported (`c2seg infer evaluate` has no config file); use "
+                             "evaluate.args")
 
     def stage(self, name: str) -> StageConfig:
         return getattr(self, name)

@@ -131,7 +131,7 @@ def render_chain(cfg: SubmitConfig, run_dir: Path, exports: dict[str, str] | Non
     prep_dir = run_dir / "prep"
     if "prep" in cfg.stages:
         add("prep", "prep", "prep.sbatch", array_tasks=cfg.prep.array_tasks)
-        add("prep_finalize", "prep", "prep_finalize.sbatch", set_args="", args="")
+        add("prep_finalize", "prep", "prep_finalize.sbatch")
     for stage in ("pretrain", "finetune"):
         if stage not in cfg.stages:
             continue
@@ -153,7 +153,7 @@ def render_chain(cfg: SubmitConfig, run_dir: Path, exports: dict[str, str] | Non
     if "infer" in cfg.stages:
         add("infer", "infer", "infer.sbatch", array_tasks=cfg.infer.array_tasks)
     if "evaluate" in cfg.stages:
-        add("evaluate", "evaluate", "evaluate.sbatch", config_args="",
+        add("evaluate", "evaluate", "evaluate.sbatch",
             after=f"echo 0 > \"$STATUS_FILE\"  # scored: close the chain's MLflow runs with this outcome\n"
                   f"{common['python']} -m slurm.tracking close {_q(run_dir)}")
     return jobs

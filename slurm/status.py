@@ -6,27 +6,26 @@ the outcome stays known after SLURM forgets the job (accounting need not be on).
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from c2seg.config import load_json_record
 from slurm.cluster import SlurmError, job_info, queue_states
 from slurm.render import Job
 
 FAILED_STATES = ("FAILED", "CANCELLED")
+CHAIN_FORMAT = "c2seg-chain/1"
 
 
 def load_chain(run_dir: Path) -> dict:
     """The chain record written by ``c2seg slurm submit``."""
-    path = Path(run_dir) / "chain.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no chain was submitted into this run directory")
-    return json.loads(path.read_text())
+    return load_json_record(Path(run_dir) / "chain.json", CHAIN_FORMAT,
+                            "no chain was submitted into this run directory")
 
 
 def chain_jobs(chain: dict) -> list[Job]:
-    return [Job(j["name"], j["stage"], Path(j["script"]), j["array_tasks"], j["job_id"]) for j in chain["jobs"]]
+    return [Job(**{**j, "script": Path(j["script"])}) for j in chain["jobs"]]
 
 
 @dataclass
@@ -78,6 +77,12 @@ def job_status(run_dir: Path, job: Job, query_slurm: bool = True) -> JobStatus:
                      "node failure)" if code else f"SLURM state {slurm_state}", job.log_path(run_dir, task))
 
 
+def first_failure(states: list[JobStatus]) -> JobStatus | None:
+    """The job to blame when the chain failed: the first FAILED one, else the first CANCELLED one."""
+    failed = [s for s in states if s.state in FAILED_STATES]
+    return next((s for s in failed if s.state == "FAILED"), failed[0]) if failed else None
+
+
 def chain_status(run_dir: Path, query_slurm: bool = True) -> list[JobStatus]:
     """Status of every job of the chain in submission order."""
     chain = load_chain(run_dir)
@@ -112,10 +117,9 @@ def wait_chain(run_dir: Path, timeout_s: float = 3600, poll_s: float = 2.0, prog
         if progress is not None and summary != last:
             progress(summary)
             last = summary
-        failed = [s for s in states if s.state in FAILED_STATES]
-        if failed:
-            first = next((s for s in failed if s.state == "FAILED"), failed[0])
-            raise SlurmError(failure_message(first))
+        failed = first_failure(states)
+        if failed is not None:
+            raise SlurmError(failure_message(failed))
         if all(s.state == "COMPLETED" for s in states):
             return states
         if time.monotonic() > deadline:

@@ -7,12 +7,14 @@ import json
 import logging
 import shutil
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from slurm import tracking
-from slurm.cluster import check_partition, run_slurm, sbatch
+from slurm.cluster import check_partitions, run_slurm, sbatch
 from slurm.config import SubmitConfig
 from slurm.render import REPO_ROOT, Job, render_chain
+from slurm.status import CHAIN_FORMAT
 
 log = logging.getLogger("c2seg.slurm")
 
@@ -30,8 +32,7 @@ def submit_chain(cfg: SubmitConfig, dry_run: bool = False, config_path: str = ""
         log.info("dry run: %d scripts rendered in %s, nothing submitted", len(jobs), run_dir / "scripts")
         return jobs
     run_slurm(["sbatch", "--version"])  # clear error when SLURM is not installed
-    for stage in cfg.stages:
-        check_partition(cfg.resources_for(stage).partition)
+    check_partitions({cfg.resources_for(stage).partition for stage in cfg.stages})
     if (run_dir / "status").exists():
         shutil.rmtree(run_dir / "status")  # outcomes of an earlier submission into this run dir
     exports, runs, uri = {}, None, None
@@ -52,13 +53,13 @@ def submit_chain(cfg: SubmitConfig, dry_run: bool = False, config_path: str = ""
                  f" (array of {job.array_tasks})" if job.array_tasks else "")
         previous = job
     record = {
+        "format": CHAIN_FORMAT,
         "submitted": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "config": config_path,
         "run_dir": str(run_dir),
         "tracking_uri": uri,
         "mlflow_runs": runs,
-        "jobs": [{"name": j.name, "stage": j.stage, "script": str(j.script), "array_tasks": j.array_tasks,
-                  "job_id": j.job_id} for j in jobs],
+        "jobs": [{**asdict(j), "script": str(j.script)} for j in jobs],
     }
     (run_dir / "chain.json").write_text(json.dumps(record, indent=2))
     if runs:

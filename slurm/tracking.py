@@ -71,7 +71,7 @@ def tag_jobs(uri: str, runs: dict[str, str], jobs: list[dict]) -> None:
 
 def close_chain(run_dir: Path) -> None:
     """End the chain's MLflow runs with the jobs' outcome (idempotent; runs already ended are kept)."""
-    from slurm.status import chain_status, load_chain
+    from slurm.status import FAILED_STATES, chain_status, first_failure, load_chain
 
     run_dir = Path(run_dir)
     chain = load_chain(run_dir)
@@ -81,7 +81,7 @@ def close_chain(run_dir: Path) -> None:
     try:
         client = _client(uri)
         states = chain_status(run_dir, query_slurm=False)
-        chain_failed = any(s.state in ("FAILED", "CANCELLED") for s in states)
+        chain_failed = first_failure(states) is not None
         by_stage: dict[str, list[str]] = {}
         for st in states:
             by_stage.setdefault(st.job.stage, []).append(st.state)
@@ -94,7 +94,7 @@ def close_chain(run_dir: Path) -> None:
                 client.set_tag(run_id, "c2seg.train_run_id", train_run)
             if not run_id or client.get_run(run_id).info.status != "RUNNING":
                 continue
-            if any(s in ("FAILED", "CANCELLED") for s in job_states):
+            if any(s in FAILED_STATES for s in job_states):
                 client.set_terminated(run_id, "FAILED")
             elif all(s == "COMPLETED" for s in job_states):
                 client.set_terminated(run_id, "FINISHED")

@@ -10,8 +10,12 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 PRETRAIN_TINY = ROOT / "configs" / "train" / "pretrain_tiny.yaml"
@@ -82,7 +86,7 @@ def finetuned_tiny(tiny_prepared, pretrained_tiny, tmp_path_factory) -> Path:
     return out
 
 
-def checkpoint_tensors(run_dir: Path) -> tuple[str, dict[str, "torch.Tensor"]]:
+def checkpoint_tensors(run_dir: Path) -> tuple[str, dict[str, torch.Tensor]]:
     """The newest checkpoint's tag and every tensor of its weights.pt (model, EMA teacher, ...), by key."""
     import torch
 

@@ -1,5 +1,6 @@
 """The README's main command, end to end on tiny cities: every stage runs through its CLI, the
-outputs exist and the metrics table is printed; a rerun skips the finished steps."""
+outputs exist and the metrics table is printed; a rerun skips the finished steps (generation, prep, every
+training and export) and predicts and scores again."""
 
 import json
 import subprocess
@@ -37,4 +38,6 @@ infer_window: 64
     # a rerun finds every step done (training COMPLETED, models exported) and only re-scores
     again = subprocess.run(env_cmd, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert all(f"[{n}] skipped" in again.stderr for n in ("pretrain", "adapted", "pretrained_adapted"))
+    assert all(f"[{n}] skipped" in again.stderr
+               for n in ("generate", "prep", "pretrain", "source_only", "adapted", "pretrained_adapted",
+                         "export adapted"))

@@ -27,17 +27,18 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def exported_model(tiny_spec, tmp_path_factory) -> Path:
     """A c2seg-model/1 file of the tiny fusion segmenter (random weights), as `c2seg train export` writes."""
-    from train.config import model_config_from_dict
+    from c2seg.config import to_dict
+    from train.config import load_model_config
+    from train.export import save_exported
     from train.models import FusionSegmenter
 
-    cfg_dict = yaml.safe_load((ROOT / "configs" / "models" / "tiny.yaml").read_text())
+    cfg = load_model_config(ROOT / "configs" / "models" / "tiny.yaml")
     torch.manual_seed(0)
-    model = FusionSegmenter(tiny_spec, model_config_from_dict(cfg_dict))
+    model = FusionSegmenter(tiny_spec, cfg)
     stats = {m.name: {"mean": [500.0] * m.bands, "std": [800.0] * m.bands} for m in tiny_spec.modalities}
     path = tmp_path_factory.mktemp("model") / "model.pt"
-    torch.save({"format": "c2seg-model/1", "model_config": cfg_dict, "spec": tiny_spec.to_dict(),
-                "state_dict": model.state_dict(), "normalization": Normalizer(tiny_spec, stats).as_dict(),
-                "modalities": list(tiny_spec.modality_names), "tile_size": 32, "step": 0}, path)
+    save_exported(path, to_dict(cfg), tiny_spec.to_dict(), model.state_dict(), Normalizer(tiny_spec, stats).as_dict(),
+                  tiny_spec.modality_names, 32)
     return path
 
 
@@ -92,7 +93,7 @@ def test_two_ranks_equal_one_rank_byte_for_byte(tiny_spec, exported_model, one_r
     assert np.array_equal(a, zarr.open_group(one_rank / "synth_target.zarr", mode="r")["classes"][:])
 
 
-def test_killed_run_resumes_to_the_same_output(tiny_spec, exported_model, one_rank, tmp_path):
+def test_killed_run_resumes_to_the_same_output(tiny_spec, exported_model, tmp_path):
     cmd = infer_cmd(exported_model, tiny_spec, "synth_target", tmp_path, "--tta", "flips", "--batch-size", "1")
     done = tmp_path / "synth_target" / "synth_target.zarr" / "done"
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

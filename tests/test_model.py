@@ -164,3 +164,11 @@ def test_shipped_train_configs_load(path):
 
     cfg = load_train_config(path)
     assert load_model_config(cfg.model).name
+
+
+def test_every_tensor_follows_the_model_to_its_device(spec):
+    """A forward on another device (here ``meta``, standing in for a GPU) mixes no tensor left on the CPU."""
+    model = FusionSegmenter(spec, TINY).eval().to("meta")
+    x = {m.name: torch.empty(1, m.bands, 16, 24, device="meta") for m in spec.modalities}
+    out = model(x)
+    assert out.device.type == "meta" and out.shape == (1, spec.num_logits, 16, 24)

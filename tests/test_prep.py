@@ -216,3 +216,40 @@ def test_zarr_codecs_store_the_same_tiles(tiny_spec, tiny_prepared, tmp_path, co
     _, expect = _dataset_digest(tiny_prepared)
     for key in expect:
         np.testing.assert_array_equal(arrays[key], expect[key], err_msg=key)
+    sp = load_manifest(out).cities["synth_source"]["splits"]["train"]
+    g = zarr.open_group(out / sp["zarr"], mode="r")
+    if codec == "none":
+        assert g["hsi"].compressors == () and g["label"].compressors == ()
+    else:  # zstd, bit-shuffled for the float16 bands, byte-shuffled for the labels
+        (hsi,), (label,) = g["hsi"].compressors, g["label"].compressors
+        assert (hsi.cname.value, hsi.shuffle.value) == ("zstd", "bitshuffle")
+        assert (label.cname.value, label.shuffle.value) == ("zstd", "shuffle")
+
+
+def test_only_stored_pixels_must_fit_the_store_dtype(tiny_spec, tmp_path):
+    """A value beyond float16 in a tile that is dropped (mostly nodata) is never stored, so prep goes on;
+    the same value in a kept tile is refused, naming the file and the fix."""
+    import rasterio
+
+    def damaged(name: str, pixel: tuple[int, int]):
+        root = tmp_path / name
+        shutil.copytree(tiny_spec.data_root, root)
+        spec = tiny_spec.with_data_root(root)
+        city = spec.cities[0]
+        for m in spec.modalities:
+            path = spec.resolve(city, m.name)
+            with rasterio.open(path, "r+") as ds:
+                data = ds.read()
+                data[:, :32, :32] = 0  # nodata (fill 0 in every band): the tile at (0, 0) is dropped
+                if m.name == "hsi":
+                    data[0, pixel[0], pixel[1]] = 70000.0
+                ds.write(data)
+        return spec
+
+    run_prep(damaged("dropped", (2, 2)), TINY_PREP, tmp_path / "ok")
+    finalize(tmp_path / "ok")
+    dropped = sum(s["dropped_nodata"] for c in load_manifest(tmp_path / "ok").cities.values()
+                  for s in c["splits"].values())
+    assert dropped >= 1
+    with pytest.raises(ValueError, match=r"hsi\.tif.*beyond the float16 range.*store_dtypes\.hsi: float32"):
+        run_prep(damaged("kept", (60, 60)), TINY_PREP, tmp_path / "bad")

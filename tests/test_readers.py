@@ -174,6 +174,19 @@ def test_nonfinite_values_counted_and_filled(tiny_copy, caplog):
     assert scene.nonfinite_counts["sar"] == 1
 
 
+def test_reads_are_the_callers_to_change(generated):
+    """A read result is the caller's own array: changing it (as the non-finite fill does in place) never
+    changes what the next read returns, in every format."""
+    spec = generated[0]
+    scene = open_city(spec, spec.cities[0].name)[0]
+    with scene:
+        name = spec.modality_names[-1]
+        first = scene.read(name, Window(0, 0, 8, 8))
+        kept = first.copy()
+        first[...] = 12345.0
+        np.testing.assert_array_equal(scene.read(name, Window(0, 0, 8, 8)), kept)
+
+
 def test_label_values_outside_class_set(tiny_copy):
     path = tiny_copy.resolve(tiny_copy.cities[0], "label")
     label = _read_raw(path)

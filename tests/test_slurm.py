@@ -33,6 +33,8 @@ def test_configs_load_and_stage_overrides_merge():
     ({"stages": ["bogus"]}, "is not one of"),
     ({"pretrain.config": None}, "pretrain.config"),
     ({"resources.extra_sbatch": ["exclusive"]}, "must be an sbatch option"),
+    ({"infer.set": ["window=64"]}, "infer.set is not supported"),  # would be dropped silently otherwise
+    ({"evaluate.config": "configs/infer/default.yaml"}, "evaluate.config is not supported"),
 ])
 def test_config_errors_name_the_problem(override, message):
     with pytest.raises(ConfigError, match=message):

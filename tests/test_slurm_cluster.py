@@ -6,6 +6,7 @@ training stages) and reused: its prepared data feed the requeue test, its model 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -20,6 +21,7 @@ import yaml
 
 from c2seg.cli import main
 from slurm.cluster import SlurmError, run_slurm, slurm_env
+from slurm.config import load_submit_config
 from tests.fixtures_train import assert_same_weights
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -56,7 +58,7 @@ def chain(cluster, tiny_spec, tmp_path_factory) -> Path:
 
 
 def test_whole_chain_completes_with_two_training_tasks(chain, tiny_spec):
-    metrics = yaml.safe_load((chain / "predictions" / "synth_target" / "metrics.json").read_text())
+    metrics = json.loads((chain / "predictions" / "synth_target" / "metrics.json").read_text())
     assert 0.0 <= metrics["miou"] <= 1.0 and metrics["oa"] > 0
     assert (chain / "predictions" / "synth_target" / "synth_target.tif").is_file()
     assert (chain / "models" / "model.pt").is_file()
@@ -107,7 +109,7 @@ def test_usr1_checkpoints_requeues_and_matches_uninterrupted(chain, tmp_path):
     assert submit(tmp_path / "plain", *sets) == 0
     assert submit(tmp_path / "requeued", *sets, wait=False) == 0
     run = tmp_path / "requeued"
-    job = yaml.safe_load((run / "chain.json").read_text())["jobs"][0]["job_id"]
+    job = json.loads((run / "chain.json").read_text())["jobs"][0]["job_id"]
     log = run / "logs" / f"pretrain-{job}.log"
     metrics = run / "train" / "pretrain" / "metrics.jsonl"
     deadline = time.monotonic() + 300
@@ -136,12 +138,16 @@ def test_inference_array_over_three_scenes_equals_local_run(chain, tiny_spec, tm
     spec_file.write_text(yaml.safe_dump(spec.to_dict()))
     assert len(open_city(spec, "synth_target")) == 3
     model = chain / "models" / "model.pt"
-    infer_args = ["--window", "32", "--overlap", "0.25", "--block", "64"]
+    infer_args = list(load_submit_config(LOCAL).infer.args)  # what the chain's infer job passes
     rc = main(["slurm", "submit", "--config", str(LOCAL), "--set", f"run_dir={tmp_path / 'array'}",
                "--set", "stages=[infer]", "--set", f"spec={spec_file}", "--set", f"data_root={data}",
                "--set", f"model={model}", "--set", "city=synth_target", "--set", "infer.array_tasks=3",
                "--set", "mlflow.enabled=false", "--timeout", "300", "--wait"])
     assert rc == 0
+    job = json.loads((tmp_path / "array" / "chain.json").read_text())["jobs"][0]["job_id"]
+    for task in range(3):  # the scenes were split: one per array task
+        log_text = (tmp_path / "array" / "logs" / f"infer-{job}_{task}.log").read_text()
+        assert f"3 scenes, 1 for task {task}/3" in log_text, log_text[-2000:]
     local = tmp_path / "local"
     subprocess.run([sys.executable, "-m", "c2seg.cli", "infer", "run", "--model", str(model), "--spec",
                     str(spec_file), "--data-root", str(data), "--city", "synth_target", "--out", str(local),

@@ -47,9 +47,10 @@ def test_finetune_two_ranks_zero3_from_pretrained_validates_on_target(finetuned_
     assert {"loss_source", "loss_target", "pseudo_confident", "lr", "grad_norm", "samples_per_s"} <= set(last)
     # the backbone started from the pretrained weights
     pre = torch.load(pretrained_tiny / "checkpoints/step_00000006/weights.pt", weights_only=True)["model"]
-    first = torch.load(next((finetuned_tiny / "checkpoints").glob("step_*")) / "weights.pt", weights_only=True)
+    first = torch.load(sorted((finetuned_tiny / "checkpoints").glob("step_*"))[0] / "weights.pt", weights_only=True)
     key = "backbone.embeds.msi.weight_generator.0.weight"
-    assert (first["model"][key] - pre[key]).abs().max() < 0.1
+    # 3 AdamW steps at lr 1e-3 move a weight by at most ~3e-3; a fresh initialisation (std 0.02) lies far away
+    assert (first["model"][key] - pre[key]).abs().max() < 1e-2 < pre[key].abs().max()
     assert "ema" in first and first["modalities"] == ["hsi", "msi", "sar"]
 
 

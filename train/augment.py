@@ -55,14 +55,16 @@ class RadiometricJitter:
             if name in batch:
                 g = gain[:, None] * (1 + tilt[:, None] * slope)  # (B, C)
                 shift = (g - 1) * mean_over_std + haze[:, None] * haze_per_unit
-                out[name] = _affine(batch[name], g, shift)
+                out[name] = affine_bands(batch[name], g, shift)
         for name, inv_std in self.db.items():
             if name in batch:
-                out[name] = _affine(batch[name], torch.ones(n, len(inv_std)), db[:, None] * inv_std)
+                out[name] = affine_bands(batch[name], torch.ones(n, len(inv_std)), db[:, None] * inv_std)
         return out
 
 
-def _affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+def affine_bands(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """``x * scale + shift`` per tile and band for normalised (B, C, H, W) ``x`` with (B, C) ``scale`` and
+    ``shift``; nodata pixels (0 in every band) stay 0."""
     nodata = (x == 0).all(1, keepdim=True)
     y = x * scale[:, :, None, None].to(x.dtype) + shift[:, :, None, None].to(x.dtype)
     return y.masked_fill_(nodata, 0.0)

@@ -10,6 +10,7 @@ from typing import Any, Literal
 from c2seg.config import ConfigError, from_dict, load_config
 
 Precision = Literal["fp32", "bf16", "fp16"]
+Fusion = Literal["joint", "cross"]
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,7 @@ class ModelConfig:
     # location. cross: the G tokens of each location attend among themselves and are averaged into one token
     # per location, then `depth` blocks of self-attention over the N fused tokens + cross-attention to all G*N
     # tokens (attention cost ~G x lower). Masked pretraining supports joint only.
-    fusion: Literal["joint", "cross"] = "joint"
+    fusion: Fusion = "joint"
 
     def __post_init__(self) -> None:
         if self.embed_dim % self.num_heads:
@@ -210,5 +211,5 @@ def load_train_config(path: str | Path, overrides: dict[str, Any] | None = None)
     return cfg
 
 
-__all__ = ["ModelConfig", "RadiometricConfig", "DataConfig", "OptimConfig", "DeepSpeedConfig", "TrackingConfig", "PretrainConfig",
-           "FinetuneConfig", "TrainConfig", "load_model_config", "load_train_config", "model_config_from_dict"]
+__all__ = ["ModelConfig", "RadiometricConfig", "DataConfig", "OptimConfig", "DeepSpeedConfig", "TrackingConfig",
+           "PretrainConfig", "FinetuneConfig", "TrainConfig", "load_model_config", "load_train_config", "model_config_from_dict"]

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from c2seg.spec import DatasetSpec, load_spec
-from train.augment import RadiometricJitter, jittered
+from train.augment import RadiometricJitter, affine_bands, jittered
 from train.config import RadiometricConfig
 from train.tracking import file_hash
 
@@ -27,12 +27,8 @@ class CityStandardizer:
         ids = batch["city_id"]
         out = dict(batch)
         for m, (scale, shift) in self.remap.items():
-            if m not in batch:
-                continue
-            x = batch[m]
-            nodata = (x == 0).all(1, keepdim=True)
-            mapped = x * scale[ids][:, :, None, None].to(x.dtype) + shift[ids][:, :, None, None].to(x.dtype)
-            out[m] = mapped.masked_fill_(nodata, 0.0)
+            if m in batch:
+                out[m] = affine_bands(batch[m], scale[ids], shift[ids])
         return out
 
 

@@ -58,17 +58,24 @@ def export_model(run_dir: str | Path, out: str | Path, weights: str = "student")
                               "finetune run (pretrained encoders are used with init_from)")
     if weights == "ema" and "ema" not in data:
         raise CheckpointError(f"{run_dir}: the run has no EMA teacher (finetune.adapt was off)")
+    save_exported(out, data["model_config"], data["spec"], data["ema" if weights == "ema" else "model"],
+                  data["normalization"], data["modalities"], data["tile_size"], data["step"],
+                  data.get("normalization_mode", "pooled"), data.get("city_normalization", {}))
+    log.info("exported %s weights of %s (step %d) to %s", weights, run_dir, data["step"], out)
+    return Path(out)
+
+
+def save_exported(out: str | Path, model_config: dict, spec: dict, state_dict: dict[str, torch.Tensor],
+                  normalization: dict[str, dict[str, list[float]]], modalities: list[str], tile_size: int,
+                  step: int = 0, normalization_mode: str = "pooled",
+                  city_normalization: dict[str, dict[str, dict[str, list[float]]]] | None = None) -> None:
+    """Write an exported model file (the layout in the module doc)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"format": FORMAT, "model_config": data["model_config"], "spec": data["spec"],
-               "state_dict": data["ema" if weights == "ema" else "model"],
-               "normalization": data["normalization"], "modalities": data["modalities"],
-               "tile_size": data["tile_size"], "step": data["step"],
-               "normalization_mode": data.get("normalization_mode", "pooled"),
-               "city_normalization": data.get("city_normalization", {})}
-    torch.save(payload, out)
-    log.info("exported %s weights of %s (step %d) to %s", weights, run_dir, data["step"], out)
-    return out
+    torch.save({"format": FORMAT, "model_config": model_config, "spec": spec, "state_dict": state_dict,
+                "normalization": normalization, "modalities": list(modalities), "tile_size": tile_size,
+                "step": step, "normalization_mode": normalization_mode,
+                "city_normalization": city_normalization or {}}, out)
 
 
 def load_exported(path: str | Path, map_location: str | torch.device = "cpu") -> ExportedModel:

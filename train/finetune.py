@@ -9,7 +9,6 @@ plot and prediction previews."""
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 from pathlib import Path
@@ -153,11 +152,9 @@ class FinetuneTask:
         src = next(self.source_stream)
         src_in = model_inputs(src, self.spec.modality_names, self.dtype, engine.device)
         src_label = src["label"].to(engine.device).long()
-        if self.target_stream is None:
-            return segmentation_loss(engine(src_in), src_label, self.spec.ignore_id, self.ft.dice_weight,
-                                     self._cw()), {}
-        tgt = next(self.target_stream)  # drawn every step, so the data position does not depend on warmup
-        if step < self.ft.adapt_warmup_steps:
+        # the target batch is drawn every step, so the data position does not depend on the warmup
+        tgt = next(self.target_stream) if self.target_stream is not None else None
+        if tgt is None or step < self.ft.adapt_warmup_steps:
             return segmentation_loss(engine(src_in), src_label, self.spec.ignore_id, self.ft.dice_weight,
                                      self._cw()), {}
         tgt_in = model_inputs(tgt, self.spec.modality_names, self.dtype, engine.device)

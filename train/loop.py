@@ -74,6 +74,7 @@ def run_training(cfg: TrainConfig, make_task, data, resume: str | None = None,
     model_cfg: ModelConfig = load_model_config(cfg.model)
     out = Path(cfg.output_dir)
     ckpt = resolve_resume(resume, out)  # checked before the (slow) distributed start
+    resumed = load_weights(ckpt, spec) if ckpt is not None else None  # the spec must fit before anything starts
     init = load_weights(cfg.init_from, spec) if cfg.init_from and ckpt is None else None
     env = init_distributed()
     world = dist.get_world_size() if dist.is_initialized() else 1
@@ -86,15 +87,14 @@ def run_training(cfg: TrainConfig, make_task, data, resume: str | None = None,
     engine = create_engine(task.module, cfg, world)
     state: dict[str, Any] = {"step": 0}
     if ckpt is not None:
-        load_weights(ckpt, spec)  # the spec must fit before anything is restored
         state = load_checkpoint(engine, ckpt, world)
-        task.load_extra(load_weights(ckpt))
+        task.load_extra(resumed)
     gas = cfg.deepspeed.gradient_accumulation_steps
     resolved = to_dict(cfg)
     weights_meta = {"model_config": to_dict(model_cfg), "spec": spec.to_dict(), "task": task.name,
                     "normalization": data.normalization, "modalities": list(spec.modality_names),
                     "tile_size": data.tile_size}
-    tracker = Tracker(cfg.tracking.enabled and env.rank == 0, cfg.tracking.experiment,
+    tracker = Tracker(cfg.tracking.enabled, cfg.tracking.experiment,
                       cfg.tracking.run_name or f"{task.name}-{out.name}", out) if env.rank == 0 else None
     if env.rank == 0:
         (out / "config.yaml").write_text(yaml.safe_dump({**resolved, "model_config": to_dict(model_cfg)},

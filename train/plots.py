@@ -12,38 +12,37 @@ import torch  # noqa: E402
 from c2seg.spec import DatasetSpec  # noqa: E402
 
 
-def confusion_figure(cm: np.ndarray, spec: DatasetSpec):
-    """Row-normalised confusion matrix (truth x prediction) of the scored classes."""
+def confusion_figure(cm: np.ndarray, spec: DatasetSpec, title: str = ""):
+    """Row-normalised confusion matrix: truth rows x predicted columns of the scored classes, the last
+    column the truth pixels without a prediction (``c2seg.metrics``' K x (K+1) layout)."""
     k = cm.shape[0]
-    square = cm[:, :k].astype(float)
-    norm = square / np.maximum(square.sum(1, keepdims=True), 1)
+    rows = cm.astype(np.float64) / np.maximum(cm.sum(axis=1, keepdims=True), 1)
     names = [spec.class_name(c) for c in spec.scored_class_ids]
-    fig, ax = plt.subplots(figsize=(1 + 0.5 * k, 1 + 0.5 * k))
-    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(k), names, rotation=90, fontsize=7)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.55 * k, 1.0 + 0.5 * k))
+    im = ax.imshow(rows, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(cm.shape[1]), (names + ["no prediction"])[:cm.shape[1]], rotation=60, ha="right",
+                  fontsize=7)
     ax.set_yticks(range(k), names, fontsize=7)
-    ax.set_xlabel("prediction")
+    ax.set_xlabel("predicted")
     ax.set_ylabel("truth")
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.04)
+    fig.tight_layout()
     plt.close(fig)
     return fig
 
 
-def _colour(ids: np.ndarray, spec: DatasetSpec) -> np.ndarray:
-    lut = np.zeros((256, 3), dtype=np.uint8)
-    for c in spec.classes:
-        lut[c.id] = c.rgb
-    return lut[ids.astype(np.uint8)]
-
-
 def preview_figure(batch: dict[str, torch.Tensor], pred: torch.Tensor, spec: DatasetSpec):
-    """First tile of a batch: an image band composite, the truth and the prediction."""
-    name = next(m for m in spec.modality_names if m in batch)
-    img = batch[name][0].float().numpy()
-    rgb = img[[min(2, len(img) - 1), min(1, len(img) - 1), 0]].transpose(1, 2, 0)
+    """First tile of a batch: a red/green/blue composite (:meth:`DatasetSpec.rgb_bands`), the truth and the
+    prediction."""
+    name, bands = spec.rgb_bands()
+    rgb = batch[name][0, bands].float().numpy().transpose(1, 2, 0)
     rgb = np.clip((rgb + 2) / 4, 0, 1)
+    lut = spec.class_lut()
     fig, axes = plt.subplots(1, 3, figsize=(9, 3))
-    for ax, (title, im) in zip(axes, ((name, rgb), ("truth", _colour(batch["label"][0].numpy(), spec)),
-                                      ("prediction", _colour(pred[0].numpy(), spec)))):
+    for ax, (title, im) in zip(axes, ((name, rgb), ("truth", lut[batch["label"][0].numpy().astype(np.uint8)]),
+                                      ("prediction", lut[pred[0].numpy().astype(np.uint8)]))):
         ax.imshow(im)
         ax.set_title(title)
         ax.axis("off")

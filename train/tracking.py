@@ -95,6 +95,8 @@ class Tracker:
         self._guard("log_artifact", str(path), folder)
 
     def figure(self, fig, name: str) -> None:
+        if not self.active:  # nothing to log it to: skip rendering
+            return
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / name
             fig.savefig(path, dpi=80, bbox_inches="tight")

@@ -62,7 +62,8 @@ class GridScene(Scene, abc.ABC):
     # ---- what a concrete reader provides ------------------------------------------------
     @abc.abstractmethod
     def _read_native(self, modality: str, rows: slice, cols: slice) -> np.ndarray:
-        """``(C, h, w)`` stored values of a block of the modality's native grid."""
+        """``(C, h, w)`` stored values of a block of the modality's native grid, in an array the caller owns
+        (never a view of data the scene keeps: reads fill non-finite values in place)."""
 
     @abc.abstractmethod
     def _read_label_native(self, rows: slice, cols: slice) -> np.ndarray:

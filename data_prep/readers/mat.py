@@ -84,7 +84,7 @@ class MatV5Scene(GridScene):
         return self.path
 
     def _read_native(self, modality: str, rows: slice, cols: slice) -> np.ndarray:
-        return self._arrays[modality][rows, cols].transpose(2, 0, 1)
+        return np.array(self._arrays[modality][rows, cols].transpose(2, 0, 1))  # a copy: reads must not alias
 
     def _read_label_native(self, rows: slice, cols: slice) -> np.ndarray:
         return self._arrays[LABEL_KEY][rows, cols]

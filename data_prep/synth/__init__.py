@@ -38,11 +38,15 @@ def with_format(spec: DatasetSpec, fmt: SceneFormat) -> DatasetSpec:
     return replace(spec, cities=cities)
 
 
+def _geotiff_keys(spec: DatasetSpec, city: City) -> list[str]:
+    return [m.name for m in spec.modalities] + (["label"] if city.labelled else [])
+
+
 def city_outputs(spec: DatasetSpec, city: City) -> list[Path]:
-    """The files (or tile folder) a generated city consists of."""
+    """The files (or tile folder) a generated city consists of; a missing ``files`` entry is a KeyError
+    naming it (:meth:`DatasetSpec.resolve`)."""
     if city.format == "geotiff":
-        keys = [m.name for m in spec.modalities] + (["label"] if city.labelled else [])
-        return [spec.resolve(city, k) for k in keys]
+        return [spec.resolve(city, k) for k in _geotiff_keys(spec, city)]
     if city.format == "tiles":
         return [spec.resolve(city, "root")]
     keys = ["scene"] + (["label"] if city.format == "mat_v73" and city.labelled else [])
@@ -54,18 +58,11 @@ def generate_city(spec: DatasetSpec, city: City, height: int, width: int, seed: 
     cache = tile_cache_blocks(width, BLOCK_PX) if city.format == "tiles" else 0
     synth = CitySynth(spec, city, height, width, seed, cache_blocks=cache)
     if city.format == "geotiff":
-        keys = [m.name for m in spec.modalities] + (["label"] if city.labelled else [])
-        missing = [k for k in keys if k not in city.files]
-        if missing:
-            raise ValueError(f"{spec.source_file or spec.name}: city '{city.name}' files lack {missing} for geotiff")
-        write_geotiff(synth, {k: spec.resolve(city, k) for k in keys})
+        write_geotiff(synth, {k: spec.resolve(city, k) for k in _geotiff_keys(spec, city)})
     elif city.format == "mat_v5":
         write_mat_v5(synth, spec.resolve(city, "scene"), with_label=city.labelled)
     elif city.format == "mat_v73":
-        label = spec.resolve(city, "label") if city.labelled else None
-        if city.labelled and "label" not in city.files:
-            raise ValueError(f"{spec.source_file or spec.name}: city '{city.name}' needs files.label for mat_v73")
-        write_mat_v73(synth, spec.resolve(city, "scene"), label)
+        write_mat_v73(synth, spec.resolve(city, "scene"), spec.resolve(city, "label") if city.labelled else None)
     else:
         write_tiles(synth, spec.resolve(city, "root"), with_label=city.labelled)
         log.info("%s: %d tiles of %d px", city.name, len(city_tiles(synth)), spec.tiling.size)

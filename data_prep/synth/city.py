@@ -44,9 +44,15 @@ class CitySynth:
         self._profiles = {c.id: class_profile(c.name, c.id) for c in spec.classes if c.id != spec.ignore_id}
 
     # ---- layout -----------------------------------------------------------------------------
-    def blocks(self) -> list[Window]:
-        """The fixed block grid, row-major; :meth:`block` takes these windows."""
-        return iter_windows(self.height, self.width, self.block_px)
+    def blocks(self, window: Window | None = None) -> list[Window]:
+        """The fixed block grid, row-major (only the blocks touching ``window`` when given, found without
+        scanning the grid); :meth:`block` takes these windows."""
+        if window is None:
+            return iter_windows(self.height, self.width, self.block_px)
+        p = self.block_px
+        return [Window(r, c, min(p, self.height - r), min(p, self.width - c))
+                for r in range(window.row // p * p, window.row + window.height, p)
+                for c in range(window.col // p * p, window.col + window.width, p)]
 
     def native_shape(self, modality: str) -> tuple[int, int]:
         f = self.factors[modality]
@@ -193,9 +199,7 @@ class CitySynth:
         for m in self.spec.modalities:
             out[m.name] = np.zeros((m.bands, window.height, window.width), np.float32)
         r1, c1 = window.row + window.height, window.col + window.width
-        for b in self.blocks():
-            if b.row >= r1 or b.col >= c1 or b.row + b.height <= window.row or b.col + b.width <= window.col:
-                continue
+        for b in self.blocks(window):
             data = self.block(b)
             r0, c0 = max(b.row, window.row), max(b.col, window.col)
             rr, cc = slice(r0 - b.row, min(r1, b.row + b.height) - b.row), slice(c0 - b.col, min(c1, b.col + b.width)

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from c2seg.spec import DatasetSpec
 from data_prep.readers.base import Window
 from data_prep.synth.city import CitySynth
+from data_prep.tiling import tile_origins
 
 MAT_V5_MAX_BYTES = 2**31 - 1
 DEFAULT_CRS = "EPSG:32632"
@@ -167,13 +168,10 @@ def write_mat_v73(synth: CitySynth, scene_path: Path, label_path: Path | None) -
 
 
 def tile_windows(height: int, width: int, size: int, stride: int) -> list[Window]:
-    """Tiles of ``size`` px every ``stride`` px, row-major, the last row / column flush with the edge."""
-    def starts(n: int) -> list[int]:
-        if n <= size:
-            return [0]
-        out = list(range(0, n - size + 1, stride))
-        return out if out[-1] + size == n else out + [n - size]
-    return [Window(r, c, min(size, height), min(size, width)) for r in starts(height) for c in starts(width)]
+    """Tiles of ``size`` px every ``stride`` px, row-major, the last row / column flush with the edge (prep's
+    tile origins; one tile at 0 on an axis shorter than ``size``)."""
+    rows, cols = tile_origins(height, size, stride) or [0], tile_origins(width, size, stride) or [0]
+    return [Window(r, c, min(size, height), min(size, width)) for r in rows for c in cols]
 
 
 def city_tiles(synth: CitySynth) -> list[Window]:

@@ -57,8 +57,10 @@ class SpectralPatchEmbed(nn.Module):
         if self.use_wavelengths:
             wl = torch.zeros(padded)
             wl[:bands] = torch.tensor(modality.wavelengths_nm, dtype=torch.float32) / 1000.0  # micrometres
-            self.register_buffer("wavelengths", wl, persistent=False)
             hidden = cfg.wavelength_hidden
+            # the generator's input: fixed Fourier features of each band's wavelength, a buffer so they move
+            # with the model to its device
+            self.register_buffer("wavelength_features", _fourier(wl, hidden), persistent=False)
             self.weight_generator = nn.Sequential(
                 nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, self.dim * self.patch * self.patch))
             self.bias = nn.Parameter(torch.zeros(self.groups * self.dim))
@@ -67,8 +69,7 @@ class SpectralPatchEmbed(nn.Module):
         self.group_embed = nn.Parameter(torch.randn(self.groups, self.dim) * 0.02)
 
     def _weights(self, dtype: torch.dtype) -> torch.Tensor:
-        feats = _fourier(self.wavelengths, self.weight_generator[0].in_features).to(self.wavelengths.device)
-        w = self.weight_generator(feats.to(dtype))  # (G*S, D*p*p)
+        w = self.weight_generator(self.wavelength_features.to(dtype))  # (G*S, D*p*p)
         w = w.view(self.groups, self.group_bands, self.dim, self.patch, self.patch).transpose(1, 2)
         return w.reshape(self.groups * self.dim, self.group_bands, self.patch, self.patch) / math.sqrt(
             self.group_bands * self.patch * self.patch)

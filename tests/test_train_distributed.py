@@ -8,6 +8,7 @@ import math
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -70,7 +71,7 @@ def test_export_then_load_without_deepspeed_gives_identical_logits(finetuned_tin
         f"    torch.save(m.model(x), {str(tmp_path / 'logits.pt')!r})\n"
         f"print(m.tile_size, m.modalities, sorted(m.normalization))\n"
     )
-    out = subprocess.run([os.sys.executable, "-c", script], cwd=ROOT, env=train_env(), capture_output=True,
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=train_env(), capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.split()[0] == "32"
@@ -131,3 +132,38 @@ def test_sigusr1_checkpoints_at_the_step_boundary_and_exits_75(tiny_prepared, tm
     state = json.loads((out / "checkpoints" / (out / "checkpoints/LATEST").read_text() /
                         "train_state.json").read_text())
     assert state["step"] == max(losses(out)) and state["step"] < 100000
+
+
+def test_compiled_engine_keeps_weight_names_and_eager_logits(tmp_path):
+    """``compile: true`` (the GPU throughput setting) compiles the model inside the DeepSpeed engine without
+    renaming its weights (checkpoints and exports stay loadable) or changing what it computes."""
+    script = (
+        "import copy, torch, torch.nn.functional as F\n"
+        "from c2seg.spec import load_spec\n"
+        "from train.config import DataConfig, TrackingConfig, TrainConfig, load_model_config\n"
+        "from train.engine import create_engine, full_state_dict, init_distributed\n"
+        "from train.models import FusionSegmenter\n"
+        "spec = load_spec('configs/datasets/demo_tiny.yaml')\n"
+        "torch.manual_seed(0)\n"
+        "model = FusionSegmenter(spec, load_model_config('configs/models/tiny.yaml'))\n"
+        "eager = copy.deepcopy(model).eval()\n"
+        "init_distributed()\n"
+        "cfg = TrainConfig(model='configs/models/tiny.yaml', data=DataConfig(prep_dir='-', batch_size=2),\n"
+        "                  output_dir='-', steps=5, compile=True, tracking=TrackingConfig(enabled=False))\n"
+        "engine = create_engine(model, cfg, 1)\n"
+        "x = {m.name: torch.randn(2, m.bands, 32, 32) for m in spec.modalities}\n"
+        "engine.eval()\n"
+        "with torch.no_grad():\n"
+        "    torch.testing.assert_close(engine(x), eager(x), rtol=1e-4, atol=1e-5)\n"
+        "engine.train()\n"
+        "loss = F.cross_entropy(engine(x), torch.randint(1, spec.num_logits, (2, 32, 32)), ignore_index=0)\n"
+        "engine.backward(loss)\n"
+        "engine.step()\n"
+        "assert model._compiled_call_impl is not None, 'the model was not compiled'\n"
+        "assert list(full_state_dict(engine)) == list(eager.state_dict())\n"
+        "print('ok', float(loss))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=train_env(), capture_output=True, text=True,
+                         timeout=400)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1].startswith("ok")

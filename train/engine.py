@@ -21,7 +21,7 @@ log = logging.getLogger("c2seg.train")
 
 
 def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
-    """The DeepSpeed JSON for ``cfg``: AdamW (torch implementation, nothing to compile), warmup + cosine
+    """The DeepSpeed JSON for ``cfg``: AdamW (torch implementation), warmup + cosine
     LR, ZeRO stage and offload, precision, accumulation and clipping; ``deepspeed.extra`` wins."""
     ds, opt = cfg.deepspeed, cfg.optim
     zero: dict[str, Any] = {"stage": ds.zero_stage}
@@ -36,8 +36,10 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
         "gradient_accumulation_steps": ds.gradient_accumulation_steps,
         "train_batch_size": cfg.data.batch_size * ds.gradient_accumulation_steps * world_size,
         "gradient_clipping": opt.grad_clip,
+        # torch's AdamW: nothing to compile; its fused kernel on GPUs (one launch for all parameters)
         "optimizer": {"type": "AdamW", "params": {"lr": opt.lr, "betas": list(opt.betas), "eps": 1e-8,
-                                                  "weight_decay": opt.weight_decay, "torch_adam": True}},
+                                                  "weight_decay": opt.weight_decay, "torch_adam": True,
+                                                  "fused": torch.cuda.is_available() and not ds.offload_optimizer}},
         "scheduler": {"type": "WarmupCosineLR", "params": {
             "total_num_steps": cfg.steps, "warmup_num_steps": min(opt.warmup_steps, cfg.steps - 1),
             "warmup_min_ratio": 0.0, "cos_min_ratio": opt.min_lr_ratio, "warmup_type": "linear"}},
@@ -86,13 +88,15 @@ def create_engine(model: nn.Module, cfg: TrainConfig, world_size: int):
     import deepspeed
 
     conf = deepspeed_config(cfg, world_size)
+    if cfg.compile:
+        model.compile()  # in place, so checkpoints and exports keep the plain weight names
     decay = [p for n, p in model.named_parameters() if p.ndim > 1 and "embed" not in n.split(".")[-1]]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim > 1 and "embed" not in n.split(".")[-1])]
     groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=conf)
-    log.info("DeepSpeed engine: ZeRO-%d, %s, micro-batch %d x accumulation %d x %d ranks",
+    log.info("DeepSpeed engine: ZeRO-%d, %s, micro-batch %d x accumulation %d x %d ranks%s",
              cfg.deepspeed.zero_stage, cfg.deepspeed.precision, cfg.data.batch_size,
-             cfg.deepspeed.gradient_accumulation_steps, world_size)
+             cfg.deepspeed.gradient_accumulation_steps, world_size, ", compiled" if cfg.compile else "")
     return engine
 
 

@@ -70,19 +70,6 @@ def affine_bands(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> t
     return y.masked_fill_(nodata, 0.0)
 
 
-def strong_jitter(inputs: dict[str, torch.Tensor], strength: float) -> dict[str, torch.Tensor]:
-    """The student's strong view in mean-teacher training (DAFormer's colour jitter, for any band set): every
-    tile and band of the normalised ``inputs`` gets a gain in ``1 +- strength`` and an offset in ``+- strength``
-    (torch's global generator, seeded per micro-batch); nodata pixels stay 0."""
-    out = {}
-    for name, x in inputs.items():
-        b, c = x.shape[:2]
-        gain = 1 + strength * (2 * torch.rand(b, c, device=x.device) - 1)
-        shift = strength * (2 * torch.rand(b, c, device=x.device) - 1)
-        out[name] = affine_bands(x, gain, shift)
-    return out
-
-
 def jittered(batches: Iterable[dict[str, torch.Tensor]], jitter: RadiometricJitter,
              seed: list[int]) -> Iterator[dict[str, torch.Tensor]]:
     """``batches`` through ``jitter`` with a generator seeded by ``seed`` (e.g. seed, epoch, rank): the

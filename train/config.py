@@ -161,17 +161,12 @@ class FinetuneConfig:
     adapt_weight: float = 1.0
     adapt_warmup_steps: int = 0  # no target loss before this step
     mix: Literal["classmix", "none"] = "classmix"
-    # the student sees the mixed target tiles with every band's gain and offset jittered by up to this much
-    # (normalised units; train.augment.strong_jitter), the teacher sees them clean; 0: no jitter
-    student_jitter: float = 0.0
     eval_every: int = 50
     eval_batches: int | None = None  # per rank; None: the whole val split
 
     def __post_init__(self) -> None:
         if self.pseudo_class_keep is not None and not 0 < self.pseudo_class_keep <= 1:
             raise ValueError("finetune.pseudo_class_keep must be in (0, 1]")
-        if self.student_jitter < 0:
-            raise ValueError("finetune.student_jitter must be >= 0")
 
 
 @dataclass(frozen=True)

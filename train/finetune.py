@@ -21,7 +21,6 @@ import torch.nn.functional as F
 
 from c2seg.metrics import confusion_matrix, scores_from_confusion
 from c2seg.spec import DatasetSpec
-from train.augment import strong_jitter
 from train.config import ModelConfig, TrainConfig
 from train.data import batch_stream, model_inputs
 from train.determinism import rng_isolated
@@ -174,8 +173,6 @@ class FinetuneTask:
             weight = torch.where(pasted, torch.ones_like(weight), weight)
         else:
             mixed_in, mixed_label = tgt_in, pseudo
-        if self.ft.student_jitter > 0:
-            mixed_in = strong_jitter(mixed_in, self.ft.student_jitter)
         both = {k: torch.cat([src_in[k], mixed_in[k]]) for k in src_in if k in mixed_in}
         logits = engine(both)
         n = src_label.shape[0]

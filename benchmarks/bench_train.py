@@ -4,9 +4,10 @@ overhead  DeepSpeed engine step time vs a plain PyTorch loop (same model, batch,
           LR schedule), 1 process:          python benchmarks/bench_train.py overhead --model configs/models/tiny.yaml
 memory    per-rank bytes of parameters + optimizer state for ZeRO 0/1/2/3 (run under 2 ranks):
           torchrun --nproc_per_node 2 benchmarks/bench_train.py memory --model configs/models/small.yaml
-crosscity target-city mIoU / OA / kappa at the same fine-tuning step count on generated AB-like cities,
-          through the real CLIs: source-only (pooled normalisation), source-only + per-city
-          standardisation, per-city + mean-teacher adaptation from scratch and from a pretrained encoder:
+crosscity target-city mIoU / OA / kappa (on the val split, and on the whole city by sliding-window
+          inference) at the same fine-tuning step count on generated AB-like cities, through the real
+          CLIs: source-only (pooled normalisation), source-only + per-city standardisation, per-city +
+          mean-teacher adaptation from scratch and from a pretrained encoder:
           python benchmarks/bench_train.py crosscity --out runs/bench_crosscity --size 256x384 --steps 300 \
               --model configs/models/demo.yaml [--seeds 0 1 2]
 fusion    joint attention vs per-location fusion + cross-attention (model `fusion`) on the AB-like spec
@@ -187,6 +188,22 @@ def _train(cmd: str, config: str, run_dir: Path, steps: int, extra: list[str]) -
     return {k: round(last[k], 4) for k in ("miou", "oa", "macro_f1", "kappa")}
 
 
+def _whole_city(run_dir: Path, prep: Path, window: int) -> dict[str, float]:
+    """mIoU / OA / macro-F1 / kappa of a fine-tuning run on the whole target city (every pixel once, the
+    unlabelled training area included): export, sliding-window inference (``window`` px, overlap 0.5) and
+    scoring through the real CLIs, as ``c2seg demo`` does."""
+    spec_file = str(ROOT / "configs/datasets/demo_ab.yaml")
+    spec_args = ["--spec", spec_file, "--data-root", str(prep.parent / "data")]
+    model, pred = run_dir / "model.pt", run_dir / "whole_city"
+    _cli("train", "export", "--run-dir", str(run_dir), "--out", str(model))
+    _cli("infer", "run", "--model", str(model), *spec_args, "--city", "synth_target", "--out", str(pred),
+         "--window", str(window), "--overlap", "0.5")
+    _cli("infer", "evaluate", "--pred", str(pred / "synth_target"), *spec_args, "--city", "synth_target",
+         "--out", str(pred / "metrics.json"))
+    scores = json.loads((pred / "metrics.json").read_text())
+    return {k: round(scores[k], 4) for k in ("miou", "oa", "macro_f1", "kappa")}
+
+
 def crosscity(args) -> dict:
     """Target-city scores at the same number of fine-tuning steps (``--steps``) through the real CLIs, per
     seed: source-only with pooled normalisation (the baseline users run today), source-only with per-city
@@ -220,14 +237,20 @@ def crosscity(args) -> dict:
             result.setdefault(f"{name}_s", []).append(round(time.perf_counter() - t0, 1))
             if scores is not None:
                 result.setdefault(name, []).append(scores)
+                result.setdefault(f"{name}_city", []).append(
+                    _whole_city(out / f"{name}_seed{seed}", prep, args.infer_window))
     for name in ("source_only_pooled", "source_only_per_city", "adapted", "pretrained_adapted"):
-        if name in result:
-            result[f"{name}_mean"] = {k: round(sum(r[k] for r in result[name]) / len(result[name]), 4)
-                                      for k in ("miou", "oa", "macro_f1", "kappa")}
-    base = result.get("source_only_pooled_mean", {}).get("miou")
-    for name in ("source_only_per_city", "adapted", "pretrained_adapted"):
-        if base is not None and f"{name}_mean" in result:
-            result[f"{name}_miou_gain"] = round(result[f"{name}_mean"]["miou"] - base, 4)
+        for part in (name, f"{name}_city"):
+            if part in result:
+                result[f"{part}_mean"] = {k: round(sum(r[k] for r in result[part]) / len(result[part]), 4)
+                                          for k in ("miou", "oa", "macro_f1", "kappa")}
+    for part in ("", "_city"):
+        base = result.get(f"source_only_pooled{part}_mean", {}).get("miou")
+        for name in ("source_only_per_city", "adapted", "pretrained_adapted"):
+            if base is not None and f"{name}{part}_mean" in result:
+                gains = [round(r["miou"] - b["miou"], 4)
+                         for r, b in zip(result[f"{name}{part}"], result[f"source_only_pooled{part}"])]
+                result[f"{name}{part}_miou_gain"] = {"per_seed": gains, "mean": round(sum(gains) / len(gains), 4)}
     return result
 
 
@@ -331,10 +354,12 @@ def report(what: str, r: dict) -> None:
                        row["total_mb"], "MB", f"{r['model']}, {r['parameters'] / 1e6:.1f} M params")
     elif what == "crosscity":
         for name in ("source_only_pooled", "source_only_per_city", "adapted", "pretrained_adapted"):
-            if f"{name}_mean" in r:
-                m = r[f"{name}_mean"]
-                figure("train", f"target mIoU, {name} ({r['steps']} steps)", 100 * m["miou"], "%",
-                       f"OA {100 * m['oa']:.1f} %, seeds {r['seeds']}, {sum(r[f'{name}_s']):.0f} s")
+            for part, where in (("", "val split"), ("_city", "whole city")):
+                if f"{name}{part}_mean" in r:
+                    m = r[f"{name}{part}_mean"]
+                    figure("train", f"target mIoU ({where}), {name}", 100 * m["miou"], "%",
+                           f"OA {100 * m['oa']:.1f} %, {r['steps']} steps, seeds {r['seeds']}, "
+                           f"{sum(r[f'{name}_s']):.0f} s")
     elif what == "fusion":
         note = f"{r['model']}, G = {r['tokens_per_location']}"
         cost = r.get("cost", {})
@@ -372,6 +397,8 @@ def main() -> None:
     sub.choices["crosscity"].add_argument("--seeds", type=int, nargs="+", default=[0],
                                           help="training seeds; scores are reported per seed and averaged")
     sub.choices["crosscity"].add_argument("--tile", type=int, default=64)
+    sub.choices["crosscity"].add_argument("--infer-window", type=int, default=128,
+                                          help="whole-city inference window (px), as in the demo")
     sub.choices["crosscity"].add_argument("--only", nargs="+", default=None,
                                           help="run only these of source_only_pooled, source_only_per_city, "
                                           "adapted, pretrain, pretrained_adapted")

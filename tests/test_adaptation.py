@@ -7,6 +7,7 @@ import pytest
 import rasterio
 import torch
 
+from data_prep.loaders import ZarrTileDataset, collate_views
 from data_prep.manifest import load_manifest
 from data_prep.readers import open_city
 from tests.fixtures_train import run_train, tiny_args
@@ -46,6 +47,24 @@ def test_per_city_loader_standardises_each_city(tiny_prepared):
             assert torch.equal(b[m], expected[m])
     with pytest.raises(ValueError, match="normalization"):
         PreparedData(tiny_prepared, normalization="city")
+
+
+def test_validation_batches_hold_every_val_tile_once_over_the_ranks(tiny_prepared):
+    """The shard loaders repeat tiles so that every rank gets as many batches; validation must not: over 3
+    ranks, each_tile_once gives every val tile of the cities exactly once, standardised like training."""
+    data = PreparedData(tiny_prepared, normalization="per_city")
+    cities = list(data.manifest.cities)
+    expected = ZarrTileDataset(tiny_prepared, "val", cities=cities)
+    assert len(expected) % 3 and len(expected) > 3  # a remainder that the shard loaders would pad
+    seen = [b for r in range(3) for b in data.each_tile_once("val", cities, batch_size=2, rank=r, world_size=3)]
+    labels = torch.cat([b["label"] for b in seen])
+    assert len(labels) == len(expected)
+    reference = collate_views([expected[i] for i in range(len(expected))])
+    key = lambda lab: lab.flatten().tolist()  # noqa: E731  (tiles as sortable label rasters)
+    assert sorted(map(key, labels)) == sorted(map(key, reference["label"]))
+    first = next(data.each_tile_once("val", cities, batch_size=2))
+    torch.testing.assert_close(first["hsi"], data.standardizer(collate_views([expected[0], expected[1]]))["hsi"])
+    assert len(list(data.each_tile_once("val", cities, batch_size=2, max_batches=1))) == 1
 
 
 def test_per_city_model_exports_and_infers_with_city_statistics(tiny_spec, tiny_prepared, tmp_path):

@@ -1,12 +1,15 @@
 """Clear errors: a bad config key, a missing checkpoint, a dataset spec that does not match the
-checkpoint, a checkpoint of another world size."""
+checkpoint, a checkpoint of another world size or ZeRO stage."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
 
 from c2seg.spec import load_spec
+from tests.fixtures_prep import TINY_PREP
 from tests.fixtures_train import FINETUNE_TINY, ROOT, run_train, tiny_args
 from train.checkpoint import CheckpointError, load_weights
 
@@ -42,6 +45,11 @@ def test_resume_at_another_world_size_says_how_to_continue(tiny_prepared, pretra
     proc = run_train([*tiny_args("pretrain", tiny_prepared, run, "steps=8"), "--resume", "auto"], check=False)
     assert proc.returncode == 2
     assert "was written by 2 ranks, this job has 1" in proc.stderr and "init_from=" in proc.stderr
+    # the same world size under another ZeRO stage (the checkpoint is ZeRO-2)
+    proc = run_train([*tiny_args("pretrain", tiny_prepared, run, "steps=8", "deepspeed.zero_stage=1"), "--resume",
+                      "auto"], nproc=2, check=False)
+    assert proc.returncode != 0, proc.stderr[-2000:]  # torchrun reports a failed rank as 1
+    assert "written under ZeRO-2, this job runs ZeRO-1" in proc.stderr and "deepspeed.zero_stage=2" in proc.stderr
 
 
 def test_exported_file_of_another_kind_is_refused(tmp_path):
@@ -51,3 +59,18 @@ def test_exported_file_of_another_kind_is_refused(tmp_path):
     torch.save({"format": "other"}, bad)
     with pytest.raises(CheckpointError, match="not a c2seg exported model"):
         load_exported(bad)
+
+
+def test_a_labelled_target_without_val_tiles_warns_and_trains_on(tiny_spec, tmp_path):
+    """Held-out blocks are optional (``val_fraction: 0``): validation says there is nothing to score
+    and fine-tuning still finishes."""
+    from data_prep.manifest import finalize
+    from data_prep.prep import run_prep
+
+    prep = tmp_path / "prep"
+    run_prep(tiny_spec, dataclasses.replace(TINY_PREP, val_fraction=0.0), prep)
+    finalize(prep)
+    run = tmp_path / "run"
+    proc = run_train(tiny_args("finetune", prep, run, "steps=2", "finetune.eval_every=1"))
+    assert "no labelled val tiles in ['synth_target']" in proc.stderr
+    assert (run / "COMPLETED").is_file() and not (run / "val_metrics.jsonl").exists()

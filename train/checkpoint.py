@@ -118,12 +118,18 @@ def resolve_resume(resume: str | None, output_dir: str | Path) -> Path | None:
 def load_checkpoint(engine, path: Path, world_size: int) -> dict[str, Any]:
     """Restore engine, optimizer and LR schedule; returns the saved train state."""
     state = json.loads((path / "train_state.json").read_text())
+    restart = (f"or restart from its consolidated weights with a fresh optimizer: --set "
+               f"init_from={path / 'weights.pt'} (and a new output_dir)")
     if state["world_size"] != world_size:
         raise CheckpointError(
             f"checkpoint {path} was written by {state['world_size']} ranks, this job has {world_size}: ZeRO "
-            f"optimizer partitions do not fit. Resume with {state['world_size']} ranks, or restart from its "
-            f"consolidated weights with a fresh optimizer: --set init_from={path / 'weights.pt'} "
-            f"(and a new output_dir)")
+            f"optimizer partitions do not fit. Resume with {state['world_size']} ranks, {restart}")
+    stage = engine.zero_optimization_stage()
+    if state.get("zero_stage", stage) != stage:
+        raise CheckpointError(
+            f"checkpoint {path} was written under ZeRO-{state['zero_stage']}, this job runs ZeRO-{stage}: its "
+            f"optimizer state is laid out for the other stage. Resume with --set "
+            f"deepspeed.zero_stage={state['zero_stage']}, {restart}")
     loaded, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
                                        load_lr_scheduler_states=True)
     if loaded is None:

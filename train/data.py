@@ -94,6 +94,24 @@ class PreparedData:
         return _Batches(loader, jitter, seed, self.standardizer)
 
 
+    def each_tile_once(self, split: str, cities: Iterable[str], batch_size: int, rank: int = 0, world_size: int = 1,
+                       max_batches: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
+        """Batches holding every tile of ``split`` in ``cities`` exactly once over all ranks (rank r reads
+        tiles r, r + W, ...: random access to the Zarr store), normalised as in training; for validation,
+        where the shard loaders repeat tiles so that every rank gets as many batches. ``max_batches``: at
+        most this many per rank."""
+        from torch.utils.data import DataLoader, Subset
+
+        from data_prep.loaders import ZarrTileDataset, collate_views
+
+        tiles = ZarrTileDataset(self.prep_dir, split, cities=list(cities))
+        mine = Subset(tiles, range(rank, len(tiles), world_size))
+        for i, batch in enumerate(DataLoader(mine, batch_size=batch_size, collate_fn=collate_views)):
+            if max_batches is not None and i >= max_batches:
+                return
+            yield self.standardizer(batch) if self.standardizer is not None else batch
+
+
 def batch_stream(make_loader: Callable[[int], Iterable], batches_per_epoch: int,
                  start: int = 0) -> Iterator[dict[str, torch.Tensor]]:
     """Endless batches, epoch after epoch (``make_loader(epoch)``), starting at global batch ``start``:

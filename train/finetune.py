@@ -207,10 +207,8 @@ class FinetuneTask:
         if not self.val_cities:
             return {}
         model = self._copy(full_state_dict(engine))
-        d = self.cfg.data
-        loader = self.data.loader("val", self.val_cities, batch_size=d.batch_size, num_workers=d.num_workers,
-                                  rank=engine.global_rank, world_size=engine.world_size, augment=False,
-                                  batches_per_epoch=self.ft.eval_batches, seed=self.cfg.seed, epoch=0)
+        loader = self.data.each_tile_once("val", self.val_cities, self.cfg.data.batch_size, engine.global_rank,
+                                          engine.world_size, self.ft.eval_batches)
         ids = self.spec.scored_class_ids
         cm = np.zeros((len(ids), len(ids) + 1), dtype=np.int64)
         previews = []
@@ -226,6 +224,9 @@ class FinetuneTask:
         if dist.is_initialized():
             dist.all_reduce(total)
         if engine.global_rank != 0:
+            return {}
+        if not total.any():
+            log.warning("step %d: no labelled val tiles in %s: nothing to validate", step, self.val_cities)
             return {}
         scores = scores_from_confusion(total.numpy(), ids)
         names = {c.id: c.name for c in self.spec.classes}

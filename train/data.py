@@ -93,7 +93,6 @@ class PreparedData:
         seed = [kwargs.get("seed", 0), kwargs.get("epoch", 0), kwargs.get("rank", 0), 1]
         return _Batches(loader, jitter, seed, self.standardizer)
 
-
     def each_tile_once(self, split: str, cities: Iterable[str], batch_size: int, rank: int = 0, world_size: int = 1,
                        max_batches: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
         """Batches holding every tile of ``split`` in ``cities`` exactly once over all ranks (rank r reads

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -59,15 +60,9 @@ def _cuda_ms(fn, warmup: int, steps: int) -> float:
 
 def matmul_tflops(n: int = 8192, reps: int = 20) -> float:
     """Measured bf16 matrix-product rate on random data (rotating 3 operand sets, so no cache reuse)."""
-    sets = [(torch.randn(n, n, device="cuda", dtype=torch.bfloat16),
-             torch.randn(n, n, device="cuda", dtype=torch.bfloat16)) for _ in range(3)]
-    i = iter(range(10 ** 9))
-
-    def mm():
-        a, b = sets[next(i) % 3]
-        return a @ b
-
-    ms = _cuda_ms(mm, 5, reps)
+    sets = itertools.cycle([(torch.randn(n, n, device="cuda", dtype=torch.bfloat16),
+                             torch.randn(n, n, device="cuda", dtype=torch.bfloat16)) for _ in range(3)])
+    ms = _cuda_ms(lambda: torch.matmul(*next(sets)), 5, reps)
     return 2 * n ** 3 / (ms / 1000) / 1e12
 
 

@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from c2seg.spec import load_spec  # noqa: E402  (after the path insert)
+from train.cli import count_parameters  # noqa: E402
 from train.config import load_model_config  # noqa: E402
 from train.models import FusionSegmenter  # noqa: E402
 
@@ -66,12 +67,17 @@ def matmul_tflops(n: int = 8192, reps: int = 20) -> float:
     return 2 * n ** 3 / (ms / 1000) / 1e12
 
 
+def _model(spec, mcfg, checkpointing: bool = False) -> FusionSegmenter:
+    """The model on the GPU, modality dropout off (every step sees every modality)."""
+    return FusionSegmenter(spec, dataclasses.replace(mcfg, activation_checkpointing=checkpointing,
+                                                     modality_dropout=0.0)).cuda()
+
+
 def model_flops_per_sample(spec, mcfg, size: int) -> float:
     """Forward + backward FLOPs of one training sample (no recomputation, no modality dropout)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    model = FusionSegmenter(spec, dataclasses.replace(mcfg, activation_checkpointing=False,
-                                                      modality_dropout=0.0)).cuda()
+    model = _model(spec, mcfg)
     inputs, label = _batch(spec, 1, size, "cuda")
     with torch.autocast("cuda", dtype=torch.bfloat16), FlopCounterMode(display=False) as counter:
         F.cross_entropy(model(inputs).float(), label, ignore_index=0).backward()
@@ -94,14 +100,11 @@ def _plain(model, inputs, label):
 
 
 def _deepspeed(model, inputs, label, batch: int, model_file: str, compile: bool, zero: int):
-    from train.config import DataConfig, DeepSpeedConfig, TrackingConfig, TrainConfig
+    from benchmarks.bench_train import train_config
     from train.engine import create_engine, init_distributed
 
     init_distributed()
-    cfg = TrainConfig(model=model_file, data=DataConfig(prep_dir="-", batch_size=batch), output_dir="-",
-                      steps=10 ** 6, compile=compile, deepspeed=DeepSpeedConfig(zero_stage=zero, precision="bf16"),
-                      tracking=TrackingConfig(enabled=False))
-    engine = create_engine(model, cfg, 1)
+    engine = create_engine(model, train_config(model_file, zero, batch, 10 ** 6, "bf16", compile), 1)
     bf16_inputs = {m: t.to(torch.bfloat16) for m, t in inputs.items()}
 
     def step():
@@ -127,8 +130,7 @@ def run_variant(name: str, spec, mcfg, args, batch: int) -> dict | None:
     """Median step time, samples/s and peak memory of one variant at one batch size; None when out of memory."""
     ckpt = name == "plain+ckpt" or (name == "deepspeed" and args.deepspeed_ckpt)
     torch.manual_seed(0)
-    model = FusionSegmenter(spec, dataclasses.replace(mcfg, activation_checkpointing=ckpt,
-                                                      modality_dropout=0.0)).cuda()
+    model = _model(spec, mcfg, ckpt)
     if args.compile and name != "deepspeed":  # the engine compiles it itself (TrainConfig.compile)
         model.compile()
     inputs, label = _batch(spec, batch, args.size, "cuda")
@@ -150,8 +152,7 @@ def profile_step(spec, mcfg, args) -> None:
     """The 25 costliest CUDA kernels of three plain training steps."""
     from torch.profiler import ProfilerActivity, profile
 
-    model = FusionSegmenter(spec, dataclasses.replace(mcfg, activation_checkpointing=False,
-                                                      modality_dropout=0.0)).cuda()
+    model = _model(spec, mcfg)
     if args.compile:
         model.compile()
     step = _plain(model, *_batch(spec, args.batches[0], args.size, "cuda"))
@@ -202,7 +203,7 @@ def main() -> int:
     spec, mcfg = load_spec(args.spec), load_model_config(args.model)
     measured = matmul_tflops()
     flops = model_flops_per_sample(spec, mcfg, args.size)
-    params = sum(p.numel() for p in FusionSegmenter(spec, mcfg).parameters())
+    params = count_parameters(args.model, spec)["total"]
     result = {"gpu": gpu, "model": mcfg.name, "parameters": params, "spec": spec.name, "tile": args.size,
               "train_tflop_per_sample": round(flops / 1e12, 4), "matmul_tflops": round(measured, 1),
               "peak_tflops": peak, "torch": torch.__version__, "rows": []}

@@ -45,11 +45,13 @@ def _batch(spec, b: int, size: int) -> dict[str, torch.Tensor]:
     return out
 
 
-def _train_cfg(model: str, zero: int, batch: int, steps: int):
+def train_config(model: str, zero: int, batch: int, steps: int, precision: str = "fp32", compile: bool = False):
+    """A TrainConfig for timing the engine on synthetic batches: no data folder, no tracking."""
     from train.config import DataConfig, DeepSpeedConfig, TrackingConfig, TrainConfig
 
     return TrainConfig(model=model, data=DataConfig(prep_dir="-", batch_size=batch), output_dir="-", steps=steps,
-                       deepspeed=DeepSpeedConfig(zero_stage=zero), tracking=TrackingConfig(enabled=False))
+                       compile=compile, deepspeed=DeepSpeedConfig(zero_stage=zero, precision=precision),
+                       tracking=TrackingConfig(enabled=False))
 
 
 def _timed(step_fn: Callable[[], None], warmup: int, steps: int) -> float:
@@ -94,7 +96,7 @@ def overhead(args) -> dict:
     mcfg = load_model_config(args.model)
     batch = _batch(spec, args.batch, args.size)
     inputs = {m: batch[m] for m in spec.modality_names}
-    cfg = _train_cfg(args.model, 0, args.batch, args.warmup + args.steps)
+    cfg = train_config(args.model, 0, args.batch, args.warmup + args.steps)
     torch.manual_seed(0)
     plain = _plain_step(FusionSegmenter(spec, mcfg), batch, cfg)
     init_distributed()
@@ -136,7 +138,8 @@ def memory(args) -> dict:
     rows = []
     for zero in (0, 1, 2, 3):
         torch.manual_seed(0)
-        engine = create_engine(FusionSegmenter(spec, mcfg), _train_cfg(args.model, zero, 1, 10), dist.get_world_size())
+        engine = create_engine(FusionSegmenter(spec, mcfg), train_config(args.model, zero, 1, 10),
+                               dist.get_world_size())
         loss = F.cross_entropy(engine({m: batch[m] for m in spec.modality_names}), batch["label"], ignore_index=0)
         engine.backward(loss)
         engine.step()
@@ -269,7 +272,7 @@ def _fusion_cost(args, spec, mcfg) -> dict:
 
     from train.models import FusionSegmenter
 
-    cfg = _train_cfg(args.model, 0, args.batch, 10 ** 6)
+    cfg = train_config(args.model, 0, args.batch, 10 ** 6)
     batches = {tile: _batch(spec, args.batch, tile) for tile in args.tiles}
     models, steps = {}, {}
     for mode in FUSIONS:

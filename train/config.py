@@ -215,4 +215,5 @@ def load_train_config(path: str | Path, overrides: dict[str, Any] | None = None)
 
 
 __all__ = ["ModelConfig", "RadiometricConfig", "DataConfig", "OptimConfig", "DeepSpeedConfig", "TrackingConfig",
-           "PretrainConfig", "FinetuneConfig", "TrainConfig", "load_model_config", "load_train_config", "model_config_from_dict"]
+           "PretrainConfig", "FinetuneConfig", "TrainConfig", "load_model_config", "load_train_config",
+           "model_config_from_dict"]

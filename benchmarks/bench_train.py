@@ -5,11 +5,11 @@ overhead  DeepSpeed engine step time vs a plain PyTorch loop (same model, batch,
 memory    per-rank bytes of parameters + optimizer state for ZeRO 0/1/2/3 (run under 2 ranks):
           torchrun --nproc_per_node 2 benchmarks/bench_train.py memory --model configs/models/small.yaml
 crosscity target-city mIoU / OA / kappa (on the val split, and on the whole city by sliding-window
-          inference) at the same fine-tuning step count on generated AB-like cities, through the real
-          CLIs: source-only (pooled normalisation), source-only + per-city standardisation, per-city +
-          mean-teacher adaptation from scratch and from a pretrained encoder:
-          python benchmarks/bench_train.py crosscity --out runs/bench_crosscity --size 256x384 --steps 300 \
-              --model configs/models/demo.yaml [--seeds 0 1 2]
+          inference) of the demo's recipe on generated AB-like cities, through the real CLIs, per seed:
+          source-only (1000 steps), adapted from it (300 mean-teacher steps), the compute control (600 more
+          source-only steps), and the same chain from a pretrained encoder (about 30 min a seed, 2 cores):
+          python benchmarks/bench_train.py crosscity --out runs/bench_crosscity --seeds 0 1 2 \
+              [--only source_only adapted]
 fusion    joint attention vs per-location fusion + cross-attention (model `fusion`) on the AB-like spec
           (G = 6 tokens per location): parameters, plain training step time and forward FLOPs per tile
           (cost), and target mIoU after source-only fine-tuning through the real CLI (accuracy):
@@ -207,53 +207,61 @@ def _whole_city(run_dir: Path, prep: Path, window: int) -> dict[str, float]:
     return {k: round(scores[k], 4) for k in ("miou", "oa", "macro_f1", "kappa")}
 
 
+CROSSCITY_SCORED = ("source_only", "source_only_more", "adapted", "pretrained_source_only", "pretrained_adapted")
+CROSSCITY_GAINS = (("adapted", "source_only"), ("adapted", "source_only_more"), ("source_only_more", "source_only"),
+                   ("pretrained_source_only", "source_only"), ("pretrained_adapted", "source_only"),
+                   ("pretrained_adapted", "pretrained_source_only"))
+
+
 def crosscity(args) -> dict:
-    """Target-city scores at the same number of fine-tuning steps (``--steps``) through the real CLIs, per
-    seed: source-only with pooled normalisation (the baseline users run today), source-only with per-city
-    standardisation, per-city + mean-teacher adaptation (configs/train/finetune_demo.yaml) from scratch, and
-    the same from an encoder pretrained ``steps / 2`` extra steps. An adaptation step also runs the teacher
-    and a second (mixed target) batch: the ``*_s`` wall times show the compute each arm took."""
+    """Target-city scores of the demo's recipe through the real CLIs, per seed: source-only fine-tuning for
+    ``--steps`` steps from scratch (the baseline users run today); that model adapted to the target city for
+    ``--adapt-steps`` mean-teacher steps (configs/train/finetune_demo.yaml); the compute control, that model
+    trained on source labels only for twice as many more steps (an adaptation step also runs the teacher and a
+    second, mixed target batch: about 2.2 source steps); and the same chain from an encoder pretrained for
+    ``--pretrain-steps`` (pretrained_source_only, pretrained_adapted). mIoU gains per seed for the pairs in
+    CROSSCITY_GAINS; the ``*_s`` wall times show the compute each arm took."""
     out = Path(args.out)
     prep = _demo_prep(out / "prep", args.size, args.tile)
     common = ["--set", f"data.prep_dir={prep}", "--set", "tracking.enabled=false", "--set", f"model={args.model}",
               "--set", f"data.batch_size={args.batch}", "--resume", "auto"]
-    per_city = ["--set", "data.normalization=per_city"]
-    adapt = [*per_city, "--set", f"finetune.adapt_warmup_steps={args.steps // 2}"]
-    result: dict = {"steps": args.steps, "seeds": args.seeds}
+    source_only, adapt = "configs/train/source_only_demo.yaml", "configs/train/finetune_demo.yaml"
+    result: dict = {"steps": args.steps, "adapt_steps": args.adapt_steps, "pretrain_steps": args.pretrain_steps,
+                    "seeds": args.seeds}
     for seed in args.seeds:
-        runs = {  # name: (command, config, steps, overrides)
-            "source_only_pooled": ("finetune", "configs/train/source_only_demo.yaml", args.steps,
-                                   ["--set", "data.normalization=pooled"]),
-            "source_only_per_city": ("finetune", "configs/train/source_only_demo.yaml", args.steps, per_city),
-            "adapted": ("finetune", "configs/train/finetune_demo.yaml", args.steps,
-                        [*adapt, "--set", "init_from=null"]),
-            "pretrain": ("pretrain", "configs/train/pretrain_demo.yaml", args.steps // 2, per_city),
-            "pretrained_adapted": ("finetune", "configs/train/finetune_demo.yaml", args.steps,
-                                   [*adapt, "--set", f"init_from={out / f'pretrain_seed{seed}'}"]),
+        def run_dir(name: str) -> Path:
+            return out / f"{name}_seed{seed}"
+
+        runs = {  # name: (command, config, steps, init_from)
+            "source_only": ("finetune", source_only, args.steps, None),
+            "source_only_more": ("finetune", source_only, 2 * args.adapt_steps, run_dir("source_only")),
+            "adapted": ("finetune", adapt, args.adapt_steps, run_dir("source_only")),
+            "pretrain": ("pretrain", "configs/train/pretrain_demo.yaml", args.pretrain_steps, None),
+            "pretrained_source_only": ("finetune", source_only, args.steps, run_dir("pretrain")),
+            "pretrained_adapted": ("finetune", adapt, args.adapt_steps, run_dir("pretrained_source_only")),
         }
-        for name, (cmd, config, steps, extra) in runs.items():
+        for name, (cmd, config, steps, init_from) in runs.items():
             if args.only and name not in args.only:
                 continue
             t0 = time.perf_counter()
-            scores = _train(cmd, config, out / f"{name}_seed{seed}", steps,
-                            [*common, "--set", f"seed={seed}", *extra, *_overrides(args)])
+            scores = _train(cmd, config, run_dir(name), steps, [*common, "--set", f"seed={seed}", "--set",
+                                                               f"init_from={init_from or 'null'}", *_overrides(args)])
             result.setdefault(f"{name}_s", []).append(round(time.perf_counter() - t0, 1))
             if scores is not None:
                 result.setdefault(name, []).append(scores)
-                result.setdefault(f"{name}_city", []).append(
-                    _whole_city(out / f"{name}_seed{seed}", prep, args.infer_window))
-    for name in ("source_only_pooled", "source_only_per_city", "adapted", "pretrained_adapted"):
+                result.setdefault(f"{name}_city", []).append(_whole_city(run_dir(name), prep, args.infer_window))
+    for name in CROSSCITY_SCORED:
         for part in (name, f"{name}_city"):
             if part in result:
                 result[f"{part}_mean"] = {k: round(sum(r[k] for r in result[part]) / len(result[part]), 4)
                                           for k in ("miou", "oa", "macro_f1", "kappa")}
     for part in ("", "_city"):
-        base = result.get(f"source_only_pooled{part}_mean", {}).get("miou")
-        for name in ("source_only_per_city", "adapted", "pretrained_adapted"):
-            if base is not None and f"{name}{part}_mean" in result:
+        for name, base in CROSSCITY_GAINS:
+            if f"{base}{part}" in result and f"{name}{part}" in result:
                 gains = [round(r["miou"] - b["miou"], 4)
-                         for r, b in zip(result[f"{name}{part}"], result[f"source_only_pooled{part}"])]
-                result[f"{name}{part}_miou_gain"] = {"per_seed": gains, "mean": round(sum(gains) / len(gains), 4)}
+                         for r, b in zip(result[f"{name}{part}"], result[f"{base}{part}"])]
+                result[f"{name}{part}_vs_{base}"] = {"per_seed": gains, "mean": round(sum(gains) / len(gains), 4),
+                                                     "min": min(gains)}
     return result
 
 
@@ -317,7 +325,7 @@ def _fusion_accuracy(args, mcfg_data: dict) -> dict:
         result[mode] = _train("finetune", "configs/train/source_only_demo.yaml", out / mode, args.steps,
                               ["--set", f"model={model_file}", "--set", f"data.prep_dir={prep}",
                                "--set", "tracking.enabled=false", "--set", f"data.batch_size={args.batch}",
-                               "--resume", "auto", *_overrides(args)])
+                               "--set", "init_from=null", "--resume", "auto", *_overrides(args)])
         result[mode]["train_s"] = round(time.perf_counter() - t0, 1)
     return result
 
@@ -356,13 +364,18 @@ def report(what: str, r: dict) -> None:
                 figure("train", f"ZeRO-{row['zero']} params+optimizer per rank ({r['world_size']} ranks)",
                        row["total_mb"], "MB", f"{r['model']}, {r['parameters'] / 1e6:.1f} M params")
     elif what == "crosscity":
-        for name in ("source_only_pooled", "source_only_per_city", "adapted", "pretrained_adapted"):
+        for name in CROSSCITY_SCORED:
             for part, where in (("", "val split"), ("_city", "whole city")):
                 if f"{name}{part}_mean" in r:
                     m = r[f"{name}{part}_mean"]
                     figure("train", f"target mIoU ({where}), {name}", 100 * m["miou"], "%",
-                           f"OA {100 * m['oa']:.1f} %, {r['steps']} steps, seeds {r['seeds']}, "
-                           f"{sum(r[f'{name}_s']):.0f} s")
+                           f"OA {100 * m['oa']:.1f} %, seeds {r['seeds']}, {sum(r[f'{name}_s']):.0f} s")
+        for part, where in (("", "val split"), ("_city", "whole city")):
+            for name, base in CROSSCITY_GAINS:
+                if f"{name}{part}_vs_{base}" in r:
+                    g = r[f"{name}{part}_vs_{base}"]
+                    figure("train", f"mIoU gain ({where}), {name} vs {base}", 100 * g["mean"], "points",
+                           "per seed " + ", ".join(f"{100 * x:+.1f}" for x in g["per_seed"]))
     elif what == "fusion":
         note = f"{r['model']}, G = {r['tokens_per_location']}"
         cost = r.get("cost", {})
@@ -396,15 +409,18 @@ def main() -> None:
     sub.choices["overhead"].add_argument("--rounds", type=int, default=3)
     sub.choices["crosscity"].set_defaults(size="256x384", model=str(ROOT / "configs/models/demo.yaml"))
     sub.choices["crosscity"].add_argument("--out", default="runs/bench_crosscity")
-    sub.choices["crosscity"].add_argument("--steps", type=int, default=300)
+    sub.choices["crosscity"].add_argument("--steps", type=int, default=1000, help="source-only fine-tuning steps")
+    sub.choices["crosscity"].add_argument("--adapt-steps", type=int, default=300,
+                                          help="adaptation steps, continuing from the source-only model")
+    sub.choices["crosscity"].add_argument("--pretrain-steps", type=int, default=150)
     sub.choices["crosscity"].add_argument("--seeds", type=int, nargs="+", default=[0],
                                           help="training seeds; scores are reported per seed and averaged")
     sub.choices["crosscity"].add_argument("--tile", type=int, default=64)
     sub.choices["crosscity"].add_argument("--infer-window", type=int, default=128,
                                           help="whole-city inference window (px), as in the demo")
     sub.choices["crosscity"].add_argument("--only", nargs="+", default=None,
-                                          help="run only these of source_only_pooled, source_only_per_city, "
-                                          "adapted, pretrain, pretrained_adapted")
+                                          help="run only these of source_only, source_only_more, adapted, pretrain, "
+                                          "pretrained_source_only, pretrained_adapted")
     fus = sub.add_parser("fusion")
     for p in (sub.choices["crosscity"], fus):
         p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",

@@ -1,7 +1,8 @@
 """``c2seg demo``: the whole pipeline on generated cities, on this machine, through the stage CLIs.
 
-generate -> inspect -> prep -> pretrain -> finetune (source only; adapted from scratch; adapted from the
-pretrained encoder) -> export -> infer on the target city -> evaluate, then a table of target-city metrics.
+generate -> inspect -> prep -> pretrain -> finetune on the source labels (from the pretrained encoder) ->
+adapt that model to the target city (mean teacher) -> export -> infer on the target city -> evaluate, then a
+table of target-city metrics, source-only against adapted.
 Generation, prep, training and export are skipped when their outputs exist and training resumes, so an
 interrupted demo continues where it stopped; inference and scoring run again. The same CLIs are what
 the SLURM job scripts call.
@@ -45,9 +46,9 @@ class DemoConfig:
 def register(stages: argparse._SubParsersAction) -> None:
     parser = stages.add_parser(
         "demo", help="run the whole pipeline locally on generated demo cities (the README's main command)",
-        description="generate -> inspect -> prep -> pretrain -> finetune (source only / adapted from scratch / "
-        "adapted from the pretrained encoder) -> export -> "
-        "infer -> evaluate on generated AB-like cities, tracked in the local MLflow store. Steps whose "
+        description="generate -> inspect -> prep -> pretrain -> finetune on the source city (source_only) -> "
+        "adapt it to the target city (adapted) -> export -> infer -> evaluate on generated AB-like cities, "
+        "tracked in the local MLflow store. Steps whose "
         "outputs exist are skipped; training resumes.",
     )
     parser.add_argument("--config", type=Path, default=Path("configs/demo/demo_ab.yaml"),
@@ -100,9 +101,8 @@ def run_demo(args: argparse.Namespace) -> int:
     run.step("verify", ["data", "verify", "--out", str(prep_dir)])
     runs = {  # name: (config, command, init_from)
         "pretrain": (cfg.pretrain_config, ["train", "pretrain"], None),
-        "source_only": (cfg.source_only_config, ["train", "finetune"], None),
-        "adapted": (cfg.finetune_config, ["train", "finetune"], None),
-        "pretrained_adapted": (cfg.finetune_config, ["train", "finetune"], out / "train" / "pretrain"),
+        "source_only": (cfg.source_only_config, ["train", "finetune"], out / "train" / "pretrain"),
+        "adapted": (cfg.finetune_config, ["train", "finetune"], out / "train" / "source_only"),
     }
     for name, (config, command, init_from) in runs.items():
         overrides = ["--set", f"data.prep_dir={prep_dir}", "--set", f"output_dir={out / 'train' / name}",
@@ -110,7 +110,7 @@ def run_demo(args: argparse.Namespace) -> int:
         run.step(name, [*command, "--config", config, "--resume", "auto", *overrides],
                  done=out / "train" / name / "COMPLETED")
     metrics = {}
-    for name in ("source_only", "adapted", "pretrained_adapted"):
+    for name in ("source_only", "adapted"):
         model = models_dir / f"{name}.pt"
         run.step(f"export {name}", ["train", "export", "--run-dir", str(out / "train" / name), "--out", str(model)],
                  done=model)

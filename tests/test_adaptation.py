@@ -116,7 +116,9 @@ def test_per_city_model_exports_and_infers_with_city_statistics(tiny_spec, tiny_
 
 def test_class_balanced_pseudo_labels_keep_every_predicted_class():
     """With pseudo_class_keep, the most confident share of each predicted class counts as confident even
-    when no pixel reaches the threshold; without it the threshold alone decides."""
+    when no pixel reaches the threshold; without it the threshold alone decides, and with no threshold the
+    share alone does."""
+    from train.config import FinetuneConfig
     from train.finetune import confident_pixels
 
     g = torch.Generator().manual_seed(0)
@@ -132,3 +134,33 @@ def test_class_balanced_pseudo_labels_keep_every_predicted_class():
         assert kept.min() >= dropped.max(), "the kept pixels are the class's most confident"
     conf[0, 0, 0] = 0.95
     assert confident_pixels(pseudo, conf, 0.9, class_keep=0.25)[0, 0, 0]
+    # an over-confident teacher: everything passes 0.9; with no threshold the per-class share alone decides
+    conf = 0.95 + 0.05 * torch.rand(2, 16, 16, generator=g)
+    assert confident_pixels(pseudo, conf, 0.9, class_keep=0.25).all()
+    sure = confident_pixels(pseudo, conf, None, class_keep=0.25)
+    assert all(0.2 < float(sure[pseudo == c].float().mean()) < 0.3 for c in (1, 2, 3))
+    with pytest.raises(ValueError, match="set pseudo_threshold, pseudo_class_keep or both"):
+        FinetuneConfig(pseudo_threshold=None)
+
+
+def test_finetune_from_a_finetuned_model_starts_from_its_whole_segmenter(tiny_prepared, finetuned_tiny, tmp_path):
+    """init_from a finetune run loads the decoder too (adapting a trained source model to a target city): with
+    a zero learning rate the new run's weights and its EMA teacher are the old run's; a model of another
+    config is refused with a clear message."""
+    from tests.fixtures_train import checkpoint_tensors
+
+    run = tmp_path / "adapt"
+    run_train(tiny_args("finetune", tiny_prepared, run, "deepspeed.zero_stage=0", "steps=1", "checkpoint_every=1",
+                        "finetune.eval_every=1", "finetune.adapt_warmup_steps=0", "optim.lr=0",
+                        f"init_from={finetuned_tiny}"))
+    _, before = checkpoint_tensors(finetuned_tiny)
+    _, after = checkpoint_tensors(run)
+    model = [k for k in before if k.startswith("model.")]
+    assert any(k.startswith("model.head.") for k in model)
+    for k in model:
+        torch.testing.assert_close(after[k], before[k], rtol=0, atol=0, msg=k)
+        torch.testing.assert_close(after["ema." + k[len("model."):]], before[k], rtol=0, atol=0, msg=k)
+
+    proc = run_train(tiny_args("finetune", tiny_prepared, tmp_path / "other", "model=configs/models/demo.yaml",
+                               f"init_from={finetuned_tiny}"), check=False)
+    assert proc.returncode != 0 and "init_from: the segmenter's weights do not fit this model" in proc.stderr

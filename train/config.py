@@ -150,9 +150,9 @@ class FinetuneConfig:
     class_weights: dict[int, float] | None = None  # class id -> CE weight (others 1)
     adapt: bool = True
     ema_decay: float = 0.99
-    pseudo_threshold: float = 0.9
-    # mask: pixels below pseudo_threshold are ignored; fraction (DAFormer): every pixel keeps its
-    # pseudo-label and the target loss of a tile is weighted by its fraction of pixels above the threshold
+    pseudo_threshold: float | None = 0.9  # None: pseudo_class_keep alone decides
+    # mask: pixels that are not confident are ignored; fraction (DAFormer): every pixel keeps its
+    # pseudo-label and the target loss of a tile is weighted by its fraction of confident pixels
     pseudo_weighting: Literal["mask", "fraction"] = "mask"
     # class-balanced selection (CBST): in each batch, the most confident pseudo_class_keep share of the pixels
     # predicted as each class also counts as confident, whatever pseudo_threshold says, so an uncalibrated early
@@ -167,6 +167,9 @@ class FinetuneConfig:
     def __post_init__(self) -> None:
         if self.pseudo_class_keep is not None and not 0 < self.pseudo_class_keep <= 1:
             raise ValueError("finetune.pseudo_class_keep must be in (0, 1]")
+        if self.pseudo_threshold is None and self.pseudo_class_keep is None:
+            raise ValueError("finetune: set pseudo_threshold, pseudo_class_keep or both (which target pixels "
+                             "get pseudo-labels)")
 
 
 @dataclass(frozen=True)
@@ -178,7 +181,7 @@ class TrainConfig:
     output_dir: str
     steps: int
     seed: int = 0
-    init_from: str | None = None  # a run dir or exported/consolidated weights: initialise the backbone
+    init_from: str | None = None  # a run dir or weights file: a pretrain run's backbone, a finetune run's whole model
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
     # torch.compile the model's forward (in place: weight names stay the same). On an H100, `large` in bf16

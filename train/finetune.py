@@ -25,6 +25,7 @@ from train.config import ModelConfig, TrainConfig
 from train.data import batch_stream, model_inputs
 from train.determinism import rng_isolated
 from train.engine import engine_dtype, full_state_dict
+from train.export import FORMAT as EXPORT_FORMAT
 from train.models import FusionSegmenter
 from train.pretrain import load_backbone
 from train.plots import confusion_figure, preview_figure
@@ -58,11 +59,12 @@ def predict_classes(logits: torch.Tensor, scored: torch.Tensor) -> tuple[torch.T
     return scored[idx], conf
 
 
-def confident_pixels(pseudo: torch.Tensor, conf: torch.Tensor, threshold: float,
+def confident_pixels(pseudo: torch.Tensor, conf: torch.Tensor, threshold: float | None,
                      class_keep: float | None = None) -> torch.Tensor:
-    """Pixels whose pseudo-label counts as confident: confidence >= ``threshold`` or, with ``class_keep``,
-    among the ``class_keep`` most confident share of the pixels predicted as the same class (CBST)."""
-    sure = conf >= threshold
+    """Pixels whose pseudo-label counts as confident: confidence >= ``threshold`` (unless None) or, with
+    ``class_keep``, among the ``class_keep`` most confident share of the pixels predicted as the same class
+    (CBST)."""
+    sure = conf >= threshold if threshold is not None else torch.zeros_like(conf, dtype=torch.bool)
     if class_keep is not None:
         for c in pseudo.unique():
             of_class = pseudo == c
@@ -119,7 +121,17 @@ class FinetuneTask:
         self.teacher: FusionSegmenter | None = None
 
     def init_from(self, weights: dict[str, Any]) -> None:
-        load_backbone(self.module, weights)
+        """The backbone of a pretrain run, or the whole segmenter (decoder too) of a finetune run or an
+        exported model: e.g. adapting a source-only model to a target city."""
+        if weights.get("task") != "finetune" and weights.get("format") != EXPORT_FORMAT:
+            load_backbone(self.module, weights)
+            return
+        state = weights.get("model") or weights.get("state_dict")
+        try:
+            self.module.load_state_dict(state)
+        except RuntimeError as exc:
+            raise ValueError(f"init_from: the segmenter's weights do not fit this model; was it trained with "
+                             f"another model config? ({str(exc).splitlines()[0]})") from exc
 
     def start(self, engine, first_batch: int) -> None:
         d = self.cfg.data

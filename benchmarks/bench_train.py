@@ -200,7 +200,7 @@ def _whole_city(run_dir: Path, prep: Path, window: int) -> dict[str, float]:
     model, pred = run_dir / "model.pt", run_dir / "whole_city"
     _cli("train", "export", "--run-dir", str(run_dir), "--out", str(model))
     _cli("infer", "run", "--model", str(model), *spec_args, "--city", "synth_target", "--out", str(pred),
-         "--window", str(window), "--overlap", "0.5")
+         "--window", str(window), "--overlap", "0.5", "--overwrite")
     _cli("infer", "evaluate", "--pred", str(pred / "synth_target"), *spec_args, "--city", "synth_target",
          "--out", str(pred / "metrics.json"))
     scores = json.loads((pred / "metrics.json").read_text())
@@ -396,7 +396,8 @@ def report(what: str, r: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
-                        help="with no sub-command (as run_all calls it): fewer steps, tiny model")
+                        help="with no sub-command (as run_all calls it): fewer steps, tiny model, no "
+                        "fusion cost or crosscity")
     sub = parser.add_subparsers(dest="what")
     for name in ("overhead", "memory", "crosscity"):
         p = sub.add_parser(name)
@@ -440,11 +441,15 @@ def main() -> None:
     fus.add_argument("--tile", type=int, default=64, help="accuracy: tile size if --prep is missing")
     fus.add_argument("--out", default="runs/bench_fusion", help="accuracy: run folders and model files")
     args = parser.parse_args()
-    if args.what is None:  # run_all: overhead in this process, ZeRO memory under 2 ranks
+    if args.what is None:
+        # run_all: overhead, ZeRO memory under 2 ranks; unless --quick, fusion cost and the cross-city effect
         steps = ["--steps", "8", "--rounds", "2"] if args.quick else []
         _run_self(["overhead", *steps])
         _run_self(["memory", "--model", str(ROOT / ("configs/models/tiny.yaml" if args.quick else
                                                      "configs/models/small.yaml")), "--size", "32"], ranks=2)
+        if not args.quick:
+            _run_self(["fusion", "--parts", "cost"], threads=2)
+            _run_self(["crosscity", "--seeds", "0", "--only", "source_only", "adapted"], threads=2)
         return
     if args.what in ("overhead", "memory"):
         args.size = int(args.size)
@@ -454,10 +459,10 @@ def main() -> None:
         report(args.what, result)
 
 
-def _run_self(args: list[str], ranks: int = 1) -> None:
+def _run_self(args: list[str], ranks: int = 1, threads: int = 1) -> None:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks)] if ranks > 1 \
         else [sys.executable]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
     subprocess.run([*launcher, __file__, *args], env=env, check=True)
 
 

@@ -154,6 +154,7 @@ def infer_city(model_path: str | Path, spec: DatasetSpec, city: str, out: str | 
     from data_prep.readers import open_city
     from inference.predictor import Predictor, pick_device
     from train.export import load_exported
+    from train.tracking import file_hash
 
     dist = detect_env()
     task_index, num_tasks = array_task(task_index, num_tasks)
@@ -169,8 +170,7 @@ def infer_city(model_path: str | Path, spec: DatasetSpec, city: str, out: str | 
     class_ids = exported.spec.scored_class_ids
     predictor = Predictor(exported.model, class_ids, device, cfg.tta)
     normalize = Normalizer(exported.spec, city_normalization(exported, spec, city))
-    stat = model_path.stat()
-    store_key = {"model": f"{model_path.name}:{stat.st_size}:{stat.st_mtime_ns}"}
+    store_key = {"model_sha256": file_hash(model_path)}  # the weights, not the file's name or mtime
     scenes = open_city(spec, city)
     mine = scenes[task_index::num_tasks]
     log.info("city %s: %d scenes, %d for task %d/%d; rank %d/%d on %s; window %d overlap %.2f blend %s tta %s; "

@@ -4,6 +4,7 @@ killed run resumes to the same output, the challenge submission of a tile city, 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -114,10 +115,16 @@ def test_killed_run_resumes_to_the_same_output(tiny_spec, exported_model, tmp_pa
         (ref / "synth_target" / "synth_target.tif").read_bytes()
 
 
-def test_changed_settings_are_refused_rather_than_mixed(tiny_spec, exported_model, one_rank):
+def test_changed_settings_are_refused_rather_than_mixed(tiny_spec, exported_model, one_rank, tmp_path):
     cmd = infer_cmd(exported_model, tiny_spec, "synth_target", one_rank.parent, "--blend", "cosine")
     proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "made with other settings (settings)" in proc.stderr
+    # the same weights re-exported (a new file, a new mtime) are the same model: the work is kept
+    copy = tmp_path / "re_exported.pt"
+    shutil.copyfile(exported_model, copy)
+    cmd = infer_cmd(copy, tiny_spec, "synth_target", one_rank.parent)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "12 of this rank's 12 blocks already done" in proc.stderr, proc.stderr[-2000:]
 
 
 def test_tile_city_submission_has_one_tile_per_input_tile(tiny_spec, exported_model, tmp_path):

@@ -36,8 +36,15 @@ def git_commit() -> str:
 
 
 def file_hash(path: str | Path) -> str:
+    """SHA-256 of a file's bytes, read in 16 MiB pieces (exported models can be GBs); "missing" if absent."""
     p = Path(path)
-    return hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "missing"
+    if not p.is_file():
+        return "missing"
+    digest = hashlib.sha256()
+    with p.open("rb") as f:
+        while piece := f.read(1 << 24):
+            digest.update(piece)
+    return digest.hexdigest()
 
 
 class Tracker:

@@ -41,7 +41,7 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
                                                   "weight_decay": opt.weight_decay, "torch_adam": True,
                                                   "fused": torch.cuda.is_available() and not ds.offload_optimizer}},
         "scheduler": {"type": "WarmupCosineLR", "params": {
-            "total_num_steps": cfg.steps, "warmup_num_steps": min(opt.warmup_steps, cfg.steps - 1),
+            "total_num_steps": cfg.steps, "warmup_num_steps": max(1, min(opt.warmup_steps, cfg.steps - 1)),
             "warmup_min_ratio": 0.0, "cos_min_ratio": opt.min_lr_ratio, "warmup_type": "linear"}},
         "zero_optimization": zero,
         "bf16": {"enabled": ds.precision == "bf16"},

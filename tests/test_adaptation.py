@@ -164,3 +164,26 @@ def test_finetune_from_a_finetuned_model_starts_from_its_whole_segmenter(tiny_pr
     proc = run_train(tiny_args("finetune", tiny_prepared, tmp_path / "other", "model=configs/models/demo.yaml",
                                f"init_from={finetuned_tiny}"), check=False)
     assert proc.returncode != 0 and "init_from: the segmenter's weights do not fit this model" in proc.stderr
+
+
+@pytest.mark.parametrize("power", [0.5, 1.0])
+def test_class_balance_evens_out_the_classes_of_the_target_loss(power):
+    """Every class's total weight scales as its pixel count ** (1 - power): at power 1 each class weighs the
+    same; ignored pixels weigh 0 and the labelled ones average 1 (the loss keeps its scale)."""
+    from train.config import FinetuneConfig
+    from train.finetune import class_balance
+
+    labels = torch.full((2, 8, 8), 3)
+    labels[0, :2] = 1  # 16 pixels
+    labels[1, :1, :4] = 2  # 4 pixels
+    labels[1, 7] = 0  # 8 ignored
+    w = class_balance(labels, 0, power)
+    assert torch.all(w[labels == 0] == 0)
+    assert float(w[labels != 0].mean()) == pytest.approx(1.0)
+    totals = {c: float(w[labels == c].sum()) for c in (1, 2, 3)}
+    counts = {c: int((labels == c).sum()) for c in (1, 2, 3)}
+    for a, b in ((1, 2), (3, 1)):
+        assert totals[a] / totals[b] == pytest.approx((counts[a] / counts[b]) ** (1 - power), rel=1e-5)
+    assert torch.equal(class_balance(torch.zeros(1, 4, 4, dtype=torch.long), 0, power), torch.zeros(1, 4, 4))
+    with pytest.raises(ValueError, match="pseudo_class_balance must be in"):
+        FinetuneConfig(pseudo_class_balance=1.5)

@@ -158,6 +158,10 @@ class FinetuneConfig:
     # predicted as each class also counts as confident, whatever pseudo_threshold says, so an uncalibrated early
     # teacher still teaches and no class is left out; None: pseudo_threshold alone decides
     pseudo_class_keep: float | None = None
+    # class-balanced target loss: each pixel of the mixed target batch weighs (share of its label's class in the
+    # batch) ** -pseudo_class_balance, normalised to a mean of 1, so the classes the teacher predicts most cannot
+    # take over self-training while the rare ones fade (0: off; 1: every class weighs the same in total)
+    pseudo_class_balance: float = 0.0
     adapt_weight: float = 1.0
     adapt_warmup_steps: int = 0  # no target loss before this step
     mix: Literal["classmix", "none"] = "classmix"
@@ -167,6 +171,8 @@ class FinetuneConfig:
     def __post_init__(self) -> None:
         if self.pseudo_class_keep is not None and not 0 < self.pseudo_class_keep <= 1:
             raise ValueError("finetune.pseudo_class_keep must be in (0, 1]")
+        if not 0 <= self.pseudo_class_balance <= 1:
+            raise ValueError("finetune.pseudo_class_balance must be in [0, 1]")
         if self.pseudo_threshold is None and self.pseudo_class_keep is None:
             raise ValueError("finetune: set pseudo_threshold, pseudo_class_keep or both (which target pixels "
                              "get pseudo-labels)")

@@ -3,7 +3,8 @@ on the target city's unlabelled train tiles (DAFormer-style): an EMA teacher lab
 its confident pixels (above ``pseudo_threshold``, or with ``pseudo_class_keep`` the most confident share
 of each predicted class, CBST) become pseudo-labels (``pseudo_weighting: mask``) or every pixel does, each
 tile's loss weighted by its share of confident pixels (``fraction``), and ClassMix pastes half of each
-source tile's classes onto a target tile (pasted pixels weigh 1). Validation on the target city's labelled
+source tile's classes onto a target tile (pasted pixels weigh 1); ``pseudo_class_balance`` evens out the
+classes' weights in the target loss. Validation on the target city's labelled
 val split: mIoU, OA, macro-F1, kappa, per-class IoU (c2seg.metrics), logged with a confusion-matrix
 plot and prediction previews."""
 
@@ -86,6 +87,19 @@ def classmix(src: dict[str, torch.Tensor], src_label: torch.Tensor, tgt: dict[st
     m = torch.stack(masks)
     mixed = {k: torch.where(m[:, None], src[k], tgt[k]) for k in tgt if k in src}
     return mixed, torch.where(m, src_label, pseudo), m
+
+
+def class_balance(labels: torch.Tensor, ignore_id: int, power: float) -> torch.Tensor:
+    """Per-pixel weights (B, H, W): (share of the pixel's class among the labelled pixels) ** -``power``,
+    with a mean of 1 over the labelled pixels (0 on ``ignore_id``)."""
+    valid = labels != ignore_id
+    if not valid.any():
+        return valid.float()
+    ids, inverse, counts = labels[valid].unique(return_inverse=True, return_counts=True)
+    w = (counts.float() / counts.sum()).pow(-power)[inverse]
+    out = torch.zeros(labels.shape, device=labels.device)
+    out[valid] = w / w.mean()
+    return out
 
 
 def weighted_pseudo_loss(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, ignore_id: int,
@@ -185,6 +199,8 @@ class FinetuneTask:
             weight = torch.where(pasted, torch.ones_like(weight), weight)
         else:
             mixed_in, mixed_label = tgt_in, pseudo
+        if self.ft.pseudo_class_balance > 0:
+            weight = weight * class_balance(mixed_label, ignore, self.ft.pseudo_class_balance)
         both = {k: torch.cat([src_in[k], mixed_in[k]]) for k in src_in if k in mixed_in}
         logits = engine(both)
         n = src_label.shape[0]

@@ -95,7 +95,7 @@ def class_balance(labels: torch.Tensor, ignore_id: int, power: float) -> torch.T
     valid = labels != ignore_id
     if not valid.any():
         return valid.float()
-    ids, inverse, counts = labels[valid].unique(return_inverse=True, return_counts=True)
+    _, inverse, counts = labels[valid].unique(return_inverse=True, return_counts=True)
     w = (counts.float() / counts.sum()).pow(-power)[inverse]
     out = torch.zeros(labels.shape, device=labels.device)
     out[valid] = w / w.mean()

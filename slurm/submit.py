@@ -11,7 +11,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from slurm import tracking
-from slurm.cluster import check_partitions, run_slurm, sbatch
+from slurm.cluster import SlurmError, check_partitions, run_slurm, sbatch
 from slurm.config import SubmitConfig
 from slurm.render import REPO_ROOT, Job, render_chain
 from slurm.status import CHAIN_FORMAT
@@ -48,7 +48,13 @@ def submit_chain(cfg: SubmitConfig, dry_run: bool = False, config_path: str = ""
     previous: Job | None = None
     for job in jobs:
         extra = {"C2SEG_MLFLOW_RUN_ID": runs[job.stage]} if runs else None
-        job.job_id = sbatch(job.script, f"afterok:{previous.job_id}" if previous else None, extra)
+        try:
+            job.job_id = sbatch(job.script, f"afterok:{previous.job_id}" if previous else None, extra)
+        except SlurmError as exc:
+            cancelled = _withdraw([j.job_id for j in jobs if j.job_id], uri, runs)
+            raise SlurmError(f"stage {job.stage} was not submitted: {exc}; the chain was withdrawn (cancelled the "
+                             f"jobs already submitted: {', '.join(cancelled) or 'none'}); fix the cause and submit "
+                             "again") from exc
         log.info("submitted %-14s job %s%s", job.name, job.job_id,
                  f" (array of {job.array_tasks})" if job.array_tasks else "")
         previous = job
@@ -65,3 +71,13 @@ def submit_chain(cfg: SubmitConfig, dry_run: bool = False, config_path: str = ""
     if runs:
         tracking.tag_jobs(uri, runs, record["jobs"])
     return jobs
+
+
+def _withdraw(job_ids: list[str], uri: str | None, runs: dict[str, str] | None) -> list[str]:
+    """Cancel the jobs of a chain whose submission failed midway and end its MLflow runs as KILLED, so a
+    half-submitted chain leaves nothing behind; returns the cancelled job ids."""
+    if job_ids:
+        run_slurm(["scancel", *job_ids])
+    if runs and uri:
+        tracking.end_runs(uri, runs, "KILLED")
+    return job_ids

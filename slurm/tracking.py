@@ -69,6 +69,16 @@ def tag_jobs(uri: str, runs: dict[str, str], jobs: list[dict]) -> None:
         log.warning("MLflow tags not set: %s", str(exc).splitlines()[0][:300])
 
 
+def end_runs(uri: str, runs: dict[str, str], status: str) -> None:
+    """End every run of a chain (parent and stages) with ``status``."""
+    try:
+        client = _client(uri)
+        for run_id in runs.values():
+            client.set_terminated(run_id, status)
+    except Exception as exc:  # noqa: BLE001
+        log.warning("MLflow runs not ended: %s", str(exc).splitlines()[0][:300])
+
+
 def close_chain(run_dir: Path) -> None:
     """End the chain's MLflow runs with the jobs' outcome (idempotent; runs already ended are kept)."""
     from slurm.status import FAILED_STATES, chain_status, first_failure, load_chain

@@ -161,3 +161,27 @@ def test_inference_array_over_three_scenes_equals_local_run(chain, tiny_spec, tm
         with rasterio.open(local / rel) as a, rasterio.open(tmp_path / "array" / "predictions" / rel) as b:
             assert np.array_equal(a.read(), b.read()), rel
             assert a.transform == b.transform
+
+
+def test_chain_refused_midway_is_withdrawn(cluster, tmp_path, capsys):
+    """A stage that sbatch refuses (more memory than the node has) after earlier stages were queued: those jobs
+    are cancelled and the chain's MLflow runs end as KILLED, so nothing is left behind."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    rc = submit(tmp_path / "run", "stages=[prep, pretrain]", "pretrain.resources.mem=100000G",
+                f"mlflow.tracking_uri={uri}", wait=False)
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "stage pretrain was not submitted" in err and "the chain was withdrawn" in err, err
+    cancelled = re.search(r"cancelled the jobs already submitted: ([\d, ]+)\)", err)
+    assert cancelled, err
+    job_ids = cancelled.group(1).split(", ")
+    assert len(job_ids) == 2, job_ids  # the prep array and its finalize job
+    for job in job_ids:
+        state = run_slurm(["scontrol", "show", "job", job])
+        assert "JobState=CANCELLED" in state, state
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("c2seg-slurm-local").experiment_id])
+    assert len(runs) == 3 and all(r.info.status == "KILLED" for r in runs), [r.info.status for r in runs]

@@ -101,6 +101,25 @@ def test_fused_features_depend_on_every_modality_there_and_elsewhere(spec, fusio
         assert diff[0, 0] > 0 and diff[1:, 1:].sum() > 0
 
 
+@pytest.mark.parametrize("task", ["segmenter", "pretrainer"])
+def test_weight_decay_spares_biases_norms_and_embedding_tables(spec, task):
+    """Every parameter is in exactly one group; embedding tables (modality, spectral-group and the pretrainer's
+    mask-slot embeddings), biases and norms get no weight decay, projection matrices and kernels do."""
+    from train.engine import weight_decay_split
+
+    model = FusionSegmenter(spec, TINY) if task == "segmenter" else MaskedPretrainer(spec, TINY, PretrainConfig())
+    decay, no_decay = weight_decay_split(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert sorted(map(id, decay + no_decay)) == sorted(names)
+    spared = {names[id(p)] for p in no_decay}
+    decayed = {names[id(p)] for p in decay}
+    assert "backbone.modality_embed" in spared and any(n.endswith("group_embed") for n in spared)
+    assert all(p.ndim > 1 for p in decay) and any(n.endswith("proj.weight") for n in decayed)
+    if task == "pretrainer":
+        assert {n for n in names.values() if n.startswith("slot_embed.")} <= spared
+        assert "decoder_embed.weight" in decayed
+
+
 def test_masked_pretraining_refuses_cross_fusion(spec):
     with pytest.raises(ValueError, match="implemented for fusion: joint"):
         MaskedPretrainer(spec, _cfg("cross"), PretrainConfig())

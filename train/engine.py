@@ -83,6 +83,17 @@ def init_distributed() -> DistEnv:
     return env
 
 
+def weight_decay_split(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """The parameters that get weight decay (matrices and kernels) and those that do not: biases, norms and
+    embedding tables (a parameter named ``*embed*``, or held in a ParameterDict named ``*embed*``)."""
+    decay, no_decay = [], []
+    for module_name, module in model.named_modules():
+        table_dict = isinstance(module, nn.ParameterDict) and "embed" in module_name.rsplit(".", 1)[-1]
+        for name, p in module.named_parameters(recurse=False):
+            (no_decay if p.ndim <= 1 or table_dict or "embed" in name else decay).append(p)
+    return decay, no_decay
+
+
 def create_engine(model: nn.Module, cfg: TrainConfig, world_size: int):
     """Wrap ``model`` in a DeepSpeed engine with optimizer and LR scheduler from ``cfg``."""
     import deepspeed
@@ -90,8 +101,7 @@ def create_engine(model: nn.Module, cfg: TrainConfig, world_size: int):
     conf = deepspeed_config(cfg, world_size)
     if cfg.compile:
         model.compile()  # in place, so checkpoints and exports keep the plain weight names
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1 and "embed" not in n.split(".")[-1]]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim > 1 and "embed" not in n.split(".")[-1])]
+    decay, no_decay = weight_decay_split(model)
     groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=conf)
     log.info("DeepSpeed engine: ZeRO-%d, %s, micro-batch %d x accumulation %d x %d ranks%s",

@@ -134,6 +134,26 @@ def test_sigusr1_checkpoints_at_the_step_boundary_and_exits_75(tiny_prepared, tm
     assert state["step"] == max(losses(out)) and state["step"] < 100000
 
 
+def test_sigusr1_during_startup_is_honoured_at_the_first_step(tiny_prepared, tmp_path):
+    """A USR1 that arrives while DeepSpeed is still starting (a preemption right after the job began) does not
+    kill the run: it checkpoints after its first step, exits 75, and --resume auto finishes it."""
+    out = tmp_path / "run"
+    args = [*tiny_args("pretrain", tiny_prepared, out, "steps=4", "checkpoint_every=100"), "--resume", "auto"]
+    proc = subprocess.Popen(train_cmd(args), cwd=ROOT, env=train_env(), stderr=subprocess.PIPE, text=True)
+    seen = []
+    for line in proc.stderr:  # the first log line of run_training: the distributed start has not begun
+        seen.append(line)
+        if "--resume auto: no checkpoint" in line:
+            proc.send_signal(signal.SIGUSR1)
+            break
+    rest = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 75, "".join(seen) + rest[-3000:]
+    assert "received SIGUSR1" in rest and sorted(losses(out)) == [1]
+    assert (out / "checkpoints" / "LATEST").read_text() == "step_00000001"
+    run_train(args)
+    assert sorted(losses(out)) == [1, 2, 3, 4] and (out / "COMPLETED").is_file()
+
+
 def test_compiled_engine_keeps_weight_names_and_eager_logits(tmp_path):
     """``compile: true`` (the GPU throughput setting) compiles the model inside the DeepSpeed engine without
     renaming its weights (checkpoints and exports stay loadable) or changing what it computes."""

@@ -70,6 +70,7 @@ def run_training(cfg: TrainConfig, make_task, data, resume: str | None = None,
                  config_path: str | None = None) -> int:
     """Train ``cfg.steps`` optimizer steps of the task built by ``make_task(cfg, model_cfg, spec, data)``.
     Returns 0 when done, EXIT_INTERRUPTED after a signal-triggered checkpoint."""
+    stop = StopRequest()  # first: a USR1 / TERM during the slow start-up is honoured at the first step boundary
     spec: DatasetSpec = data.spec
     model_cfg: ModelConfig = load_model_config(cfg.model)
     out = Path(cfg.output_dir)
@@ -107,7 +108,6 @@ def run_training(cfg: TrainConfig, make_task, data, resume: str | None = None,
         if config_path:
             tracker.artifact(config_path, "config")
     task.start(engine, state["step"] * gas)
-    stop = StopRequest()
     step = state["step"]
     samples = cfg.data.batch_size * gas * world
     bar = tqdm(total=cfg.steps, initial=step, desc=task.name, disable=True if env.rank != 0 else None,

@@ -218,9 +218,10 @@ def _whole_city(run_dir: Path, prep: Path, window: int) -> dict[str, float]:
 
 
 CROSSCITY_SCORED = ("source_only", "source_only_more", "adapted", "pretrained_source_only", "pretrained_adapted")
-CROSSCITY_GAINS = (("adapted", "source_only"), ("adapted", "source_only_more"), ("source_only_more", "source_only"),
-                   ("pretrained_source_only", "source_only"), ("pretrained_adapted", "source_only"),
-                   ("pretrained_adapted", "pretrained_source_only"))
+CROSSCITY_GAINS = (("pretrained_adapted", "source_only_more"), ("pretrained_adapted", "source_only"),
+                   ("pretrained_adapted", "pretrained_source_only"), ("adapted", "source_only"),
+                   ("adapted", "source_only_more"), ("source_only_more", "source_only"),
+                   ("pretrained_source_only", "source_only"))
 
 
 def crosscity(args) -> dict:

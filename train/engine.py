@@ -85,12 +85,12 @@ def init_distributed() -> DistEnv:
 
 def weight_decay_split(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     """The parameters that get weight decay (matrices and kernels) and those that do not: biases, norms and
-    embedding tables (a parameter named ``*embed*``, or held in a ParameterDict named ``*embed*``)."""
+    embedding tables named ``*embed*``. The pretrainer's mask-slot embeddings (``slot_embed.<modality>``) are
+    decayed: moving them to the other group would change the optimizer's group sizes, and DeepSpeed refuses
+    to resume the pretraining checkpoints written so far."""
     decay, no_decay = [], []
-    for module_name, module in model.named_modules():
-        table_dict = isinstance(module, nn.ParameterDict) and "embed" in module_name.rsplit(".", 1)[-1]
-        for name, p in module.named_parameters(recurse=False):
-            (no_decay if p.ndim <= 1 or table_dict or "embed" in name else decay).append(p)
+    for name, p in model.named_parameters():
+        (decay if p.ndim > 1 and "embed" not in name.rsplit(".", 1)[-1] else no_decay).append(p)
     return decay, no_decay
 
 

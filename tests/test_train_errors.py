@@ -1,5 +1,5 @@
 """Clear errors: a bad config key, a missing checkpoint, a dataset spec that does not match the
-checkpoint, a checkpoint of another world size or ZeRO stage."""
+checkpoint, a checkpoint of another world size, ZeRO stage or parameter grouping."""
 
 from __future__ import annotations
 
@@ -74,3 +74,20 @@ def test_a_labelled_target_without_val_tiles_warns_and_trains_on(tiny_spec, tmp_
     proc = run_train(tiny_args("finetune", prep, run, "steps=2", "finetune.eval_every=1"))
     assert "no labelled val tiles in ['synth_target']" in proc.stderr
     assert (run / "COMPLETED").is_file() and not (run / "val_metrics.jsonl").exists()
+
+
+def test_checkpoint_with_other_parameter_groups_says_how_to_continue(tiny_prepared, tmp_path):
+    """A checkpoint whose optimizer groups differ from this run's (written by a version that grouped the weights
+    for weight decay otherwise) is refused with a message naming the checkpoint and how to continue."""
+    run = tmp_path / "run"
+    run_train(tiny_args("pretrain", tiny_prepared, run, "steps=2", "checkpoint_every=2", "deepspeed.zero_stage=0"))
+    states = run / "checkpoints" / "step_00000002" / "mp_rank_00_model_states.pt"
+    saved = torch.load(states, weights_only=False)  # written by this test's own run
+    groups = saved["optimizer"]["param_groups"]
+    groups[0]["params"].append(groups[1]["params"].pop())
+    torch.save(saved, states)
+    proc = run_train([*tiny_args("pretrain", tiny_prepared, run, "steps=4", "deepspeed.zero_stage=0"), "--resume",
+                      "auto"], check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "step_00000002: its optimizer state does not fit this run's parameter groups" in proc.stderr
+    assert "init_from=" in proc.stderr

@@ -130,8 +130,13 @@ def load_checkpoint(engine, path: Path, world_size: int) -> dict[str, Any]:
             f"checkpoint {path} was written under ZeRO-{state['zero_stage']}, this job runs ZeRO-{stage}: its "
             f"optimizer state is laid out for the other stage. Resume with --set "
             f"deepspeed.zero_stage={state['zero_stage']}, {restart}")
-    loaded, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
-                                       load_lr_scheduler_states=True)
+    try:
+        loaded, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
+                                           load_lr_scheduler_states=True)
+    except ValueError as exc:  # torch: the saved parameter groups are not this optimizer's
+        raise CheckpointError(
+            f"checkpoint {path}: its optimizer state does not fit this run's parameter groups ({exc}); it was "
+            f"written by another model or c2seg version. Resume with the version that wrote it, {restart}") from exc
     if loaded is None:
         raise CheckpointError(f"DeepSpeed could not load checkpoint {path}")
     log.info("resumed from %s at step %d", path, state["step"])

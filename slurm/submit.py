@@ -51,7 +51,8 @@ def submit_chain(cfg: SubmitConfig, dry_run: bool = False, config_path: str = ""
         try:
             job.job_id = sbatch(job.script, f"afterok:{previous.job_id}" if previous else None, extra)
         except SlurmError as exc:
-            cancelled = _withdraw([j.job_id for j in jobs if j.job_id], uri, runs)
+            cancelled = [j.job_id for j in jobs if j.job_id]
+            _withdraw(cancelled, uri, runs)
             raise SlurmError(f"stage {job.stage} was not submitted: {exc}; the chain was withdrawn (cancelled the "
                              f"jobs already submitted: {', '.join(cancelled) or 'none'}); fix the cause and submit "
                              "again") from exc
@@ -73,11 +74,10 @@ def submit_chain(cfg: SubmitConfig, dry_run: bool = False, config_path: str = ""
     return jobs
 
 
-def _withdraw(job_ids: list[str], uri: str | None, runs: dict[str, str] | None) -> list[str]:
+def _withdraw(job_ids: list[str], uri: str | None, runs: dict[str, str] | None) -> None:
     """Cancel the jobs of a chain whose submission failed midway and end its MLflow runs as KILLED, so a
-    half-submitted chain leaves nothing behind; returns the cancelled job ids."""
+    half-submitted chain leaves nothing behind."""
     if job_ids:
         run_slurm(["scancel", *job_ids])
     if runs and uri:
         tracking.end_runs(uri, runs, "KILLED")
-    return job_ids

@@ -82,7 +82,7 @@ def test_checkpoint_with_other_parameter_groups_says_how_to_continue(tiny_prepar
     run = tmp_path / "run"
     run_train(tiny_args("pretrain", tiny_prepared, run, "steps=2", "checkpoint_every=2", "deepspeed.zero_stage=0"))
     states = run / "checkpoints" / "step_00000002" / "mp_rank_00_model_states.pt"
-    saved = torch.load(states, weights_only=False)  # written by this test's own run
+    saved = torch.load(states, weights_only=True)
     groups = saved["optimizer"]["param_groups"]
     groups[0]["params"].append(groups[1]["params"].pop())
     torch.save(saved, states)

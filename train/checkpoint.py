@@ -133,7 +133,9 @@ def load_checkpoint(engine, path: Path, world_size: int) -> dict[str, Any]:
     try:
         loaded, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
                                            load_lr_scheduler_states=True)
-    except ValueError as exc:  # torch: the saved parameter groups are not this optimizer's
+    except ValueError as exc:
+        if "parameter group" not in str(exc):  # torch's words when the saved groups are not this optimizer's
+            raise
         raise CheckpointError(
             f"checkpoint {path}: its optimizer state does not fit this run's parameter groups ({exc}); it was "
             f"written by another model or c2seg version. Resume with the version that wrote it, {restart}") from exc

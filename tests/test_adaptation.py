@@ -11,6 +11,7 @@ from data_prep.loaders import ZarrTileDataset, collate_views
 from data_prep.manifest import load_manifest
 from data_prep.readers import open_city
 from tests.fixtures_train import run_train, tiny_args
+from train.config import FinetuneConfig
 from train.data import CityStandardizer, PreparedData
 
 
@@ -118,7 +119,6 @@ def test_class_balanced_pseudo_labels_keep_every_predicted_class():
     """With pseudo_class_keep, the most confident share of each predicted class counts as confident even
     when no pixel reaches the threshold; without it the threshold alone decides, and with no threshold the
     share alone does."""
-    from train.config import FinetuneConfig
     from train.finetune import confident_pixels
 
     g = torch.Generator().manual_seed(0)
@@ -170,7 +170,6 @@ def test_finetune_from_a_finetuned_model_starts_from_its_whole_segmenter(tiny_pr
 def test_class_balance_evens_out_the_classes_of_the_target_loss(power):
     """Every class's total weight scales as its pixel count ** (1 - power): at power 1 each class weighs the
     same; ignored pixels weigh 0 and the labelled ones average 1 (the loss keeps its scale)."""
-    from train.config import FinetuneConfig
     from train.finetune import class_balance
 
     labels = torch.full((2, 8, 8), 3)
@@ -187,3 +186,49 @@ def test_class_balance_evens_out_the_classes_of_the_target_loss(power):
     assert torch.equal(class_balance(torch.zeros(1, 4, 4, dtype=torch.long), 0, power), torch.zeros(1, 4, 4))
     with pytest.raises(ValueError, match="pseudo_class_balance must be in"):
         FinetuneConfig(pseudo_class_balance=1.5)
+
+
+def test_partial_adaptation_leaves_out_the_classes_the_source_model_hardly_predicts(tiny_prepared, finetuned_tiny,
+                                                                                     tmp_path):
+    """finetune.target_class_min_share: the classes the source model (the run's init_from) predicts on less than
+    that share of the target city's train pixels count as absent while adapting; the log names them, the
+    checkpoint keeps the classes left in (so a resumed run does not re-estimate them from its teacher)."""
+    from train.export import export_model, load_exported
+    from train.finetune import predict_classes
+
+    source = load_exported(export_model(finetuned_tiny, tmp_path / "source.pt"))
+    spec = source.spec
+    data = PreparedData(tiny_prepared)
+    scored = torch.tensor(spec.scored_class_ids)
+    counts = torch.zeros(spec.num_logits, dtype=torch.int64)
+    with torch.no_grad():
+        for batch in data.each_tile_once("train", ["synth_target"], 4):
+            pred, _ = predict_classes(source.model({m: batch[m].float() for m in spec.modality_names}), scored)
+            counts += torch.bincount(pred.flatten(), minlength=spec.num_logits)
+    share = counts[scored].double() / counts.sum()
+    least, next_least = share.unique()[:2].tolist()  # sorted
+    cut = (least + next_least) / 2  # the least predicted class(es) out
+    expected = scored[share >= cut].tolist()
+    assert 0 < len(expected) < len(scored)
+
+    run = tmp_path / "partial"
+    proc = run_train(tiny_args("finetune", tiny_prepared, run, "deepspeed.zero_stage=0", "steps=2",
+                               "checkpoint_every=2", "finetune.eval_every=2", f"init_from={finetuned_tiny}",
+                               f"finetune.target_class_min_share={cut}"))
+    absent = [spec.class_name(int(c)) for c in scored if int(c) not in expected]
+    said = next(line for line in proc.stderr.splitlines() if "partial adaptation" in line)
+    assert all(name in said for name in absent), said
+    assert not any(spec.class_name(c) in said for c in expected), said
+    weights = run / "checkpoints" / (run / "checkpoints" / "LATEST").read_text().strip() / "weights.pt"
+    saved = torch.load(weights, map_location="cpu", weights_only=True)
+    assert saved["target_classes"] == expected
+    # a resumed run keeps the stored classes (here edited to tell them apart from a new estimate)
+    saved["target_classes"] = expected[:1]
+    torch.save(saved, weights)
+    run_train([*tiny_args("finetune", tiny_prepared, run, "deepspeed.zero_stage=0", "steps=3", "checkpoint_every=1",
+                          "finetune.eval_every=3", f"init_from={finetuned_tiny}",
+                          f"finetune.target_class_min_share={cut}"), "--resume", "auto"])
+    weights = run / "checkpoints" / (run / "checkpoints" / "LATEST").read_text().strip() / "weights.pt"
+    assert torch.load(weights, map_location="cpu", weights_only=True)["target_classes"] == expected[:1]
+    with pytest.raises(ValueError, match="target_class_min_share must be in"):
+        FinetuneConfig(target_class_min_share=1.0)

@@ -101,8 +101,9 @@ def test_kill_9_then_resume_auto_is_bit_exact(tiny_prepared, tmp_path, command, 
     """Same world size and thread count: the resumed run's losses and final weights (EMA teacher included)
     equal the uninterrupted run's exactly. The checkpoint at step 3 lies mid-epoch (4 batches per epoch),
     and finetune validates right after it, so neither a loader re-created mid-epoch nor validation may
-    shift a random draw."""
-    sets = [f"deepspeed.zero_stage={zero}", "steps=8", "checkpoint_every=3", "finetune.eval_every=3"]
+    shift a random draw. Partial adaptation is on, so its class estimate runs on both ranks."""
+    sets = [f"deepspeed.zero_stage={zero}", "steps=8", "checkpoint_every=3", "finetune.eval_every=3",
+            "finetune.target_class_min_share=0.05"]
     straight = tmp_path / "straight"
     run_train(tiny_args(command, tiny_prepared, straight, *sets), nproc=2)
     killed = tmp_path / "killed"

@@ -162,6 +162,11 @@ class FinetuneConfig:
     # batch) ** -pseudo_class_balance, normalised to a mean of 1, so the classes the teacher predicts most cannot
     # take over self-training while the rare ones fade (0: off; 1: every class weighs the same in total)
     pseudo_class_balance: float = 0.0
+    # partial domain adaptation: the classes the initial teacher (the source model) predicts on less than this
+    # share of the target city's train pixels count as absent from the target city; while adapting, their source
+    # pixels are ignored (so ClassMix never pastes them) and the teacher never pseudo-labels them, so the student
+    # unlearns them instead of scattering them over the target (None: every class is kept)
+    target_class_min_share: float | None = None
     adapt_weight: float = 1.0
     adapt_warmup_steps: int = 0  # no target loss before this step
     mix: Literal["classmix", "none"] = "classmix"
@@ -173,6 +178,8 @@ class FinetuneConfig:
             raise ValueError("finetune.pseudo_class_keep must be in (0, 1]")
         if not 0 <= self.pseudo_class_balance <= 1:
             raise ValueError("finetune.pseudo_class_balance must be in [0, 1]")
+        if self.target_class_min_share is not None and not 0 <= self.target_class_min_share < 1:
+            raise ValueError("finetune.target_class_min_share must be in [0, 1)")
         if self.pseudo_threshold is None and self.pseudo_class_keep is None:
             raise ValueError("finetune: set pseudo_threshold, pseudo_class_keep or both (which target pixels "
                              "get pseudo-labels)")

@@ -4,7 +4,8 @@ its confident pixels (above ``pseudo_threshold``, or with ``pseudo_class_keep`` 
 of each predicted class, CBST) become pseudo-labels (``pseudo_weighting: mask``) or every pixel does, each
 tile's loss weighted by its share of confident pixels (``fraction``), and ClassMix pastes half of each
 source tile's classes onto a target tile (pasted pixels weigh 1); ``pseudo_class_balance`` evens out the
-classes' weights in the target loss. Validation on the target city's labelled
+classes' weights in the target loss; ``target_class_min_share`` leaves out the classes the source model
+hardly predicts on the target city (partial domain adaptation). Validation on the target city's labelled
 val split: mIoU, OA, macro-F1, kappa, per-class IoU (c2seg.metrics), logged with a confusion-matrix
 plot and prediction previews."""
 
@@ -133,6 +134,7 @@ class FinetuneTask:
                 weights[cid] = w
         self.class_weights = weights
         self.teacher: FusionSegmenter | None = None
+        self.target_classes: torch.Tensor | None = None  # the classes kept while adapting (None: all scored)
 
     def init_from(self, weights: dict[str, Any]) -> None:
         """The backbone of a pretrain run, or the whole segmenter (decoder too) of a finetune run or an
@@ -168,6 +170,32 @@ class FinetuneTask:
             self.teacher = self._copy(full_state_dict(engine))
         elif self.teacher is not None:
             self.teacher.to(self.device)
+        if self.teacher is not None and self.ft.target_class_min_share is not None and self.target_classes is None:
+            self.target_classes = self._classes_in_target(engine)
+        if self.target_classes is not None:
+            self.target_classes = self.target_classes.to(self.device)
+
+    def _classes_in_target(self, engine) -> torch.Tensor:
+        """The scored classes the teacher (at the start: the source model) predicts on at least
+        ``target_class_min_share`` of the target cities' train pixels (every tile once, over all ranks)."""
+        counts = torch.zeros(self.spec.num_logits, dtype=torch.int64, device=self.device)
+        tiles = self.data.each_tile_once("train", self.targets, self.cfg.data.batch_size, engine.global_rank,
+                                         engine.world_size)
+        with torch.no_grad():
+            for batch in tiles:
+                inputs = model_inputs(batch, self.spec.modality_names, torch.float32, self.device)
+                pred, _ = predict_classes(self.teacher(inputs), self.scored)
+                counts += torch.bincount(pred.flatten(), minlength=self.spec.num_logits)
+        if dist.is_initialized():
+            dist.all_reduce(counts)
+        share = counts[self.scored].double() / counts.sum().clamp(min=1)
+        kept = share >= self.ft.target_class_min_share
+        absent = ", ".join(f"{self.spec.class_name(int(c))} ({100 * float(f):.3f} %)"
+                           for c, f in zip(self.scored[~kept], share[~kept]))
+        log.info("partial adaptation: the source model predicts on under %.3f %% of %s's train pixels: %s; these "
+                 "classes count as absent from the target city while adapting", 100 * self.ft.target_class_min_share,
+                 "/".join(self.targets), absent or "no class")
+        return self.scored[kept]
 
     def _copy(self, state: dict[str, torch.Tensor]) -> FusionSegmenter:
         model = FusionSegmenter(self.spec, self.model_cfg)
@@ -185,9 +213,11 @@ class FinetuneTask:
                                      self._cw()), {}
         tgt_in = model_inputs(tgt, self.spec.modality_names, self.dtype, engine.device)
         ignore = self.spec.ignore_id
+        kept = self.scored if self.target_classes is None else self.target_classes
+        src_label = torch.where(torch.isin(src_label, kept), src_label, torch.full_like(src_label, ignore))
         with torch.no_grad():
             teacher_in = {k: v.float() for k, v in tgt_in.items()}
-            pseudo, conf = predict_classes(self.teacher(teacher_in), self.scored)
+            pseudo, conf = predict_classes(self.teacher(teacher_in), kept)
             sure = confident_pixels(pseudo, conf, self.ft.pseudo_threshold, self.ft.pseudo_class_keep)
             if self.ft.pseudo_weighting == "mask":
                 pseudo = torch.where(sure, pseudo, torch.full_like(pseudo, ignore))
@@ -274,10 +304,13 @@ class FinetuneTask:
         return values
 
     def extra_weights(self) -> dict[str, Any]:
-        """The EMA teacher (when adapting) and the normalisation mode / per-city statistics for export."""
+        """The EMA teacher and the classes kept (when adapting) and the normalisation mode / per-city
+        statistics for export."""
         out = dict(self.data.normalization_meta())
         if self.teacher is not None:
             out["ema"] = {k: v.detach().cpu().clone() for k, v in self.teacher.state_dict().items()}
+        if self.target_classes is not None:
+            out["target_classes"] = self.target_classes.tolist()
         return out
 
     def load_extra(self, weights: dict[str, Any]) -> None:
@@ -285,3 +318,5 @@ class FinetuneTask:
             self.teacher = FusionSegmenter(self.spec, self.model_cfg)
             self.teacher.load_state_dict(weights["ema"])
             self.teacher.eval().requires_grad_(False)
+        if self.ft.adapt and "target_classes" in weights:
+            self.target_classes = torch.tensor(weights["target_classes"])

@@ -232,3 +232,19 @@ def test_partial_adaptation_leaves_out_the_classes_the_source_model_hardly_predi
     assert torch.load(weights, map_location="cpu", weights_only=True)["target_classes"] == expected[:1]
     with pytest.raises(ValueError, match="target_class_min_share must be in"):
         FinetuneConfig(target_class_min_share=1.0)
+
+
+def test_partial_adaptation_estimates_the_classes_when_adaptation_starts(tiny_prepared, pretrained_tiny, tmp_path):
+    """In a run that trains on source labels first (adapt_warmup_steps, from a pretrained encoder whose head is
+    new), the classes are estimated by the teacher at the first adaptation step, not from the untrained head."""
+    run = tmp_path / "run"
+    sets = ["deepspeed.zero_stage=0", "checkpoint_every=2", "finetune.eval_every=100", "finetune.adapt_warmup_steps=2",
+            "finetune.target_class_min_share=0.01", f"init_from={pretrained_tiny}"]
+    proc = run_train(tiny_args("finetune", tiny_prepared, run, "steps=2", *sets))
+    assert "partial adaptation" not in proc.stderr
+    weights = run / "checkpoints" / "step_00000002" / "weights.pt"
+    assert "target_classes" not in torch.load(weights, map_location="cpu", weights_only=True)
+    proc = run_train([*tiny_args("finetune", tiny_prepared, run, "steps=4", *sets), "--resume", "auto"])
+    assert proc.stderr.count("partial adaptation: the teacher predicts") == 1
+    weights = run / "checkpoints" / "step_00000004" / "weights.pt"
+    assert torch.load(weights, map_location="cpu", weights_only=True)["target_classes"]

@@ -169,10 +169,11 @@ class FinetuneConfig:
     # batch) ** -pseudo_class_balance, normalised to a mean of 1, so the classes the teacher predicts most cannot
     # take over self-training while the rare ones fade (0: off; 1: every class weighs the same in total)
     pseudo_class_balance: float = 0.0
-    # partial domain adaptation: the classes the initial teacher (the source model) predicts on less than this
-    # share of the target city's train pixels count as absent from the target city; while adapting, their source
-    # pixels are ignored (so ClassMix never pastes them) and the teacher never pseudo-labels them, so the student
-    # unlearns them instead of scattering them over the target (None: every class is kept)
+    # partial domain adaptation: the classes the teacher predicts, at the first adaptation step (after an init_from
+    # source model: that model's predictions), on less than this share of the target city's train pixels count as
+    # absent from the target city; while adapting, their source pixels are ignored (so ClassMix never pastes them)
+    # and the teacher never pseudo-labels them, so the student unlearns them instead of scattering them over the
+    # target (None: every class is kept)
     target_class_min_share: float | None = None
     adapt_weight: float = 1.0
     adapt_warmup_steps: int = 0  # no target loss before this step

@@ -170,18 +170,16 @@ class FinetuneTask:
             self.teacher = self._copy(full_state_dict(engine))
         elif self.teacher is not None:
             self.teacher.to(self.device)
-        if self.teacher is not None and self.ft.target_class_min_share is not None and self.target_classes is None:
-            self.target_classes = self._classes_in_target(engine)
         if self.target_classes is not None:
             self.target_classes = self.target_classes.to(self.device)
 
     def _classes_in_target(self, engine) -> torch.Tensor:
-        """The scored classes the teacher (at the start: the source model) predicts on at least
-        ``target_class_min_share`` of the target cities' train pixels (every tile once, over all ranks)."""
+        """The scored classes the teacher predicts, as adaptation starts, on at least ``target_class_min_share``
+        of the target cities' train pixels (every tile once, over all ranks; no random draw consumed)."""
         counts = torch.zeros(self.spec.num_logits, dtype=torch.int64, device=self.device)
         tiles = self.data.each_tile_once("train", self.targets, self.cfg.data.batch_size, engine.global_rank,
                                          engine.world_size)
-        with torch.no_grad():
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
             for batch in tiles:
                 inputs = model_inputs(batch, self.spec.modality_names, torch.float32, self.device)
                 pred, _ = predict_classes(self.teacher(inputs), self.scored)
@@ -192,8 +190,8 @@ class FinetuneTask:
         kept = share >= self.ft.target_class_min_share
         absent = ", ".join(f"{self.spec.class_name(int(c))} ({100 * float(f):.3f} %)"
                            for c, f in zip(self.scored[~kept], share[~kept]))
-        log.info("partial adaptation: the source model predicts on under %.3f %% of %s's train pixels: %s; these "
-                 "classes count as absent from the target city while adapting", 100 * self.ft.target_class_min_share,
+        log.info("partial adaptation: the teacher predicts on under %.3f %% of %s's train pixels: %s; these classes "
+                 "count as absent from the target city while adapting", 100 * self.ft.target_class_min_share,
                  "/".join(self.targets), absent or "no class")
         return self.scored[kept]
 
@@ -213,6 +211,8 @@ class FinetuneTask:
                                      self._cw()), {}
         tgt_in = model_inputs(tgt, self.spec.modality_names, self.dtype, engine.device)
         ignore = self.spec.ignore_id
+        if self.ft.target_class_min_share is not None and self.target_classes is None:
+            self.target_classes = self._classes_in_target(engine)  # once, at the first adaptation step
         kept = self.scored if self.target_classes is None else self.target_classes
         src_label = torch.where(torch.isin(src_label, kept), src_label, torch.full_like(src_label, ignore))
         with torch.no_grad():

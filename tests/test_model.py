@@ -11,7 +11,7 @@ import torch
 from c2seg.config import ConfigError
 from c2seg.spec import load_spec
 from train.cli import count_parameters
-from train.config import ModelConfig, OptimConfig, PretrainConfig, load_model_config
+from train.config import ModelConfig, PretrainConfig, load_model_config
 from train.models import FusionSegmenter, MaskedPretrainer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -108,7 +108,7 @@ def test_weight_decay_spares_biases_norms_and_embedding_tables(spec, task):
     from train.engine import weight_decay_split
 
     model = FusionSegmenter(spec, TINY) if task == "segmenter" else MaskedPretrainer(spec, TINY, PretrainConfig())
-    decay, no_decay = weight_decay_split(model.named_parameters())
+    decay, no_decay = weight_decay_split(model)
     names = {id(p): n for n, p in model.named_parameters()}
     assert sorted(map(id, decay + no_decay)) == sorted(names)
     spared = {names[id(p)] for p in no_decay}
@@ -117,27 +117,6 @@ def test_weight_decay_spares_biases_norms_and_embedding_tables(spec, task):
     assert all(p.ndim > 1 for p in decay) and any(n.endswith("proj.weight") for n in decayed)
     if task == "pretrainer":
         assert "decoder_embed.weight" in decayed
-
-
-def test_a_pretrained_encoder_fine_tunes_at_its_share_of_the_learning_rate(spec, tiny_prepared, pretrained_tiny,
-                                                                             tmp_path):
-    """optim.init_encoder_lr_scale: with init_from, the encoder's parameters sit in groups of their own whose
-    learning rate, through warmup and decay, is that share of the others' (read from the DeepSpeed checkpoint)."""
-    from tests.fixtures_train import run_train, tiny_args
-
-    run = tmp_path / "run"
-    run_train(tiny_args("finetune", tiny_prepared, run, "steps=2", "checkpoint_every=2", "deepspeed.zero_stage=0",
-                        "finetune.eval_every=2", f"init_from={pretrained_tiny}", "optim.init_encoder_lr_scale=0.25"))
-    saved = torch.load(run / "checkpoints" / "step_00000002" / "mp_rank_00_model_states.pt", weights_only=True)
-    groups = saved["optimizer"]["param_groups"]
-    names = [n for n, _ in FusionSegmenter(spec, TINY).named_parameters()]
-    assert len(groups) == 4
-    assert len(groups[2]["params"]) + len(groups[3]["params"]) == sum(n.startswith("backbone.") for n in names)
-    assert groups[0]["lr"] > 0 and groups[1]["lr"] == groups[0]["lr"]
-    assert groups[2]["lr"] == groups[3]["lr"] == pytest.approx(0.25 * groups[0]["lr"])
-    assert groups[3]["weight_decay"] == 0.0 and groups[2]["weight_decay"] > 0
-    with pytest.raises(ValueError, match="init_encoder_lr_scale must be in"):
-        OptimConfig(init_encoder_lr_scale=0)
 
 
 def test_masked_pretraining_refuses_cross_fusion(spec):

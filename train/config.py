@@ -95,13 +95,6 @@ class OptimConfig:
     warmup_steps: int = 10
     min_lr_ratio: float = 0.05
     grad_clip: float = 1.0
-    # the encoder's (``backbone.*``) learning rate as a share of ``lr`` in a run with ``init_from``: a pretrained
-    # encoder fine-tuned gently keeps more of what pretraining learned (MAE / BEiT lower it with layer decay)
-    init_encoder_lr_scale: float = 1.0
-
-    def __post_init__(self) -> None:
-        if not 0 < self.init_encoder_lr_scale <= 1:
-            raise ValueError("optim.init_encoder_lr_scale must be in (0, 1]")
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -84,32 +83,15 @@ def init_distributed() -> DistEnv:
     return env
 
 
-def weight_decay_split(named: Iterable[tuple[str, nn.Parameter]]) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+def weight_decay_split(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     """The parameters that get weight decay (matrices and kernels) and those that do not: biases, norms and
     embedding tables named ``*embed*``. The pretrainer's mask-slot embeddings (``slot_embed.<modality>``) are
     decayed: moving them to the other group would change the optimizer's group sizes, and DeepSpeed refuses
     to resume the pretraining checkpoints written so far."""
     decay, no_decay = [], []
-    for name, p in named:
+    for name, p in model.named_parameters():
         (decay if p.ndim > 1 and "embed" not in name.rsplit(".", 1)[-1] else no_decay).append(p)
     return decay, no_decay
-
-
-def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict[str, Any]]:
-    """AdamW groups: decayed and not (``weight_decay_split``); in a run with ``init_from`` and
-    ``optim.init_encoder_lr_scale`` below 1, the encoder's parameters in two more groups at that share of the
-    learning rate (the scheduler scales every group's own rate)."""
-    named = list(model.named_parameters())
-    scale = cfg.optim.init_encoder_lr_scale if cfg.init_from else 1.0
-    parts = [(named, {})]
-    if scale != 1.0:
-        parts = [([(n, p) for n, p in named if not n.startswith("backbone.")], {}),  # first: its lr is logged
-                 ([(n, p) for n, p in named if n.startswith("backbone.")], {"lr": cfg.optim.lr * scale})]
-    groups = []
-    for part, lr in parts:
-        decay, no_decay = weight_decay_split(part)
-        groups += [{"params": decay, **lr}, {"params": no_decay, "weight_decay": 0.0, **lr}]
-    return groups
 
 
 def create_engine(model: nn.Module, cfg: TrainConfig, world_size: int):
@@ -119,7 +101,9 @@ def create_engine(model: nn.Module, cfg: TrainConfig, world_size: int):
     conf = deepspeed_config(cfg, world_size)
     if cfg.compile:
         model.compile()  # in place, so checkpoints and exports keep the plain weight names
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=param_groups(model, cfg), config=conf)
+    decay, no_decay = weight_decay_split(model)
+    groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=conf)
     log.info("DeepSpeed engine: ZeRO-%d, %s, micro-batch %d x accumulation %d x %d ranks%s",
              cfg.deepspeed.zero_stage, cfg.deepspeed.precision, cfg.data.batch_size,
              cfg.deepspeed.gradient_accumulation_steps, world_size, ", compiled" if cfg.compile else "")

@@ -78,7 +78,8 @@ def test_a_labelled_target_without_val_tiles_warns_and_trains_on(tiny_spec, tmp_
 
 def test_checkpoint_with_other_parameter_groups_says_how_to_continue(tiny_prepared, tmp_path):
     """A checkpoint whose optimizer groups differ from this run's (written by a version that grouped the weights
-    for weight decay otherwise) is refused with a message naming the checkpoint and how to continue."""
+    for weight decay otherwise) is refused with a message naming the checkpoint and how to continue, unless the
+    run is finished and asked for no more steps."""
     run = tmp_path / "run"
     run_train(tiny_args("pretrain", tiny_prepared, run, "steps=2", "checkpoint_every=2", "deepspeed.zero_stage=0"))
     states = run / "checkpoints" / "step_00000002" / "mp_rank_00_model_states.pt"
@@ -86,6 +87,11 @@ def test_checkpoint_with_other_parameter_groups_says_how_to_continue(tiny_prepar
     groups = saved["optimizer"]["param_groups"]
     groups[0]["params"].append(groups[1]["params"].pop())
     torch.save(saved, states)
+    # the finished run resumed for no more steps has nothing to train: it starts no engine and loads no state
+    done = run_train([*tiny_args("pretrain", tiny_prepared, run, "steps=2", "deepspeed.zero_stage=0"), "--resume",
+                      "auto"])
+    assert "already finished at step 2 (steps: 2); nothing to train" in done.stderr
+    assert "DeepSpeed engine" not in done.stderr
     proc = run_train([*tiny_args("pretrain", tiny_prepared, run, "steps=4", "deepspeed.zero_stage=0"), "--resume",
                       "auto"], check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]

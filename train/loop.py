@@ -75,6 +75,11 @@ def run_training(cfg: TrainConfig, make_task, data, resume: str | None = None,
     model_cfg: ModelConfig = load_model_config(cfg.model)
     out = Path(cfg.output_dir)
     ckpt = resolve_resume(resume, out)  # checked before the (slow) distributed start
+    if ckpt is not None and (out / "COMPLETED").is_file():
+        done = json.loads((ckpt / "train_state.json").read_text())["step"]
+        if done >= cfg.steps:  # nothing to train: no engine, so no optimizer state to fit
+            log.info("%s already finished at step %d (steps: %d); nothing to train", out, done, cfg.steps)
+            return 0
     resumed = load_weights(ckpt, spec) if ckpt is not None else None  # the spec must fit before anything starts
     init = load_weights(cfg.init_from, spec) if cfg.init_from and ckpt is None else None
     env = init_distributed()

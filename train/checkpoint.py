@@ -115,9 +115,14 @@ def resolve_resume(resume: str | None, output_dir: str | Path) -> Path | None:
     return path
 
 
+def saved_state(path: Path) -> dict[str, Any]:
+    """The train state a checkpoint folder was written at (step, world size, ZeRO stage, ...)."""
+    return json.loads((path / "train_state.json").read_text())
+
+
 def load_checkpoint(engine, path: Path, world_size: int) -> dict[str, Any]:
     """Restore engine, optimizer and LR schedule; returns the saved train state."""
-    state = json.loads((path / "train_state.json").read_text())
+    state = saved_state(path)
     restart = (f"or restart from its consolidated weights with a fresh optimizer: --set "
                f"init_from={path / 'weights.pt'} (and a new output_dir)")
     if state["world_size"] != world_size:

@@ -213,8 +213,10 @@ class FinetuneTask:
         ignore = self.spec.ignore_id
         if self.ft.target_class_min_share is not None and self.target_classes is None:
             self.target_classes = self._classes_in_target(engine)  # once, at the first adaptation step
-        kept = self.scored if self.target_classes is None else self.target_classes
-        src_label = torch.where(torch.isin(src_label, kept), src_label, torch.full_like(src_label, ignore))
+        kept = self.scored
+        if self.target_classes is not None:  # partial adaptation: the absent classes' source pixels are ignored
+            kept = self.target_classes
+            src_label = torch.where(torch.isin(src_label, kept), src_label, torch.full_like(src_label, ignore))
         with torch.no_grad():
             teacher_in = {k: v.float() for k, v in tgt_in.items()}
             pseudo, conf = predict_classes(self.teacher(teacher_in), kept)

@@ -28,7 +28,8 @@ from tqdm import tqdm
 
 from c2seg.config import to_dict
 from c2seg.spec import DatasetSpec
-from train.checkpoint import StopRequest, load_checkpoint, load_weights, resolve_resume, save_checkpoint
+from train.checkpoint import (StopRequest, load_checkpoint, load_weights, resolve_resume, save_checkpoint,
+                              saved_state)
 from train.config import ModelConfig, TrainConfig, load_model_config
 from train.determinism import seed_micro_batch
 from train.engine import create_engine, init_distributed
@@ -76,7 +77,7 @@ def run_training(cfg: TrainConfig, make_task, data, resume: str | None = None,
     out = Path(cfg.output_dir)
     ckpt = resolve_resume(resume, out)  # checked before the (slow) distributed start
     if ckpt is not None and (out / "COMPLETED").is_file():
-        done = json.loads((ckpt / "train_state.json").read_text())["step"]
+        done = saved_state(ckpt)["step"]
         if done >= cfg.steps:  # nothing to train: no engine, so no optimizer state to fit
             log.info("%s already finished at step %d (steps: %d); nothing to train", out, done, cfg.steps)
             return 0

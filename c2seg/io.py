@@ -1,0 +1,93 @@
+"""The one place for two file chores every stage shares: atomic writes and file hashing.
+
+An atomic write goes to ``.NAME.tmp-PID`` beside the target and is renamed over it only when complete,
+so a reader sees the old file or the new one, never half of one. A writer that fails removes its temp
+file; a writer killed with -9 leaves it, and ``remove_dead_partials`` (called by whoever writes into the
+folder next) deletes the temp files of processes that no longer run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO
+
+_PARTIAL = re.compile(r"^\..+\.tmp-(\d+)(\..*)?$")
+
+
+def partial_path(path: str | Path, suffix: str = "") -> Path:
+    """The temp file an atomic write of ``path`` goes to first (``suffix`` keeps an extension GDAL needs)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}{suffix}")
+
+
+@contextmanager
+def atomic_write(path: str | Path, mode: str = "wb", fsync: bool = False, suffix: str = "") -> Iterator[IO]:
+    """Open a temp file for writing; on a clean exit it replaces ``path``, on an error it is removed."""
+    path = Path(path)
+    tmp = partial_path(path, suffix)
+    try:
+        with open(tmp, mode) as f:
+            yield f
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
+    """A temp path for writers that open files themselves (GDAL, np.savez, torch.save); on a clean exit it
+    replaces ``path``, on an error it is removed."""
+    path = Path(path)
+    tmp = partial_path(path, suffix)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    with atomic_write(path, "w") as f:
+        f.write(text)
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    """sha256 hex digest of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_dead_partials(folder: str | Path) -> list[Path]:
+    """Delete the atomic-write temp files in ``folder`` (not recursive) whose writer process is gone;
+    returns what was removed. Temp files of live processes (a concurrent writer) are kept."""
+    removed = []
+    folder = Path(folder)
+    if not folder.is_dir():
+        return removed
+    for p in folder.iterdir():
+        m = _PARTIAL.match(p.name)
+        if m and p.is_file() and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed

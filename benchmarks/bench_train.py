@@ -123,9 +123,9 @@ def _bytes(tensors) -> int:
 
 
 def memory(args) -> dict:
-    import torch.distributed as dist
     import torch.nn.functional as F
 
+    from c2seg.distributed import gather_objects, world_size
     from c2seg.spec import load_spec
     from train.config import load_model_config
     from train.engine import create_engine, init_distributed
@@ -139,7 +139,7 @@ def memory(args) -> dict:
     for zero in (0, 1, 2, 3):
         torch.manual_seed(0)
         engine = create_engine(FusionSegmenter(spec, mcfg), train_config(args.model, zero, 1, 10),
-                               dist.get_world_size())
+                               world_size())
         loss = F.cross_entropy(engine({m: batch[m] for m in spec.modality_names}), batch["label"], ignore_index=0)
         engine.backward(loss)
         engine.step()
@@ -152,12 +152,10 @@ def memory(args) -> dict:
         row = {"zero": zero, "rank": env.rank, "param_mb": _bytes(params) / 2**20,
                "optimizer_state_mb": _bytes(state) / 2**20, "fp32_master_mb": _bytes(masters) / 2**20}
         row["total_mb"] = row["param_mb"] + row["optimizer_state_mb"] + row["fp32_master_mb"]
-        gathered = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, row)
-        rows += gathered
+        rows += gather_objects(row)
         del engine, opt, inner
     n = sum(p.numel() for p in FusionSegmenter(spec, mcfg).parameters())
-    return {"model": mcfg.name, "parameters": n, "world_size": dist.get_world_size(),
+    return {"model": mcfg.name, "parameters": n, "world_size": world_size(),
             "rows": [{k: round(v, 2) if isinstance(v, float) else v for k, v in r.items()} for r in rows]}
 
 

@@ -2,14 +2,21 @@
 
 Mirrors what open_clip does: under ``srun`` each task sees SLURM_PROCID / SLURM_NTASKS /
 SLURM_LOCALID, which are exported as RANK / WORLD_SIZE / LOCAL_RANK so that torch.distributed and
-DeepSpeed initialise the same way whatever launched the job.
+DeepSpeed initialise the same way whatever launched the job. Also the project's only collectives
+(reductions, barrier, object gather), correct under gloo, NCCL and mixed groups.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
 
 
 @dataclass(frozen=True)
@@ -69,3 +76,112 @@ def array_task(task_index: int | None = None, num_tasks: int | None = None) -> t
     if not 0 <= task_index < num_tasks:
         raise ValueError(f"task index {task_index} is outside 0..{num_tasks - 1}")
     return task_index, num_tasks
+
+
+# --- collectives -------------------------------------------------------------------------------------
+# Every reduction of the project goes through these functions; nothing else calls torch.distributed's
+# collectives. The mechanism: a value is copied to the device the default process group can reduce on
+# (CPU when the group declares a CPU backend: plain gloo or a mixed "cpu:gloo,cuda:nccl"; else the
+# current CUDA device, for plain NCCL, which refuses CPU tensors), reduced there and copied back.
+# The values are small (a few metrics, flags, class counts, a 13 x 14 confusion matrix), so the copy
+# costs nothing next to a step, and an NCCL job needs no second (gloo) group with its own sockets.
+
+
+def distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if distributed() else 1
+
+
+def backend_devices(config: str) -> set[str]:
+    """The device types a backend config string declares: 'cpu:gloo,cuda:nccl' -> {'cpu', 'cuda'};
+    a bare backend name ('nccl', 'gloo') names the devices torch gives it."""
+    bare = {"nccl": {"cuda"}, "gloo": {"cpu", "cuda"}, "mpi": {"cpu", "cuda"}}
+    if ":" not in config:
+        return bare.get(config, {"cpu"})
+    return {part.split(":", 1)[0].strip() for part in config.split(",") if part.strip()}
+
+
+def collective_device() -> torch.device:
+    """Where the default group reduces: CPU if it declares a CPU backend, else the current CUDA device."""
+    if not distributed() or "cpu" in backend_devices(dist.get_backend_config()):
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cuda")
+
+
+def reduce_tensor(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """``tensor`` reduced over all ranks (``op``: sum, max or min), on ``tensor``'s own device; the input is
+    left as it was. Collective: every rank calls it with a tensor of the same shape and dtype."""
+    if not distributed():
+        return tensor.clone()
+    ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+    work = tensor.detach().to(collective_device(), copy=True)
+    dist.all_reduce(work, op=ops[op])
+    return work.to(tensor.device)
+
+
+def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
+    """Each value averaged over the ranks (float64). Collective: every rank passes the same keys."""
+    if not distributed() or not values:
+        return dict(values)
+    total = reduce_tensor(torch.tensor(list(values.values()), dtype=torch.float64))
+    return dict(zip(values, (total / world_size()).tolist()))
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when any rank passes True (e.g. a stop signal seen by one rank)."""
+    return bool(reduce_tensor(torch.tensor([int(flag)], dtype=torch.int64), "max").item())
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op without a process group)."""
+    if distributed():
+        if dist.get_backend() == "nccl" and torch.cuda.is_available():
+            dist.barrier(device_ids=[torch.cuda.current_device()])
+        else:
+            dist.barrier()
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` (picklable, produced by this program), in rank order, on every rank."""
+    if not distributed():
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+# --- start-up -----------------------------------------------------------------------------------------
+
+
+def _listening_socket(addr: str, port: int) -> socket.socket:
+    """A TCP socket bound to MASTER_ADDR's interface only (torch's own store binds every interface)."""
+    family, _, _, _, sockaddr = socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(sockaddr)
+    sock.listen(128)
+    return sock
+
+
+def init_process_group(env: DistEnv, backend: str, timeout_s: float = 600.0) -> None:
+    """Start torch.distributed for ``env`` from MASTER_ADDR / MASTER_PORT (set by ``detect_env``). Rank 0
+    serves the rendezvous store on MASTER_ADDR's interface only: 127.0.0.1 (the single-node default)
+    is never reachable from another machine. ``timeout_s`` bounds every collective, so a lost rank
+    fails the others instead of hanging them."""
+    addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    timeout = timedelta(seconds=timeout_s)
+    listen = _listening_socket(addr, port) if env.rank == 0 else None
+    store = dist.TCPStore(addr, port, env.world_size, is_master=env.rank == 0, timeout=timeout,
+                          master_listen_fd=listen.fileno() if listen else None)
+    dist.init_process_group(backend, store=store, rank=env.rank, world_size=env.world_size, timeout=timeout)
+    _KEEP_ALIVE.append((store, listen))
+
+
+_KEEP_ALIVE: list[Any] = []  # the store and its socket live as long as the process group

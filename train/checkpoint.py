@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
+from c2seg.distributed import any_rank, barrier, rank
 from c2seg.spec import DatasetSpec, spec_compatible, spec_from_dict
 from train.engine import full_state_dict
 
@@ -45,19 +45,7 @@ class StopRequest:
         self.requested = True
 
     def agreed(self) -> bool:
-        flag = torch.tensor([1.0 if self.requested else 0.0])
-        if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
+        return any_rank(self.requested)
 
 
 def checkpoint_dir(output_dir: str | Path) -> Path:
@@ -82,12 +70,12 @@ def save_checkpoint(engine, output_dir: str | Path, state: dict[str, Any], weigh
     path = root / tag
     engine.save_checkpoint(str(root), tag=tag, save_latest=False)
     weights = full_state_dict(engine)
-    if _rank() == 0:
+    if rank() == 0:
         torch.save({"format": WEIGHTS_FORMAT, "model": weights, **(extra_weights or {}), **weights_meta,
                     "step": state["step"]}, path / "weights.pt")
         (path / "train_state.json").write_text(json.dumps(state, indent=1))
-    _barrier()
-    if _rank() == 0:
+    barrier()
+    if rank() == 0:
         tmp = root / "LATEST.tmp"
         tmp.write_text(tag)
         os.replace(tmp, root / "LATEST")
@@ -95,7 +83,7 @@ def save_checkpoint(engine, output_dir: str | Path, state: dict[str, Any], weigh
         for stale in old[: max(0, len(old) - (keep - 1))]:
             shutil.rmtree(stale, ignore_errors=True)
         log.info("checkpoint saved: %s", path)
-    _barrier()
+    barrier()
     return path
 
 

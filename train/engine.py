@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from c2seg.distributed import DistEnv, detect_env
+from c2seg.distributed import DistEnv, detect_env, init_process_group
 from train.config import TrainConfig
 
 log = logging.getLogger("c2seg.train")
@@ -76,10 +76,11 @@ def init_distributed() -> DistEnv:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    deepspeed.init_distributed(dist_backend=None if torch.cuda.is_available() else "gloo",
-                               auto_mpi_discovery=False)
-    if torch.cuda.is_available():
+    if torch.cuda.is_available():  # before the group starts, so NCCL binds this rank's GPU
         torch.cuda.set_device(env.local_rank)
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    init_process_group(env, backend)  # rendezvous on MASTER_ADDR's interface only
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)  # adopts the started group
     return env
 
 

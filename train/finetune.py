@@ -18,9 +18,9 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
+from c2seg.distributed import reduce_tensor
 from c2seg.metrics import confusion_matrix, scores_from_confusion
 from c2seg.spec import DatasetSpec
 from train.config import ModelConfig, TrainConfig
@@ -184,8 +184,7 @@ class FinetuneTask:
                 inputs = model_inputs(batch, self.spec.modality_names, torch.float32, self.device)
                 pred, _ = predict_classes(self.teacher(inputs), self.scored)
                 counts += torch.bincount(pred.flatten(), minlength=self.spec.num_logits)
-        if dist.is_initialized():
-            dist.all_reduce(counts)
+        counts = reduce_tensor(counts)
         share = counts[self.scored].double() / counts.sum().clamp(min=1)
         kept = share >= self.ft.target_class_min_share
         absent = ", ".join(f"{self.spec.class_name(int(c))} ({100 * float(f):.3f} %)"
@@ -280,9 +279,7 @@ class FinetuneTask:
                 cm += confusion_matrix(label, pred.cpu().numpy(), ids)
                 if tracker and tracker.active and len(previews) < self.cfg.tracking.previews:
                     previews.append((batch, pred.cpu()))
-        total = torch.from_numpy(cm)
-        if dist.is_initialized():
-            dist.all_reduce(total)
+        total = reduce_tensor(torch.from_numpy(cm))
         if engine.global_rank != 0:
             return {}
         if not total.any():

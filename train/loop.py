@@ -21,12 +21,12 @@ from typing import Any, Protocol
 
 import psutil
 import torch
-import torch.distributed as dist
 import yaml
 from torch import nn
 from tqdm import tqdm
 
 from c2seg.config import to_dict
+from c2seg.distributed import mean_over_ranks, world_size
 from c2seg.spec import DatasetSpec
 from train.checkpoint import (StopRequest, load_checkpoint, load_weights, resolve_resume, save_checkpoint,
                               saved_state)
@@ -53,14 +53,6 @@ class Task(Protocol):
     def init_from(self, weights: dict[str, Any]) -> None: ...
 
 
-def _mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
-    if not dist.is_initialized() or not values:
-        return values
-    t = torch.tensor(list(values.values()), dtype=torch.float64)
-    dist.all_reduce(t)
-    return dict(zip(values, (t / dist.get_world_size()).tolist()))
-
-
 def _memory_mb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
@@ -84,7 +76,7 @@ def run_training(cfg: TrainConfig, make_task, data, resume: str | None = None,
     resumed = load_weights(ckpt, spec) if ckpt is not None else None  # the spec must fit before anything starts
     init = load_weights(cfg.init_from, spec) if cfg.init_from and ckpt is None else None
     env = init_distributed()
-    world = dist.get_world_size() if dist.is_initialized() else 1
+    world = world_size()
     torch.manual_seed(cfg.seed * 1000 + env.rank)
     out.mkdir(parents=True, exist_ok=True)
     task: Task = make_task(cfg, model_cfg, spec, data)
@@ -133,7 +125,7 @@ def run_training(cfg: TrainConfig, make_task, data, resume: str | None = None,
         step += 1
         task.after_step(engine, step)
         took = time.perf_counter() - t0
-        logs = _mean_over_ranks(logs)
+        logs = mean_over_ranks(logs)
         grad_norm = engine.get_global_grad_norm()
         logs.update({"lr": engine.get_lr()[0], "step_time_s": took, "samples_per_s": samples / took,
                      "memory_mb": _memory_mb()})

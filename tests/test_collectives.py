@@ -1,0 +1,132 @@
+"""The project's collectives (c2seg/distributed.py) under real process groups: 2 gloo ranks, a mixed
+'cpu:gloo,cuda:gloo' group, and a group that declares no CPU backend (as NCCL does), plus the rule that
+no other module calls torch.distributed's collectives itself."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import psutil
+import pytest
+
+from c2seg.distributed import backend_devices
+
+ROOT = Path(__file__).resolve().parents[1]
+
+WORKER = textwrap.dedent("""
+    import json, os, sys
+    import torch
+    import torch.distributed as dist
+    from c2seg.distributed import (DistEnv, any_rank, barrier, collective_device, gather_objects,
+                                   init_process_group, mean_over_ranks, reduce_tensor)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    init_process_group(DistEnv(rank, world, rank, "torchrun"), sys.argv[1], timeout_s=60)
+    out = {"config": dist.get_backend_config(), "device": str(collective_device())}
+    if out["device"] == "cpu":
+        counts = torch.tensor([rank + 1, 10 * rank], dtype=torch.int64)
+        out["sum"] = reduce_tensor(counts).tolist()
+        out["input_kept"] = counts.tolist()
+        out["max"] = reduce_tensor(torch.tensor([float(rank)]), "max").tolist()
+        out["mean"] = mean_over_ranks({"loss": 1.0 + rank, "acc": 0.5 * rank})
+        out["any_false"], out["any_one"] = any_rank(False), any_rank(rank == world - 1)
+        out["gathered"] = gather_objects({"rank": rank})
+        barrier()
+    else:  # a group with no CPU backend: a raw CPU reduction is refused, as NCCL refuses it
+        try:
+            dist.all_reduce(torch.ones(1))
+            out["raw_cpu"] = "accepted"
+        except RuntimeError as exc:
+            out["raw_cpu"] = str(exc).splitlines()[0]
+    print("RESULT " + json.dumps(out), flush=True)
+    dist.destroy_process_group()
+""")
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run_ranks(backend: str, world: int) -> list[dict]:
+    import json
+
+    port = _port()
+    procs = []
+    for rank in range(world):
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+        procs.append(subprocess.Popen([sys.executable, "-c", WORKER, backend], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err[-2000:]
+        results.append(json.loads(next(line[7:] for line in out.splitlines() if line.startswith("RESULT "))))
+    return results
+
+
+@pytest.mark.parametrize("backend", ["gloo", "cpu:gloo,cuda:gloo"])
+def test_reductions_at_two_ranks(backend):
+    for rank, r in enumerate(_run_ranks(backend, 2)):
+        assert r["config"] == "cpu:gloo,cuda:gloo"
+        assert r["device"] == "cpu"
+        assert r["sum"] == [3, 10]
+        assert r["input_kept"] == [rank + 1, 10 * rank]  # the caller's tensor is not reduced in place
+        assert r["max"] == [1.0]
+        assert r["mean"] == {"loss": 1.5, "acc": 0.25}
+        assert (r["any_false"], r["any_one"]) == (False, True)
+        assert r["gathered"] == [{"rank": 0}, {"rank": 1}]
+
+
+def test_a_group_without_cpu_backend_reduces_on_cuda():
+    """'cuda:gloo' declares CUDA only, like NCCL: torch refuses CPU tensors there, and the helper picks the
+    CUDA device (this CPU machine cannot run a CUDA reduction, so the choice is what is checked)."""
+    (r,) = _run_ranks("cuda:gloo", 1)
+    assert r["config"] == "cuda:gloo"
+    assert r["raw_cpu"] == "No backend type associated with device type cpu"
+    assert r["device"] == "cuda"
+
+
+@pytest.mark.parametrize("config, devices", [
+    ("nccl", {"cuda"}), ("gloo", {"cpu", "cuda"}), ("cuda:nccl", {"cuda"}),
+    ("cpu:gloo,cuda:nccl", {"cpu", "cuda"}), ("cpu:gloo", {"cpu"}),
+])
+def test_backend_devices(config, devices):
+    assert backend_devices(config) == devices
+
+
+def test_no_collective_outside_the_helper():
+    pattern = re.compile(r"\bdist\.(all_reduce|barrier|all_gather\w*|broadcast\w*|reduce_scatter\w*|reduce)\(")
+    offenders = [f"{p.relative_to(ROOT)}:{i}" for pkg in ("c2seg", "train", "inference", "data_prep", "slurm",
+                                                         "benchmarks")
+                 for p in sorted((ROOT / pkg).rglob("*.py")) if p.name != "distributed.py"
+                 for i, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
+    assert offenders == []
+
+
+def test_rendezvous_store_listens_on_master_addr_only():
+    """The rank-0 store of a single-node job binds 127.0.0.1, not every interface."""
+    port = _port()
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+           "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    rank0 = subprocess.Popen([sys.executable, "-c", WORKER, "gloo"], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        addrs = set()
+        for _ in range(300):  # until rank 0 listens (it then waits for rank 1)
+            addrs = {c.laddr.ip for c in psutil.Process(rank0.pid).net_connections("inet")
+                     if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
+            if addrs:
+                break
+            rank0.wait(timeout=0.1) if rank0.poll() is not None else __import__("time").sleep(0.1)
+        assert addrs == {"127.0.0.1"}
+    finally:
+        rank0.kill()
+        rank0.communicate()

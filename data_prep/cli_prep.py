@@ -41,10 +41,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     v = sub.add_parser("verify", help="check DIR against its manifest (counts, hashes, zarr == tar)",
                        description="Check shard sizes, sha256 and sample counts, zarr shapes and kept tiles, "
-                       "and that tar entries equal the zarr tiles for a sample of each shard. Exit 1 and list "
-                       "every problem when something is wrong.")
+                       "and that tar entries equal the zarr tiles for a sample of each shard. Zarr chunks carry "
+                       "crc32c checksums: a corrupt chunk read is reported by array and chunk (stores written "
+                       "before the checksums get a warning). Exit 1 and list every problem when something is "
+                       "wrong.")
     v.add_argument("--out", required=True, type=Path, help="the prep output folder DIR")
     v.add_argument("--samples-per-shard", type=int, default=2, help="tiles compared tar vs zarr per shard")
+    v.add_argument("--all-chunks", action="store_true",
+                   help="read every stored zarr chunk (checksums checked) and compare every tile of every shard "
+                        "with zarr, instead of --samples-per-shard of them; reads the whole dataset once")
     v.set_defaults(func=_verify)
 
 
@@ -74,7 +79,7 @@ def _finalize(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     from data_prep.verify import verify
 
-    problems = verify(args.out, args.samples_per_shard)
+    problems = verify(args.out, args.samples_per_shard, args.all_chunks)
     for p in problems:
         print(f"PROBLEM: {p}")
     print(f"{args.out}: {'OK' if not problems else f'{len(problems)} problem(s)'}")

@@ -338,7 +338,7 @@ class ZarrTileDataset(Dataset):
 
     def __getitems__(self, indices: list[int]) -> list[dict[str, torch.Tensor]]:
         """The items at ``indices``, read and normalised as one batch."""
-        from data_prep.zarr_store import consecutive_runs  # zarr only loads where this dataset is used
+        from data_prep.zarr_store import consecutive_runs, read_tiles  # zarr loads only where this is used
 
         by_city: dict[str, list[int]] = {}
         for i in indices:
@@ -350,7 +350,7 @@ class ZarrTileDataset(Dataset):
             slots = np.unique(slots).tolist()
             for a, b in consecutive_runs(slots):  # one read per run of consecutive slots
                 run = slots[a:b]
-                data = {name: arr[run[0]:run[-1] + 1] for name, arr in arrays.items()}
+                data = {name: read_tiles(arr, run[0], run[-1] + 1) for name, arr in arrays.items()}
                 for j, slot in enumerate(run):
                     stored[city, slot] = ({m: data[m][j] for m in self.assemble.modalities},
                                           data["label"][j] if "label" in data else None,

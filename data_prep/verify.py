@@ -2,7 +2,11 @@
 
 Checks: every shard exists with the recorded size and sha256 and holds the recorded sample count
 with keys of kept slots only; each split's zarr arrays exist with the planned shape and ``kept``
-matches the shards; for a sample of tiles per shard the tar entries equal the zarr tiles bit for bit.
+matches the shards; for a sample of tiles per shard (every tile with ``all_chunks``) the tar entries equal
+the zarr tiles bit for bit. Zarr tiles are read through :func:`data_prep.zarr_store.read_tiles`, so a chunk
+whose crc32c checksum fails is reported by array and chunk; ``all_chunks`` also decodes the index arrays,
+so that every stored chunk is read once. A store written before the checksums is checked all the same, with
+a warning that its chunks carry none.
 """
 
 from __future__ import annotations
@@ -16,12 +20,15 @@ from tqdm import tqdm
 
 from data_prep.manifest import load_manifest
 from data_prep.shards import decode_npy, file_sha256, iter_samples, sample_key
+from data_prep.zarr_store import ChunkError, has_checksums, read_tiles
 
 log = logging.getLogger("c2seg.prep")
+INDEX_ARRAYS = ("windows", "scene")
 
 
-def verify(prep_dir: str | Path, samples_per_shard: int = 2) -> list[str]:
-    """Problems found (empty when the dataset matches its manifest)."""
+def verify(prep_dir: str | Path, samples_per_shard: int = 2, all_chunks: bool = False) -> list[str]:
+    """Problems found (empty when the dataset matches its manifest). ``all_chunks``: compare every tile of
+    every shard (not ``samples_per_shard``) and decode the index arrays too, so every chunk is read."""
     root = Path(prep_dir)
     manifest = load_manifest(root)
     modalities = manifest.spec.modality_names
@@ -31,13 +38,17 @@ def verify(prep_dir: str | Path, samples_per_shard: int = 2) -> list[str]:
         where = f"{city}/{split}"
         try:
             g = zarr.open_group(root / rec["zarr"], mode="r")
-            kept = set(g["kept"][:].tolist())
+            kept = set(read_tiles(g["kept"], 0, g["kept"].shape[0]).tolist())
         except (FileNotFoundError, KeyError, ValueError) as exc:
             problems.append(f"{root / rec['zarr']}: cannot open the zarr group or its 'kept' array ({exc})")
             continue
-        for m in modalities + (("label",) if rec["labelled"] else ()):
+        tile_arrays = modalities + (("label",) if rec["labelled"] else ())
+        for m in tile_arrays:
             if m not in g or g[m].shape[0] != rec["planned"]:
                 problems.append(f"{root / rec['zarr']}: array '{m}' missing or not {rec['planned']} tiles long")
+        _warn_without_checksums(root / rec["zarr"], g, tile_arrays + INDEX_ARRAYS + ("kept",))
+        if all_chunks:
+            problems += _corrupt_index_chunks(g)
         if len(kept) != rec["tiles"]:
             problems.append(f"{where}: zarr 'kept' lists {len(kept)} tiles, the manifest says {rec['tiles']}")
         in_shards: set[int] = set()
@@ -51,8 +62,8 @@ def verify(prep_dir: str | Path, samples_per_shard: int = 2) -> list[str]:
             elif file_sha256(path) != shard["sha256"]:
                 problems.append(f"{path}: sha256 differs from the manifest (file changed or corrupt)")
             try:
-                problems += _check_shard(path, shard, city, split, g, kept, in_shards, samples_per_shard,
-                                         modalities, rec["labelled"])
+                problems += _check_shard(path, shard, city, split, g, kept, in_shards,
+                                         None if all_chunks else samples_per_shard, modalities, rec["labelled"])
             except Exception as exc:  # a corrupt tar: report it and go on with the others
                 problems.append(f"{path}: cannot be read as a tar shard ({exc})")
         if in_shards != kept:
@@ -63,8 +74,27 @@ def verify(prep_dir: str | Path, samples_per_shard: int = 2) -> list[str]:
     return problems
 
 
+def _warn_without_checksums(group_dir: Path, g, names: tuple[str, ...]) -> None:
+    unchecked = [n for n in names if n in g and not has_checksums(g[n])]
+    if unchecked:
+        log.warning("%s: arrays %s carry no checksums (written before crc32c chunks): a corrupt chunk shows "
+                    "only where its tile differs from the shards (--all-chunks compares every tile)",
+                    group_dir, unchecked)
+
+
+def _corrupt_index_chunks(g) -> list[str]:
+    problems = []
+    for name in (n for n in INDEX_ARRAYS if n in g):
+        try:
+            read_tiles(g[name], 0, g[name].shape[0])
+        except ChunkError as exc:
+            problems.append(str(exc))
+    return problems
+
+
 def _check_shard(path: Path, shard: dict, city: str, split: str, g, kept: set[int], in_shards: set[int],
-                 samples_per_shard: int, modalities: tuple[str, ...], labelled: bool) -> list[str]:
+                 samples_per_shard: int | None, modalities: tuple[str, ...], labelled: bool) -> list[str]:
+    """Problems of one shard; the first ``samples_per_shard`` samples (all when None) are compared with zarr."""
     problems, count = [], 0
     for key, entries in iter_samples(path):  # payloads stay views: only a few samples are decoded
         count += 1
@@ -75,13 +105,22 @@ def _check_shard(path: Path, shard: dict, city: str, split: str, g, kept: set[in
         if slot in in_shards:
             problems.append(f"{path}: tile {key} is stored twice")
         in_shards.add(slot)
-        if count <= samples_per_shard:
-            names = modalities + (("label",) if labelled else ())
-            for m in names:
-                if f"{m}.npy" not in entries:
-                    problems.append(f"{path}: sample '{key}' has no '{m}.npy'")
-                elif not np.array_equal(decode_npy(entries[f"{m}.npy"]), g[m][slot]):
-                    problems.append(f"{path}: sample '{key}' entry '{m}' differs from zarr tile {slot}")
+        if samples_per_shard is None or count <= samples_per_shard:
+            for m in modalities + (("label",) if labelled else ()):
+                problems += _compare_entry(path, key, entries, m, g[m], slot)
     if count != shard["samples"]:
         problems.append(f"{path}: {count} samples, the manifest says {shard['samples']}")
     return problems
+
+
+def _compare_entry(path: Path, key: str, entries: dict, name: str, arr, slot: int) -> list[str]:
+    """Problems of entry ``name`` of sample ``key`` against zarr tile ``slot`` (a corrupt chunk included)."""
+    if f"{name}.npy" not in entries:
+        return [f"{path}: sample '{key}' has no '{name}.npy'"]
+    try:
+        tile = read_tiles(arr, slot, slot + 1)[0]
+    except ChunkError as exc:
+        return [str(exc)]
+    if not np.array_equal(decode_npy(entries[f"{name}.npy"]), tile):
+        return [f"{path}: sample '{key}' entry '{name}' differs from zarr tile {slot}"]
+    return []

@@ -3,18 +3,23 @@ one array per modality ``(N, C, T, T)`` in its stored dtype, ``label`` ``(N, T, 
 split is labelled, ``windows`` ``(N, 4)`` int32 (row, col, height, width in the scene) and ``scene``
 ``(N,)`` int32 (index into the group attribute ``scenes``). One tile per chunk, compressed by ``zarr_codec``
 (Blosc lz4 with byte shuffle by default; zstd with bitshuffle for floats; or none). Tiles dropped for nodata stay unwritten; the
-``kept`` array (written by finalize) lists the slots that hold tiles. Plain zarr reads it all."""
+``kept`` array (written by finalize) lists the slots that hold tiles. Plain zarr reads it all.
+
+Every chunk of every array ends in a crc32c checksum (``Crc32cCodec``), so a corrupt chunk fails on read
+instead of decoding into wrong values; :func:`read_tiles` turns that failure into a :class:`ChunkError`
+naming the array and chunk. Stores written before the checksums stay readable (:func:`has_checksums`)."""
 
 from __future__ import annotations
 
 import fcntl
+import itertools
 from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, Crc32cCodec
 
 from c2seg.spec import DatasetSpec
 from data_prep.prep_config import PrepConfig
@@ -35,13 +40,53 @@ def file_lock(path: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _codec(dtype: str, cfg: PrepConfig) -> list[BloscCodec]:
-    """The compressors of an array: none, lz4 with byte shuffle (fast to decode), or zstd with bitshuffle
-    for floats (smaller)."""
+class ChunkError(ValueError):
+    """A zarr chunk fails to decode (checksum mismatch or corrupt compressed bytes); the message names the
+    array folder and the chunk key (its file inside that folder)."""
+
+
+CHECKSUM = (Crc32cCodec(),)  # the compressors of the small index arrays (windows, scene, kept)
+
+
+def _codec(dtype: str, cfg: PrepConfig) -> list[BloscCodec | Crc32cCodec]:
+    """The compressors of a tile array: none, lz4 with byte shuffle (fast to decode), or zstd with
+    bitshuffle for floats (smaller); then the crc32c checksum."""
     if cfg.zarr_codec == "none":
-        return []
+        return list(CHECKSUM)
     bits = cfg.zarr_codec == "zstd" and np.dtype(dtype).kind == "f"
-    return [BloscCodec(cname=cfg.zarr_codec, clevel=cfg.zarr_clevel, shuffle="bitshuffle" if bits else "shuffle")]
+    shuffle = "bitshuffle" if bits else "shuffle"
+    return [BloscCodec(cname=cfg.zarr_codec, clevel=cfg.zarr_clevel, shuffle=shuffle), *CHECKSUM]
+
+
+def has_checksums(arr: zarr.Array) -> bool:
+    """Whether the chunks of ``arr`` carry a crc32c checksum (stores written before it do not)."""
+    return any(isinstance(c, Crc32cCodec) for c in arr.compressors)
+
+
+def array_dir(arr: zarr.Array) -> Path:
+    """The folder of ``arr`` on disk, for messages."""
+    return Path(arr.store_path.store.root) / arr.path
+
+
+def read_tiles(arr: zarr.Array, start: int, stop: int) -> np.ndarray:
+    """``arr[start:stop]``; a chunk that fails to decode raises :class:`ChunkError` naming it."""
+    try:
+        return arr[start:stop]
+    except (ValueError, RuntimeError) as exc:  # crc32c mismatch (ValueError), blosc failure (RuntimeError)
+        raise ChunkError(f"{array_dir(arr)}: chunk {_failing_chunk(arr, start, stop)} is corrupt, "
+                         f"it fails to decode ({exc})") from exc
+
+
+def _failing_chunk(arr: zarr.Array, start: int, stop: int) -> str:
+    """The key of the first chunk of rows ``start:stop`` that fails to decode (read chunk by chunk)."""
+    step = arr.chunks[0]
+    rows = range(start // step, -(-stop // step))
+    for coords in itertools.product(rows, *(range(n) for n in arr.cdata_shape[1:])):
+        try:
+            arr.get_block_selection(coords)
+        except (ValueError, RuntimeError):
+            return arr.metadata.encode_chunk_key(coords)
+    return f"of rows {start}:{stop} (none fails alone)"
 
 
 def group_path(out: Path, city: str, split: str) -> Path:
@@ -74,8 +119,10 @@ def _create_split(root, spec: DatasetSpec, cfg: PrepConfig, plan: CityPlan, sp: 
                        compressors=_codec("uint8", cfg), fill_value=0, overwrite=True,
                        dimension_names=("tile", "y", "x"))
     windows = np.column_stack([sp.tiles[:, 1], sp.tiles[:, 2], np.full(n, t), np.full(n, t)]).astype(np.int32)
-    g.create_array("windows", data=windows.reshape(n, 4), chunks=(max(n, 1), 4), overwrite=True)
-    g.create_array("scene", data=sp.tiles[:, 0].astype(np.int32), chunks=(max(n, 1),), overwrite=True)
+    g.create_array("windows", data=windows.reshape(n, 4), chunks=(max(n, 1), 4), compressors=CHECKSUM,
+                   overwrite=True)
+    g.create_array("scene", data=sp.tiles[:, 0].astype(np.int32), chunks=(max(n, 1),), compressors=CHECKSUM,
+                   overwrite=True)
     g.attrs.update({"city": plan.city, "city_id": plan.city_id, "split": sp.split, "labelled": sp.labelled,
                     "scenes": [s[0] for s in plan.scenes], "modalities": list(spec.modality_names),
                     "tile_size": t})
@@ -103,4 +150,5 @@ def write_tiles(out: Path, city: str, split: str, slots: list[int], tiles: dict[
 
 def write_kept(out: Path, city: str, split: str, kept: list[int]) -> None:
     g = zarr.open_group(group_path(out, city, split), mode="r+")
-    g.create_array("kept", data=np.asarray(kept, dtype=np.int64), chunks=(max(len(kept), 1),), overwrite=True)
+    g.create_array("kept", data=np.asarray(kept, dtype=np.int64), chunks=(max(len(kept), 1),),
+                   compressors=CHECKSUM, overwrite=True)

@@ -208,6 +208,8 @@ def test_shards_read_by_webdataset_and_by_sample_range(tiny_prepared, tmp_path):
 def test_zarr_codecs_store_the_same_tiles(tiny_spec, tiny_prepared, tmp_path, codec):
     from dataclasses import replace
 
+    from zarr.codecs import Crc32cCodec
+
     out = tmp_path / codec
     run_prep(tiny_spec, replace(TINY_PREP, zarr_codec=codec), out)
     finalize(out)
@@ -218,10 +220,10 @@ def test_zarr_codecs_store_the_same_tiles(tiny_spec, tiny_prepared, tmp_path, co
         np.testing.assert_array_equal(arrays[key], expect[key], err_msg=key)
     sp = load_manifest(out).cities["synth_source"]["splits"]["train"]
     g = zarr.open_group(out / sp["zarr"], mode="r")
-    if codec == "none":
-        assert g["hsi"].compressors == () and g["label"].compressors == ()
-    else:  # zstd, bit-shuffled for the float16 bands, byte-shuffled for the labels
-        (hsi,), (label,) = g["hsi"].compressors, g["label"].compressors
+    if codec == "none":  # the crc32c checksum only
+        assert g["hsi"].compressors == g["label"].compressors == (Crc32cCodec(),)
+    else:  # zstd, bit-shuffled for the float16 bands, byte-shuffled for the labels; then the checksum
+        (hsi, _), (label, _) = g["hsi"].compressors, g["label"].compressors
         assert (hsi.cname.value, hsi.shuffle.value) == ("zstd", "bitshuffle")
         assert (label.cname.value, label.shuffle.value) == ("zstd", "shuffle")
 

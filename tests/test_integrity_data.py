@@ -1,0 +1,123 @@
+"""Issue 18, "trust nothing on disk": hostile files (made here, real Zarr / GeoTIFF) fail with one line
+naming the file, array or chunk: checksummed zarr chunks and ``data verify --all-chunks``."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from zarr.codecs import Crc32cCodec
+
+from c2seg.cli import main
+from data_prep.loaders import ZarrTileDataset
+from data_prep.manifest import load_manifest
+from data_prep.shards import iter_samples
+from data_prep.verify import verify
+from data_prep.zarr_store import ChunkError
+
+CITY, SPLIT = "synth_source", "train"
+
+
+# ---- zarr chunks carry checksums ------------------------------------------------------------------
+def _groups(prep: Path) -> dict[Path, bool]:
+    """Every zarr group of ``prep`` and whether it is labelled."""
+    m = load_manifest(prep)
+    return {prep / sp["zarr"]: sp["labelled"] for c in m.cities.values() for sp in c["splits"].values()}
+
+
+def _train_group(prep: Path) -> Path:
+    return prep / load_manifest(prep).cities[CITY]["splits"][SPLIT]["zarr"]
+
+
+def _slots_in_shard_order(prep: Path) -> list[int]:
+    """The tile slots of the first train shard of CITY, in stored order."""
+    shard = load_manifest(prep).shards(SPLIT, [CITY])[0]
+    return [int(key.rsplit("-", 1)[-1]) for key, _ in iter_samples(shard.path)]
+
+
+def _flip_byte_in_chunk(group: Path, array: str, slot: int) -> str:
+    """Flip the middle byte of the chunk file of tile ``slot``; its chunk key."""
+    key = f"c/{slot}/0/0/0" if array != "label" else f"c/{slot}/0/0"
+    chunk = group / array / key
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    return key
+
+
+@pytest.fixture
+def prep_copy(tiny_prepared, tmp_path) -> Path:
+    out = tmp_path / "prep"
+    shutil.copytree(tiny_prepared, out)
+    return out
+
+
+def test_prep_writes_a_crc32c_checksum_on_every_array(tiny_prepared):
+    groups = _groups(tiny_prepared)
+    assert list(groups.values()).count(False) == 1  # synth_target's train split has no labels
+    for group, labelled in groups.items():
+        g = zarr.open_group(group, mode="r")
+        names = sorted(g.array_keys())
+        assert names == ["hsi", "kept"] + ["label"] * labelled + ["msi", "sar", "scene", "windows"]
+        for name in names:
+            assert isinstance(g[name].compressors[-1], Crc32cCodec), f"{group}/{name}"
+
+
+def test_verify_all_chunks_names_the_one_corrupt_chunk(prep_copy, capsys):
+    group = _train_group(prep_copy)
+    slot = _slots_in_shard_order(prep_copy)[-1]  # beyond the default sample of 2 per shard
+    key = _flip_byte_in_chunk(group, "hsi", slot)
+    problems = verify(prep_copy, all_chunks=True)
+    expect = f"{group / 'hsi'}: chunk {key} is corrupt, it fails to decode (Stored and computed checksum do not match"
+    assert len(problems) == 1 and problems[0].startswith(expect), problems
+    assert main(["data", "verify", "--out", str(prep_copy), "--all-chunks"]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith(f"PROBLEM: {expect}") and out[1] == f"{prep_copy}: 1 problem(s)"
+
+
+def test_verify_default_sample_names_a_corrupt_sampled_chunk(prep_copy):
+    group = _train_group(prep_copy)
+    key = _flip_byte_in_chunk(group, "label", _slots_in_shard_order(prep_copy)[0])
+    problems = verify(prep_copy)
+    assert len(problems) == 1 and problems[0].startswith(
+        f"{group / 'label'}: chunk {key} is corrupt, it fails to decode (Stored and computed checksum"), problems
+
+
+def test_training_read_of_a_corrupt_chunk_names_array_and_chunk(prep_copy):
+    group = _train_group(prep_copy)
+    slot = _slots_in_shard_order(prep_copy)[1]
+    key = _flip_byte_in_chunk(group, "msi", slot)
+    dataset = ZarrTileDataset(prep_copy, SPLIT, [CITY])
+    item = dataset.index.index((CITY, slot))
+    with pytest.raises(ChunkError, match=f"^{group / 'msi'}: chunk {key} is corrupt, it fails to decode"):
+        dataset[item]
+
+
+def _strip_checksums(group: Path) -> None:
+    """Rewrite every array of ``group`` as a store written before the checksums (same values)."""
+    g = zarr.open_group(group, mode="r+")
+    for name in list(g.array_keys()):
+        old = g[name]
+        values = old[:]
+        new = g.create_array(name, shape=old.shape, chunks=old.chunks, dtype=old.dtype, fill_value=old.fill_value,
+                             compressors=[c for c in old.compressors if not isinstance(c, Crc32cCodec)],
+                             dimension_names=old.metadata.dimension_names, overwrite=True)
+        new[:] = values
+
+
+def test_store_without_checksums_stays_readable_and_verify_says_so(tiny_prepared, prep_copy, caplog):
+    for group in _groups(prep_copy):
+        _strip_checksums(group)
+    with caplog.at_level(logging.WARNING, logger="c2seg.prep"):
+        assert verify(prep_copy, all_chunks=True) == []
+    warned = [r.getMessage() for r in caplog.records if "carry no checksums" in r.getMessage()]
+    assert warned == [f"{group}: arrays {['hsi', 'msi', 'sar'] + ['label'] * labelled + ['windows', 'scene', 'kept']} "
+                      "carry no checksums (written before crc32c chunks): a corrupt chunk shows only where its "
+                      "tile differs from the shards (--all-chunks compares every tile)"
+                      for group, labelled in _groups(prep_copy).items()]
+    old, new = ZarrTileDataset(prep_copy, SPLIT, [CITY])[3], ZarrTileDataset(tiny_prepared, SPLIT, [CITY])[3]
+    assert old.keys() == new.keys() and all(np.array_equal(old[k], new[k]) for k in old)

@@ -177,8 +177,10 @@ def init_process_group(env: DistEnv, backend: str, timeout_s: float = 600.0) -> 
     fails the others instead of hanging them."""
     addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
     timeout = timedelta(seconds=timeout_s)
-    listen = _listening_socket(addr, port) if env.rank == 0 else None
-    store = dist.TCPStore(addr, port, env.world_size, is_master=env.rank == 0, timeout=timeout,
+    # under torchrun its agent already serves the store on MASTER_PORT: every rank is a client
+    serve = env.rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
+    listen = _listening_socket(addr, port) if serve else None
+    store = dist.TCPStore(addr, port, env.world_size, is_master=serve, timeout=timeout,
                           master_listen_fd=listen.fileno() if listen else None)
     dist.init_process_group(backend, store=store, rank=env.rank, world_size=env.world_size, timeout=timeout)
     _KEEP_ALIVE.append((store, listen))

@@ -79,8 +79,10 @@ def register(stages: argparse._SubParsersAction) -> None:
     ev.set_defaults(func=_evaluate)
 
     cog = sub.add_parser("check-cog", help="validate Cloud-Optimized GeoTIFFs",
-                         description="The key checks of GDAL's validate_cloud_optimized_geotiff.py: tiling, "
-                                     "overviews, IFD and data order, COG layout. Exit 1 on errors.")
+                         description="rio-cogeo's cog_validate (GDAL's COG checks: IFD and data order, "
+                                     "overviews, ghost header), internal tiles, LAYOUT=COG, then a full read "
+                                     "of every band of the image and its overviews, so a truncated or damaged "
+                                     "file fails. One line per file; exit 1 when any is not a valid COG.")
     cog.add_argument("files", nargs="+", type=Path, help="GeoTIFF files")
     cog.set_defaults(func=_check_cog)
 
@@ -141,8 +143,6 @@ def _check_cog(args: argparse.Namespace) -> int:
         errors, warnings = validate_cog(path)
         for w in warnings:
             print(f"{path}: warning: {w}")
-        for e in errors:
-            print(f"{path}: error: {e}")
-        print(f"{path}: {'NOT a valid COG' if errors else 'valid COG'}")
+        print(f"{path}: NOT a valid COG: {'; '.join(errors)}" if errors else f"{path}: valid COG")
         bad += bool(errors)
     return 1 if bad else 0

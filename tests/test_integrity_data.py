@@ -1,5 +1,6 @@
 """Issue 18, "trust nothing on disk": hostile files (made here, real Zarr / GeoTIFF) fail with one line
-naming the file, array or chunk: checksummed zarr chunks and ``data verify --all-chunks``."""
+naming the file, array or chunk: checksummed zarr chunks and ``data verify --all-chunks``; ``infer check-cog``
+on truncated and damaged COGs, and COG writes that fail without leaving files."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import rasterio
 import zarr
+from affine import Affine
 from zarr.codecs import Crc32cCodec
 
 from c2seg.cli import main
@@ -18,6 +21,8 @@ from data_prep.manifest import load_manifest
 from data_prep.shards import iter_samples
 from data_prep.verify import verify
 from data_prep.zarr_store import ChunkError
+from inference.cog import write_class_cog
+from inference.windows import block_grid
 
 CITY, SPLIT = "synth_source", "train"
 
@@ -121,3 +126,63 @@ def test_store_without_checksums_stays_readable_and_verify_says_so(tiny_prepared
                       for group, labelled in _groups(prep_copy).items()]
     old, new = ZarrTileDataset(prep_copy, SPLIT, [CITY])[3], ZarrTileDataset(tiny_prepared, SPLIT, [CITY])[3]
     assert old.keys() == new.keys() and all(np.array_equal(old[k], new[k]) for k in old)
+
+
+# ---- COGs: validated by rio-cogeo plus a full read; written atomically ----------------------------
+CMAP = np.random.default_rng(0).integers(0, 14, (300, 420)).astype(np.uint8)
+GRID = (300, 420, "EPSG:32632", Affine(10, 0, 5e5, 0, -10, 5.4e6), block_grid(300, 420, 128))
+
+
+def _cog(path: Path, spec, read_block=lambda b: CMAP[b.slices], blocksize: int = 128) -> Path:
+    """A 300 x 420 px class-map COG with overviews at 1/2 and 1/4."""
+    return write_class_cog(path, *GRID, read_block, spec, blocksize=blocksize)
+
+
+def _check_cog_lines(capsys, *paths: Path) -> tuple[int, list[str]]:
+    code = main(["infer", "check-cog", *map(str, paths)])
+    return code, capsys.readouterr().out.splitlines()
+
+
+def test_check_cog_fails_a_truncated_or_empty_file_with_one_line(tiny_spec, tmp_path, capsys):
+    good = _cog(tmp_path / "good.tif", tiny_spec)
+    cut, empty = tmp_path / "cut.tif", tmp_path / "empty.tif"
+    cut.write_bytes(good.read_bytes()[:3000])
+    empty.write_bytes(b"")
+    code, lines = _check_cog_lines(capsys, good, cut, empty)
+    assert code == 1 and len(lines) == 3, lines
+    assert lines[0] == f"{good}: valid COG"
+    assert lines[1].startswith(f"{cut}: NOT a valid COG: the data of the image cannot be read (truncated or "
+                               "corrupt?): cut.tif, band 1: IReadBlock failed at X offset 0, Y offset 0")
+    assert lines[2] == f"{empty}: NOT a valid COG: cannot be opened as a GeoTIFF ('{empty}' not recognized as " \
+                       "being in a supported file format.)"
+
+
+def test_check_cog_reads_the_overviews(tiny_spec, tmp_path, capsys):
+    cog = _cog(tmp_path / "c.tif", tiny_spec)
+    with rasterio.open(cog, overview_level=1) as ov:  # the 1/4 overview's first tile: zeroed
+        offset, size = (int(ov.get_tag_item(f"BLOCK_{k}_0_0", "TIFF", bidx=1)) for k in ("OFFSET", "SIZE"))
+    data = bytearray(cog.read_bytes())
+    data[offset:offset + size] = bytes(size)
+    cog.write_bytes(bytes(data))
+    assert _check_cog_lines(capsys, cog) == (1, [
+        f"{cog}: NOT a valid COG: the data of overview 1 cannot be read (truncated or corrupt?): IReadBlock failed "
+        "at X offset 0, Y offset 0: TIFFReadEncodedTile() failed."])
+
+
+def _fail_at_second_block(block):
+    if block.row or block.col:
+        raise RuntimeError("model failed")
+    return CMAP[block.slices]
+
+
+@pytest.mark.parametrize("stage, kwargs, error", [
+    ("blocks", {"read_block": _fail_at_second_block}, "model failed"),
+    ("COG copy", {"blocksize": 7}, 'Bad value 7 for "TileWidth" tag'),
+])
+def test_failed_cog_write_leaves_nothing_and_keeps_the_old_file(tiny_spec, tmp_path, stage, kwargs, error):
+    old = _cog(tmp_path / "c.tif", tiny_spec)
+    before = old.read_bytes()
+    with pytest.raises(Exception, match=error):
+        _cog(old, tiny_spec, **kwargs)
+    assert [p.name for p in tmp_path.iterdir()] == ["c.tif"], stage
+    assert old.read_bytes() == before

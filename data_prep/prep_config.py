@@ -26,6 +26,10 @@ class PrepConfig:
     max_nodata_fraction: float = 0.5  # tiles with more nodata pixels are dropped (and counted)
     val_block_size: int | None = None  # side of the validation blocks in px; default 4 x tile size
     val_fraction: float = 0.2  # share of blocks held out for validation
+    # share of a *source* city's blocks held out (default: val_fraction). Source labels are what a cross-city
+    # model learns from: every held-out block, and every tile straddling one, is lost to training. 0 trains
+    # on the whole source city (training validates on the target cities' labelled val split only).
+    source_val_fraction: float | None = None
     seed: int = 0  # picks the validation blocks
     shard_max_samples: int = 256
     shard_max_bytes: int = 256 * 2**20
@@ -43,8 +47,10 @@ class PrepConfig:
             raise ValueError(f"stride must be >= 1, got {self.stride}")
         if not 0.0 <= self.max_nodata_fraction <= 1.0:
             raise ValueError(f"max_nodata_fraction must be in [0, 1], got {self.max_nodata_fraction}")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        for key in ("val_fraction", "source_val_fraction"):
+            value = getattr(self, key)
+            if value is not None and not 0.0 <= value < 1.0:
+                raise ValueError(f"{key} must be in [0, 1), got {value}")
         if self.shard_max_samples < 1 or self.shard_max_bytes < 1 or self.min_shards_per_split < 1:
             raise ValueError("shard_max_samples, shard_max_bytes and min_shards_per_split must be >= 1")
         if not 1 <= self.zarr_clevel <= 22:

@@ -6,7 +6,7 @@ task computes the same plan and writes only its own units.
 
 Validation split: the city is cut into square blocks of ``val_block_size`` px (in the city frame:
 scene pixels, or for a multi-scene city the scenes placed by their georeferencing); a seeded
-``val_fraction`` of the blocks is held out. A tile lying wholly in held-out blocks is ``val``, one
+``val_fraction`` of the blocks (``source_val_fraction`` in source cities) is held out. A tile lying wholly in held-out blocks is ``val``, one
 touching none is ``train``, one straddling both is dropped (counted), so no pixel is in both splits.
 A multi-scene city without georeferencing (all transforms equal) is split by whole scenes.
 """
@@ -95,13 +95,16 @@ def plan_city(spec: DatasetSpec, city: City, scenes: list[Scene], cfg: PrepConfi
     offsets = _scene_offsets(scenes)
     per_split: dict[str, list[tuple[int, int, int]]] = {s: [] for s in SPLITS}
     straddling = small = 0
+    fraction = cfg.val_fraction
+    if city.role == "source" and cfg.source_val_fraction is not None:
+        fraction = cfg.source_val_fraction
     if offsets is None:  # scenes without georeferencing: hold out whole scenes
-        val_scenes = _pick(len(scenes), cfg.val_fraction, rng)
+        val_scenes = _pick(len(scenes), fraction, rng)
     else:
         extent_r = max(o[0] + s.height for o, s in zip(offsets, scenes))
         extent_c = max(o[1] + s.width for o, s in zip(offsets, scenes))
         nbr, nbc = math.ceil(extent_r / block), math.ceil(extent_c / block)
-        val_blocks = _pick(nbr * nbc, cfg.val_fraction, rng)
+        val_blocks = _pick(nbr * nbc, fraction, rng)
     for i, scene in enumerate(scenes):
         rows, cols = tile_origins(scene.height, size, stride), tile_origins(scene.width, size, stride)
         if not rows or not cols:

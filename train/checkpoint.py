@@ -69,7 +69,7 @@ def save_checkpoint(engine, output_dir: str | Path, state: dict[str, Any], weigh
     tag = f"step_{state['step']:08d}"
     path = root / tag
     engine.save_checkpoint(str(root), tag=tag, save_latest=False)
-    weights = full_state_dict(engine)
+    weights = full_state_dict(engine, rank0_only=True)  # only rank 0 writes weights.pt
     if rank() == 0:
         torch.save({"format": WEIGHTS_FORMAT, "model": weights, **(extra_weights or {}), **weights_meta,
                     "step": state["step"]}, path / "weights.pt")

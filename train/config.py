@@ -27,6 +27,10 @@ class ModelConfig:
     spectral_embedding: Literal["wavelength", "conv"] = "wavelength"  # DOFA-style weights from wavelengths
     wavelength_hidden: int = 128
     decoder_dim: int = 64
+    # light: the transformer's features upsampled alone; skip: plus a convolutional stem's full-resolution
+    # features at every scale (U-Net-like skips; train/models/stem.py), stem_dim channels at full resolution
+    decoder: Literal["light", "skip"] = "light"
+    stem_dim: int = 32
     qkv_bias: bool = True
     modality_dropout: float = 0.3  # training: probability of dropping one whole modality from a batch
     activation_checkpointing: bool = False

@@ -3,6 +3,8 @@ from GeoTIFFs here), and resumable batch streams with a fixed number of batches 
 
 from __future__ import annotations
 
+import itertools
+import math
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -94,21 +96,36 @@ class PreparedData:
         return _Batches(loader, jitter, seed, self.standardizer)
 
     def each_tile_once(self, split: str, cities: Iterable[str], batch_size: int, rank: int = 0, world_size: int = 1,
-                       max_batches: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
+                       max_batches: int | None = None,
+                       equal_batches: bool = False) -> Iterator[dict[str, torch.Tensor]]:
         """Batches holding every tile of ``split`` in ``cities`` exactly once over all ranks (rank r reads
         tiles r, r + W, ...: random access to the Zarr store), normalised as in training; for validation,
         where the shard loaders repeat tiles so that every rank gets as many batches. ``max_batches``: at
-        most this many per rank."""
+        most this many per rank. ``equal_batches``: every rank yields as many batches as rank 0 (which has
+        the most), the surplus ones marked ``batch["padding"] = True`` (a repeat, not to be counted), for
+        callers whose forward is collective (ZeRO-3 gathers parameters in every forward)."""
         from torch.utils.data import DataLoader, Subset
 
         from data_prep.loaders import ZarrTileDataset, collate_views
 
         tiles = ZarrTileDataset(self.prep_dir, split, cities=list(cities))
-        mine = Subset(tiles, range(rank, len(tiles), world_size))
-        for i, batch in enumerate(DataLoader(mine, batch_size=batch_size, collate_fn=collate_views)):
-            if max_batches is not None and i >= max_batches:
-                return
-            yield self.standardizer(batch) if self.standardizer is not None else batch
+        rounds = math.ceil(len(range(0, len(tiles), world_size)) / batch_size)  # rank 0's: the most
+        if max_batches is not None:
+            rounds = min(rounds, max_batches)
+        loader = DataLoader(Subset(tiles, range(rank, len(tiles), world_size)), batch_size=batch_size,
+                            collate_fn=collate_views)
+        batch, done = None, 0
+        for batch in itertools.islice(loader, rounds):
+            batch = self._standardized(batch)
+            done += 1
+            yield batch
+        if equal_batches and done < rounds:
+            filler = batch if batch is not None else self._standardized(collate_views([tiles[0]]))
+            for _ in range(rounds - done):
+                yield {**filler, "padding": True}
+
+    def _standardized(self, batch: dict[str, Any]) -> dict[str, Any]:
+        return self.standardizer(batch) if self.standardizer is not None else batch
 
 
 def batch_stream(make_loader: Callable[[int], Iterable], batches_per_epoch: int,

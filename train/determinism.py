@@ -12,6 +12,7 @@ but not in the uninterrupted one.
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Iterator
 from typing import TypeVar
 
@@ -29,9 +30,20 @@ def seed_micro_batch(seed: int, rank: int, micro_batch: int) -> None:
     random.seed(int(state[1]))
 
 
+_WAITED_S = [0.0]  # seconds this process spent in the next() of its batch streams
+
+
 def rng_isolated(stream: Iterator[T]) -> Iterator[T]:
-    """The items of ``stream``, each drawn with torch's CPU generator saved and restored around it."""
+    """The items of ``stream``, each drawn with torch's CPU generator saved and restored around it; the
+    time each draw takes (the training loop waiting for data) adds to :func:`data_wait_seconds`."""
     while True:
+        t0 = time.perf_counter()
         with torch.random.fork_rng(devices=[]):
             item = next(stream)
+        _WAITED_S[0] += time.perf_counter() - t0
         yield item
+
+
+def data_wait_seconds() -> float:
+    """Seconds spent so far, in this process, waiting for the batches of streams read via rng_isolated."""
+    return _WAITED_S[0]

@@ -6,15 +6,17 @@ on a machine without GPUs DeepSpeed uses its CPU accelerator and the gloo backen
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
-from c2seg.distributed import DistEnv, detect_env, init_process_group
+from c2seg.distributed import DistEnv, detect_env, init_process_group, rank
 from train.config import TrainConfig
 
 log = logging.getLogger("c2seg.train")
@@ -115,13 +117,33 @@ def engine_dtype(cfg: TrainConfig) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.deepspeed.precision]
 
 
-def full_state_dict(engine) -> dict[str, torch.Tensor]:
-    """Consolidated fp32 weights of the engine's module on every rank (gathers ZeRO-3 partitions;
-    collective: every rank must call it)."""
+def iter_full_state(engine) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, whole tensor on the engine's device) of every entry of the module's state dict. Under ZeRO-3
+    the parameters of one module at a time are gathered, only while its entries are yielded, so no rank
+    ever holds the whole model at once (collective: every rank must consume it all)."""
     module = engine.module
-    if engine.zero_optimization_stage() == 3:
-        import deepspeed
+    names = list(module.state_dict(keep_vars=True))
+    owners: dict[str, list[str]] = {}
+    for name in names:
+        owners.setdefault(name.rpartition(".")[0], []).append(name)
+    zero3 = engine.zero_optimization_stage() == 3
+    for prefix, keys in owners.items():
+        owner = module.get_submodule(prefix) if prefix else module
+        params = list(owner.parameters(recurse=False))
+        if zero3 and params:
+            import deepspeed
 
-        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-            return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
-    return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()}
+            gather = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+        else:
+            gather = contextlib.nullcontext()
+        with gather:
+            own = dict(owner.named_parameters(recurse=False)) | dict(owner.named_buffers(recurse=False))
+            for key in keys:
+                yield key, own[key.rpartition(".")[2]]
+
+
+def full_state_dict(engine, rank0_only: bool = False) -> dict[str, torch.Tensor]:
+    """Consolidated fp32 weights of the engine's module, on the host: on every rank, or with ``rank0_only``
+    on rank 0 alone (the others return {} and hold no copy). Collective: every rank must call it."""
+    keep = not rank0_only or rank() == 0
+    return {k: v.detach().float().cpu().clone() for k, v in iter_full_state(engine) if keep}

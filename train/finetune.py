@@ -26,7 +26,7 @@ from c2seg.spec import DatasetSpec
 from train.config import ModelConfig, TrainConfig
 from train.data import batch_stream, model_inputs
 from train.determinism import rng_isolated
-from train.engine import engine_dtype, full_state_dict
+from train.engine import engine_dtype, iter_full_state
 from train.export import FORMAT as EXPORT_FORMAT
 from train.models import FusionSegmenter
 from train.pretrain import load_backbone
@@ -167,7 +167,7 @@ class FinetuneTask:
         self.source_stream = stream(self.sources, d.radiometric)
         self.target_stream = stream(self.targets, None) if self.ft.adapt and self.targets else None
         if self.ft.adapt and self.teacher is None:
-            self.teacher = self._copy(full_state_dict(engine))
+            self.teacher = self._student_copy(engine)
         elif self.teacher is not None:
             self.teacher.to(self.device)
         if self.target_classes is not None:
@@ -194,10 +194,14 @@ class FinetuneTask:
                  "/".join(self.targets), absent or "no class")
         return self.scored[kept]
 
-    def _copy(self, state: dict[str, torch.Tensor]) -> FusionSegmenter:
-        model = FusionSegmenter(self.spec, self.model_cfg)
-        model.load_state_dict(state)
-        return model.to(self.device).eval().requires_grad_(False)
+    def _student_copy(self, engine) -> FusionSegmenter:
+        """An fp32 copy of the student on this rank's device, filled module by module (no host copy)."""
+        model = FusionSegmenter(self.spec, self.model_cfg).to(self.device).eval().requires_grad_(False)
+        own = model.state_dict()
+        with torch.no_grad():
+            for name, tensor in iter_full_state(engine):
+                own[name].copy_(tensor)
+        return model
 
     def micro_loss(self, engine, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         src = next(self.source_stream)
@@ -249,10 +253,11 @@ class FinetuneTask:
         if self.teacher is None:
             return
         decay = min(1 - 1 / (step + 1), self.ft.ema_decay)
-        student = full_state_dict(engine) if engine.zero_optimization_stage() == 3 else engine.module.state_dict()
-        with torch.no_grad():
-            for k, t in self.teacher.state_dict().items():
-                s = student[k].to(t.device, t.dtype)
+        teacher = self.teacher.state_dict()
+        with torch.no_grad():  # under ZeRO-3 one module's parameters gathered at a time, on the device
+            for k, student in iter_full_state(engine):
+                t = teacher[k]
+                s = student.to(t.device, t.dtype)
                 if t.is_floating_point():
                     t.mul_(decay).add_(s, alpha=1 - decay)
                 else:
@@ -265,20 +270,24 @@ class FinetuneTask:
         """Scores of the student on the target val split (every rank a share; confusion summed)."""
         if not self.val_cities:
             return {}
-        model = self._copy(full_state_dict(engine))
+        model = engine.module  # evaluated in place: under ZeRO-3 its forward gathers layer by layer
+        model.eval()
         loader = self.data.each_tile_once("val", self.val_cities, self.cfg.data.batch_size, engine.global_rank,
-                                          engine.world_size, self.ft.eval_batches)
+                                          engine.world_size, self.ft.eval_batches, equal_batches=True)
         ids = self.spec.scored_class_ids
         cm = np.zeros((len(ids), len(ids) + 1), dtype=np.int64)
         previews = []
         with torch.no_grad():
             for batch in loader:
-                inputs = model_inputs(batch, self.spec.modality_names, torch.float32, self.device)
+                inputs = model_inputs(batch, self.spec.modality_names, self.dtype, self.device)
                 pred, _ = predict_classes(model(inputs), self.scored)
+                if batch.get("padding"):  # a repeat that keeps this rank in step with the others' forwards
+                    continue
                 label = batch["label"].numpy()
                 cm += confusion_matrix(label, pred.cpu().numpy(), ids)
                 if tracker and tracker.active and len(previews) < self.cfg.tracking.previews:
                     previews.append((batch, pred.cpu()))
+        model.train()
         total = reduce_tensor(torch.from_numpy(cm))
         if engine.global_rank != 0:
             return {}

@@ -31,7 +31,7 @@ from c2seg.spec import DatasetSpec
 from train.checkpoint import (StopRequest, load_checkpoint, load_weights, resolve_resume, save_checkpoint,
                               saved_state)
 from train.config import ModelConfig, TrainConfig, load_model_config
-from train.determinism import seed_micro_batch
+from train.determinism import data_wait_seconds, seed_micro_batch
 from train.engine import create_engine, init_distributed
 from train.tracking import Tracker, git_commit
 
@@ -112,7 +112,7 @@ def run_training(cfg: TrainConfig, make_task, data, resume: str | None = None,
                dynamic_ncols=True)  # None: off when stderr is not a terminal
     metrics_file = out / "metrics.jsonl"
     while step < cfg.steps:
-        t0 = time.perf_counter()
+        t0, waited = time.perf_counter(), data_wait_seconds()
         logs: dict[str, float] = {}
         for micro in range(gas):
             seed_micro_batch(cfg.seed, env.rank, step * gas + micro)
@@ -125,6 +125,7 @@ def run_training(cfg: TrainConfig, make_task, data, resume: str | None = None,
         step += 1
         task.after_step(engine, step)
         took = time.perf_counter() - t0
+        logs["data_wait_s"] = data_wait_seconds() - waited  # the step's time spent waiting for batches
         logs = mean_over_ranks(logs)
         grad_norm = engine.get_global_grad_norm()
         logs.update({"lr": engine.get_lr()[0], "step_time_s": took, "samples_per_s": samples / took,

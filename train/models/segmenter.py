@@ -1,5 +1,7 @@
 """The fusion segmenter: ``model(inputs) -> logits (B, spec.num_logits, H, W)`` for a dict of
-normalised (B, C, H, W) tensors, one per modality; any non-empty subset of the modalities works."""
+normalised (B, C, H, W) tensors, one per modality; any non-empty subset of the modalities works.
+``decoder: light`` upsamples the transformer's features alone (SegDecoder); ``decoder: skip`` adds a
+convolutional stem whose full-resolution features join the decoder at every scale (train/models/stem.py)."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from train.config import ModelConfig
 from train.models.backbone import FusionBackbone
 from train.models.decoder import SegDecoder
 from train.models.encoder import init_weights
+from train.models.stem import ConvStem, SkipDecoder
 
 
 class FusionSegmenter(nn.Module):
@@ -19,7 +22,11 @@ class FusionSegmenter(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.backbone = FusionBackbone(spec, cfg)
-        self.head = SegDecoder(cfg.embed_dim, cfg.decoder_dim, cfg.patch_size, spec.num_logits)
+        if cfg.decoder == "skip":
+            self.stem = ConvStem(spec, cfg.stem_dim, cfg.patch_size)
+            self.head = SkipDecoder(cfg.embed_dim, cfg.decoder_dim, cfg.stem_dim, cfg.patch_size, spec.num_logits)
+        else:
+            self.head = SegDecoder(cfg.embed_dim, cfg.decoder_dim, cfg.patch_size, spec.num_logits)
         init_weights(self)
 
     def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -33,4 +40,7 @@ class FusionSegmenter(nn.Module):
         if self.training and self.cfg.modality_dropout > 0 and len(names) > 1 \
                 and torch.rand(()) < self.cfg.modality_dropout:
             drop = names[int(torch.randint(len(names), ()))]
-        return self.head(self.backbone(padded, drop))[..., :h, :w]
+        features = self.backbone(padded, drop)
+        if self.cfg.decoder == "skip":
+            return self.head(features, self.stem(padded, names, drop))[..., :h, :w]
+        return self.head(features)[..., :h, :w]

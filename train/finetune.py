@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from c2seg.distributed import reduce_tensor
+from c2seg.distributed import rank, reduce_tensor
 from c2seg.metrics import confusion_matrix, scores_from_confusion
 from c2seg.spec import DatasetSpec
 from train.config import ModelConfig, TrainConfig
@@ -315,7 +315,7 @@ class FinetuneTask:
         """The EMA teacher and the classes kept (when adapting) and the normalisation mode / per-city
         statistics for export."""
         out = dict(self.data.normalization_meta())
-        if self.teacher is not None:
+        if self.teacher is not None and rank() == 0:  # only rank 0 writes weights.pt: no host copy elsewhere
             out["ema"] = {k: v.detach().cpu().clone() for k, v in self.teacher.state_dict().items()}
         if self.target_classes is not None:
             out["target_classes"] = self.target_classes.tolist()

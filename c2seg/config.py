@@ -1,7 +1,9 @@
-"""Typed dataclass configs loaded from YAML that reject unknown keys and wrong types.
+"""Typed dataclass configs loaded from YAML that reject unknown keys, wrong types and values out of bounds.
 
 Every config of the project is a (frozen or plain) dataclass. :func:`from_dict` builds one from a
-mapping and fails with a :class:`ConfigError` naming the source file and the dotted key path.
+mapping and fails with a :class:`ConfigError` naming the source file and the dotted key path. A numeric
+field declared with :func:`bounded` is checked by :func:`check_bounds` (called from the dataclass's
+``__post_init__``, so a config built in code is checked too).
 """
 
 from __future__ import annotations
@@ -37,6 +39,63 @@ def safe_load(text: str) -> Any:
     return yaml.load(text, Loader=_SafeLoader)
 
 
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML error in one line: what is wrong and where (PyYAML's own text spans several lines)."""
+    problem = getattr(exc, "problem", None) or str(exc)
+    mark = getattr(exc, "problem_mark", None)
+    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+    return " ".join(f"{problem}{where}".split())
+
+
+@dataclasses.dataclass(frozen=True)
+class Bounds:
+    """The interval a numeric config value must lie in; ``None``: unbounded on that side."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def holds(self, value: float) -> bool:
+        above = self.low is None or (value > self.low if self.low_open else value >= self.low)
+        below = self.high is None or (value < self.high if self.high_open else value <= self.high)
+        return above and below
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {self.low}"
+        if self.low is None:
+            return f"{'<' if self.high_open else '<='} {self.high}"
+        return f"in {'(' if self.low_open else '['}{self.low}, {self.high}{')' if self.high_open else ']'}"
+
+
+def bounded(default: Any = dataclasses.MISSING, *, ge: float | None = None, gt: float | None = None,
+            le: float | None = None, lt: float | None = None) -> Any:
+    """A dataclass field whose value (each item of a tuple; ``None`` passes) must lie within the bounds."""
+    bounds = Bounds(gt if gt is not None else ge, lt if lt is not None else le, gt is not None, lt is not None)
+    return dataclasses.field(default=default, metadata={"bounds": bounds})
+
+
+class BoundsError(ValueError):
+    """A config value outside its field's bounds; ``key`` is the field (with ``[i]`` for a tuple item)."""
+
+    def __init__(self, key: str, value: Any, bounds: Bounds) -> None:
+        self.key, self.detail = key, f"must be {bounds}, got {value!r}"
+        super().__init__(f"{key} {self.detail}")
+
+
+def check_bounds(obj: Any) -> None:
+    """Raise :class:`BoundsError` for the first field of dataclass ``obj`` outside its :func:`bounded` range."""
+    for f in dataclasses.fields(obj):
+        bounds, value = f.metadata.get("bounds"), getattr(obj, f.name)
+        if bounds is None or value is None:
+            continue
+        items = enumerate(value) if isinstance(value, tuple) else [(None, value)]
+        for i, item in items:
+            if not bounds.holds(item):
+                raise BoundsError(f.name if i is None else f"{f.name}[{i}]", item, bounds)
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping with the safe loader; a clear error for a missing or malformed file."""
     path = Path(path)
@@ -45,7 +104,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     try:
         data = safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        raise ConfigError(f"{path}: not valid YAML: {yaml_problem(exc)}") from exc
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -95,7 +154,10 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ConfigError(f"override '{text}' must look like key.path=value")
     key, raw = text.split("=", 1)
-    return key.strip(), safe_load(raw)
+    try:
+        return key.strip(), safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {text}: the value is not valid (safe) YAML: {yaml_problem(exc)}") from exc
 
 
 def from_dict(cls: type[T], data: Any, source: str = "<config>", path: str = "") -> T:
@@ -120,6 +182,8 @@ def from_dict(cls: type[T], data: Any, source: str = "<config>", path: str = "")
             raise ConfigError(f"{source}: missing required key '{sub}'")
     try:
         obj = cls(**kwargs)
+    except BoundsError as exc:
+        raise ConfigError(f"{source}: {path + '.' if path else ''}{exc.key} {exc.detail}") from exc
     except (ValueError, TypeError) as exc:
         if isinstance(exc, ConfigError):
             raise

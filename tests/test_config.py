@@ -67,3 +67,47 @@ def test_yaml_is_loaded_safely(tmp_path):
     path.write_text("name: !!python/object/apply:os.system ['echo pwned']\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(Run, path)
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"data.batch_size": 0}, "data.batch_size must be >= 1, got 0"),
+    ({"data.batch_size": -2}, "data.batch_size must be >= 1, got -2"),
+    ({"optim.lr": -1}, "optim.lr must be > 0, got -1.0"),
+    ({"optim.warmup_steps": -1}, "optim.warmup_steps must be >= 0, got -1"),
+    ({"optim.betas": [0.9, 1.0]}, "optim.betas[1] must be in [0, 1), got 1.0"),
+    ({"steps": 0}, "steps must be >= 1, got 0"),
+    ({"checkpoint_every": 0}, "checkpoint_every must be >= 1, got 0"),
+    ({"deepspeed.gradient_accumulation_steps": 0}, "deepspeed.gradient_accumulation_steps must be >= 1, got 0"),
+    ({"finetune.ema_decay": 1.0}, "finetune.ema_decay must be in [0, 1), got 1.0"),
+    ({"finetune.pseudo_class_keep": 0}, "finetune.pseudo_class_keep must be in (0, 1], got 0.0"),
+    ({"finetune.target_class_min_share": 1.5}, "finetune.target_class_min_share must be in [0, 1), got 1.5"),
+])
+def test_train_config_numbers_out_of_bounds_name_the_file_key_and_value(override, message):
+    from train.config import load_train_config
+
+    path = "configs/train/finetune_tiny.yaml"
+    with pytest.raises(ConfigError) as err:
+        load_train_config(path, override)
+    assert str(err.value) == f"{path}: {message}"
+
+
+def test_model_config_numbers_out_of_bounds_name_the_file_key_and_value(tmp_path):
+    from train.config import load_model_config
+
+    path = tmp_path / "m.yaml"
+    path.write_text("name: m\nembed_dim: 64\ndepth: 2\nnum_heads: 0\n")  # 0 heads: a division by zero before
+    with pytest.raises(ConfigError) as err:
+        load_model_config(path)
+    assert str(err.value) == f"{path}: num_heads must be >= 1, got 0"
+
+
+@pytest.mark.parametrize("item, problem", [
+    ("steps=[1, 2", "expected ',' or ']', but got '<stream end>' (line 1, column 6)"),
+    ("steps=!!python/object/apply:os.system ['touch x']",
+     "could not determine a constructor for the tag 'tag:yaml.org,2002:python/object/apply:os.system' "
+     "(line 1, column 1)"),
+])
+def test_set_value_that_is_not_safe_yaml_is_one_line_naming_the_item(item, problem):
+    with pytest.raises(ConfigError) as err:
+        parse_override(item)
+    assert str(err.value) == f"--set {item}: the value is not valid (safe) YAML: {problem}"

@@ -97,3 +97,19 @@ def test_checkpoint_with_other_parameter_groups_says_how_to_continue(tiny_prepar
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "step_00000002: its optimizer state does not fit this run's parameter groups" in proc.stderr
     assert "init_from=" in proc.stderr
+
+
+def test_bad_set_values_and_bounds_are_one_line_errors(tmp_path):
+    """``--set`` values that are not safe YAML, and numbers out of bounds, end the CLI with status 2 and one line
+    (no traceback, no DeepSpeed assertion)."""
+    marker = tmp_path / "pwned"
+    unsafe = f"steps=!!python/object/apply:os.system ['touch {marker}']"
+    proc = run_train([*tiny_args("finetune", tmp_path, tmp_path / "r"), "--set", unsafe], check=False)
+    assert proc.returncode == 2 and not marker.exists()
+    assert proc.stderr.strip().splitlines() == [
+        f"c2seg train: error: --set {unsafe}: the value is not valid (safe) YAML: could not determine a constructor "
+        "for the tag 'tag:yaml.org,2002:python/object/apply:os.system' (line 1, column 1)"]
+    proc = run_train(tiny_args("finetune", tmp_path, tmp_path / "r", "data.batch_size=0"), check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"c2seg train: error: {FINETUNE_TINY}: data.batch_size must be >= 1, got 0"]

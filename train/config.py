@@ -1,5 +1,6 @@
 """Typed configs of the train stage: the model (configs/models/*.yaml) and a training run
-(configs/train/*.yaml). Both are strict: an unknown key is an error naming the file and the key."""
+(configs/train/*.yaml). Both are strict: an unknown key, or a number outside its bounds (``bounded``), is an
+error naming the file and the key."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from c2seg.config import ConfigError, from_dict, load_config
+from c2seg.config import ConfigError, bounded, check_bounds, from_dict, load_config
 
 Precision = Literal["fp32", "bf16", "fp16"]
 Fusion = Literal["joint", "cross"]
@@ -18,21 +19,21 @@ class ModelConfig:
     """The fusion segmenter: per-modality patch embeddings -> shared transformer -> conv decoder."""
 
     name: str
-    embed_dim: int
-    depth: int
-    num_heads: int
+    embed_dim: int = bounded(ge=4)
+    depth: int = bounded(ge=1)
+    num_heads: int = bounded(ge=1)
     patch_size: int = 8
-    mlp_ratio: float = 4.0
-    max_bands_per_token: int = 64  # modalities with more bands are cut into spectral groups, one token each
+    mlp_ratio: float = bounded(4.0, gt=0)
+    max_bands_per_token: int = bounded(64, ge=1)  # modalities with more bands are cut into spectral groups
     spectral_embedding: Literal["wavelength", "conv"] = "wavelength"  # DOFA-style weights from wavelengths
-    wavelength_hidden: int = 128
-    decoder_dim: int = 64
+    wavelength_hidden: int = bounded(128, ge=1)
+    decoder_dim: int = bounded(64, ge=1)
     # light: the transformer's features upsampled alone; skip: plus a convolutional stem's full-resolution
     # features at every scale (U-Net-like skips; train/models/stem.py), stem_dim channels at full resolution
     decoder: Literal["light", "skip"] = "light"
-    stem_dim: int = 32
+    stem_dim: int = bounded(32, ge=1)
     qkv_bias: bool = True
-    modality_dropout: float = 0.3  # training: probability of dropping one whole modality from a batch
+    modality_dropout: float = bounded(0.3, ge=0, lt=1)  # training: chance of dropping one whole modality from a batch
     activation_checkpointing: bool = False
     # joint: all G*N modality / spectral-group tokens attend jointly in `depth` blocks, then are averaged per
     # location. cross: the G tokens of each location attend among themselves and are averaged into one token
@@ -41,14 +42,13 @@ class ModelConfig:
     fusion: Fusion = "joint"
 
     def __post_init__(self) -> None:
+        check_bounds(self)
         if self.embed_dim % self.num_heads:
             raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
         if (self.embed_dim // self.num_heads) % 2 or self.embed_dim % 4:
             raise ValueError("embed_dim must be a multiple of 4 and the head size even")
         if self.patch_size < 1 or self.patch_size & (self.patch_size - 1):
             raise ValueError(f"patch_size must be a power of two, got {self.patch_size}")
-        if not 0 <= self.modality_dropout < 1:
-            raise ValueError("modality_dropout must be in [0, 1)")
 
 
 @dataclass(frozen=True)
@@ -57,15 +57,14 @@ class RadiometricConfig:
     gets an illumination gain and spectral tilt, a haze offset (in the modality's units at 450 nm) on its
     optical modalities, and a calibration offset on its dB modalities. ``prob`` 0 turns it off."""
 
-    prob: float = 0.0
+    prob: float = bounded(0.0, ge=0, le=1)
     gain: tuple[float, float] = (0.75, 1.1)
-    tilt_per_1000nm: float = 0.2
-    haze_450nm: float = 500.0
-    db_offset: float = 3.0
+    tilt_per_1000nm: float = bounded(0.2, ge=0)
+    haze_450nm: float = bounded(500.0, ge=0)
+    db_offset: float = bounded(3.0, ge=0)
 
     def __post_init__(self) -> None:
-        if not 0 <= self.prob <= 1:
-            raise ValueError("data.radiometric.prob must be in [0, 1]")
+        check_bounds(self)
         if not 0 < self.gain[0] <= self.gain[1]:
             raise ValueError("data.radiometric.gain must be [low, high] with 0 < low <= high")
 
@@ -75,10 +74,10 @@ class DataConfig:
     """Where the prepared tiles are (``c2seg data prep`` output) and how batches are drawn."""
 
     prep_dir: str
-    batch_size: int = 8  # per rank, per micro-step
-    num_workers: int = 0
+    batch_size: int = bounded(8, ge=1)  # per rank, per micro-step
+    num_workers: int = bounded(0, ge=0)
     augment: bool = True
-    batches_per_epoch: int = 50  # per rank; an epoch is a fixed number of batches (equal on every rank)
+    batches_per_epoch: int = bounded(50, ge=1)  # per rank; an epoch is a fixed number of batches (equal on every rank)
     spec: str | None = None  # dataset spec YAML; default: the spec stored in the prep manifest
     source_cities: tuple[str, ...] | None = None  # default: the spec's cities with role source
     target_cities: tuple[str, ...] | None = None  # default: the spec's cities with role target
@@ -88,17 +87,23 @@ class DataConfig:
     normalization: Literal["pooled", "per_city"] = "pooled"
     radiometric: RadiometricConfig = field(default_factory=RadiometricConfig)  # training tiles only
 
+    def __post_init__(self) -> None:
+        check_bounds(self)
+
 
 @dataclass(frozen=True)
 class OptimConfig:
     """AdamW (torch implementation) with linear warmup then cosine decay."""
 
-    lr: float = 3e-4
-    weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.95)
-    warmup_steps: int = 10
-    min_lr_ratio: float = 0.05
-    grad_clip: float = 1.0
+    lr: float = bounded(3e-4, gt=0)
+    weight_decay: float = bounded(0.05, ge=0)
+    betas: tuple[float, float] = bounded((0.9, 0.95), ge=0, lt=1)
+    warmup_steps: int = bounded(10, ge=0)
+    min_lr_ratio: float = bounded(0.05, ge=0, le=1)
+    grad_clip: float = bounded(1.0, ge=0)  # 0: no clipping
+
+    def __post_init__(self) -> None:
+        check_bounds(self)
 
 
 @dataclass(frozen=True)
@@ -109,14 +114,13 @@ class DeepSpeedConfig:
     offload_optimizer: bool = False
     offload_params: bool = False  # ZeRO-3 only
     precision: Precision = "fp32"
-    gradient_accumulation_steps: int = 1
+    gradient_accumulation_steps: int = bounded(1, ge=1)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        check_bounds(self)
         if self.offload_params and self.zero_stage != 3:
             raise ValueError("deepspeed.offload_params needs zero_stage 3")
-        if self.gradient_accumulation_steps < 1:
-            raise ValueError("deepspeed.gradient_accumulation_steps must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -126,65 +130,62 @@ class TrackingConfig:
     enabled: bool = True
     experiment: str = "c2seg"
     run_name: str | None = None
-    log_every: int = 1  # steps between MLflow metric logs
-    progress_every: int = 25  # steps between progress log lines when there is no terminal for a bar
-    previews: int = 4  # target prediction previews logged at each validation
+    log_every: int = bounded(1, ge=1)  # steps between MLflow metric logs
+    progress_every: int = bounded(25, ge=1)  # steps between progress log lines when there is no terminal for a bar
+    previews: int = bounded(4, ge=0)  # target prediction previews logged at each validation
+
+    def __post_init__(self) -> None:
+        check_bounds(self)
 
 
 @dataclass(frozen=True)
 class PretrainConfig:
     """Masked multimodal reconstruction."""
 
-    mask_ratio: float = 0.75
-    full_modality_mask_prob: float = 0.5  # chance that one whole modality is hidden (cross-modal target)
-    decoder_dim: int = 128
-    decoder_depth: int = 2
-    decoder_heads: int = 4
+    mask_ratio: float = bounded(0.75, gt=0, lt=1)
+    full_modality_mask_prob: float = bounded(0.5, ge=0, le=1)  # chance that one whole modality is hidden
+    decoder_dim: int = bounded(128, ge=1)
+    decoder_depth: int = bounded(2, ge=1)
+    decoder_heads: int = bounded(4, ge=1)
 
     def __post_init__(self) -> None:
-        if not 0 < self.mask_ratio < 1:
-            raise ValueError("pretrain.mask_ratio must be in (0, 1)")
+        check_bounds(self)
 
 
 @dataclass(frozen=True)
 class FinetuneConfig:
     """Supervised loss on source labels plus mean-teacher adaptation on target train tiles."""
 
-    dice_weight: float = 0.0
+    dice_weight: float = bounded(0.0, ge=0)
     class_weights: dict[int, float] | None = None  # class id -> CE weight (others 1)
     adapt: bool = True
-    ema_decay: float = 0.99
-    pseudo_threshold: float | None = 0.9  # None: pseudo_class_keep alone decides
+    ema_decay: float = bounded(0.99, ge=0, lt=1)
+    pseudo_threshold: float | None = bounded(0.9, ge=0, le=1)  # None: pseudo_class_keep alone decides
     # mask: pixels that are not confident are ignored; fraction (DAFormer): every pixel keeps its
     # pseudo-label and the target loss of a tile is weighted by its fraction of confident pixels
     pseudo_weighting: Literal["mask", "fraction"] = "mask"
     # class-balanced selection (CBST): in each batch, the most confident pseudo_class_keep share of the pixels
     # predicted as each class also counts as confident, whatever pseudo_threshold says, so an uncalibrated early
     # teacher still teaches and no class is left out; None: pseudo_threshold alone decides
-    pseudo_class_keep: float | None = None
+    pseudo_class_keep: float | None = bounded(None, gt=0, le=1)
     # class-balanced target loss: each pixel of the mixed target batch weighs (share of its label's class in the
     # batch) ** -pseudo_class_balance, normalised to a mean of 1, so the classes the teacher predicts most cannot
     # take over self-training while the rare ones fade (0: off; 1: every class weighs the same in total)
-    pseudo_class_balance: float = 0.0
+    pseudo_class_balance: float = bounded(0.0, ge=0, le=1)
     # partial domain adaptation: the classes the teacher predicts, at the first adaptation step (after an init_from
     # source model: that model's predictions), on less than this share of the target city's train pixels count as
     # absent from the target city; while adapting, their source pixels are ignored (so ClassMix never pastes them)
     # and the teacher never pseudo-labels them, so the student unlearns them instead of scattering them over the
     # target (None: every class is kept)
-    target_class_min_share: float | None = None
-    adapt_weight: float = 1.0
-    adapt_warmup_steps: int = 0  # no target loss before this step
+    target_class_min_share: float | None = bounded(None, ge=0, lt=1)
+    adapt_weight: float = bounded(1.0, ge=0)
+    adapt_warmup_steps: int = bounded(0, ge=0)  # no target loss before this step
     mix: Literal["classmix", "none"] = "classmix"
-    eval_every: int = 50
-    eval_batches: int | None = None  # per rank; None: the whole val split
+    eval_every: int = bounded(50, ge=1)
+    eval_batches: int | None = bounded(None, ge=1)  # per rank; None: the whole val split
 
     def __post_init__(self) -> None:
-        if self.pseudo_class_keep is not None and not 0 < self.pseudo_class_keep <= 1:
-            raise ValueError("finetune.pseudo_class_keep must be in (0, 1]")
-        if not 0 <= self.pseudo_class_balance <= 1:
-            raise ValueError("finetune.pseudo_class_balance must be in [0, 1]")
-        if self.target_class_min_share is not None and not 0 <= self.target_class_min_share < 1:
-            raise ValueError("finetune.target_class_min_share must be in [0, 1)")
+        check_bounds(self)
         if self.pseudo_threshold is None and self.pseudo_class_keep is None:
             raise ValueError("finetune: set pseudo_threshold, pseudo_class_keep or both (which target pixels "
                              "get pseudo-labels)")
@@ -197,11 +198,11 @@ class TrainConfig:
     model: str  # configs/models/NAME.yaml
     data: DataConfig
     output_dir: str
-    steps: int
+    steps: int = bounded(ge=1)
     seed: int = 0
     init_from: str | None = None  # a run dir or weights file: a pretrain run's backbone, a finetune run's whole model
-    checkpoint_every: int = 50
-    keep_checkpoints: int = 2
+    checkpoint_every: int = bounded(50, ge=1)
+    keep_checkpoints: int = bounded(2, ge=1)
     # torch.compile the model's forward (in place: weight names stay the same). On an H100, `large` in bf16
     # trains about 20 % faster (benchmarks/bench_gpu.py); the first steps are slower while it compiles.
     compile: bool = False
@@ -212,10 +213,7 @@ class TrainConfig:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def __post_init__(self) -> None:
-        if self.steps < 1:
-            raise ValueError("steps must be >= 1")
-        if self.checkpoint_every < 1:
-            raise ValueError("checkpoint_every must be >= 1")
+        check_bounds(self)
 
 
 def load_model_config(path: str | Path) -> ModelConfig:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -54,6 +55,22 @@ def atomic_path(path: str | Path, suffix: str = "") -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+@contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """A temp folder to fill (for outputs that are folders); on a clean exit it replaces the folder ``path``,
+    on an error it is removed with its contents."""
+    path = Path(path)
+    tmp = partial_path(path)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def write_text_atomic(path: str | Path, text: str) -> None:
     with atomic_write(path, "w") as f:
         f.write(text)
@@ -66,6 +83,17 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def file_problem(path: str | Path, expected: str) -> str | None:
+    """Why ``path`` cannot be read as ``expected`` (e.g. "a GeoTIFF"), for a message after the path:
+    ``is a directory, expected a GeoTIFF`` or ``file not found``; None when it is a file."""
+    path = Path(path)
+    if path.is_dir():
+        return f"is a directory, expected {expected}"
+    if not path.is_file():
+        return "file not found"
+    return None
 
 
 def _alive(pid: int) -> bool:

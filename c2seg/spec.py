@@ -18,11 +18,27 @@ from pathlib import Path
 from typing import Literal
 
 from c2seg.config import ConfigError, from_dict, load_yaml, to_dict
+from c2seg.io import file_problem
 
 SceneFormat = Literal["geotiff", "mat_v5", "mat_v73", "tiles"]
 CityRole = Literal["source", "target"]
 _HEX = re.compile(r"^#[0-9a-fA-F]{6}$")
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+
+# Values a modality may plausibly hold, by its declared ``unit`` (lower-cased): inspect flags values outside
+# these bounds, prep refuses statistics outside them. They are generous on purpose: they must never reject a
+# real sensor, only values no sensor makes (random bytes read as float32 reach 3e38, as in corrupt files).
+# - reflectance x 1e4: surface reflectance lies in 0..1, but atmospheric correction undershoots below 0
+#   (water, shadow) and overshoots above 1 (clouds, specular glint), and 16-bit products saturate at 65535:
+#   -1e4..1e5 is reflectance -1..10. Plain "reflectance" gets the same bounds / 1e4.
+# - dB: SAR backscatter of real scenes lies within about -50 dB (noise floor) .. +40 dB (corner reflectors);
+#   -100..100 dB leaves room for calibration offsets and uncalibrated products.
+# A modality with another unit (or none) has no bounds.
+UNIT_BOUNDS: dict[str, tuple[float, float]] = {
+    "reflectance x 1e4": (-1e4, 1e5),
+    "reflectance": (-1.0, 10.0),
+    "db": (-100.0, 100.0),
+}
 
 
 @dataclass(frozen=True)
@@ -66,6 +82,8 @@ class Modality:
                 raise ValueError(
                     f"modalities.{self.name}.{key} has {len(values)} entries for {self.bands} bands"
                 )
+        if self.band_names is not None:
+            _unique(f"modalities.{self.name}.band_names", list(self.band_names))
         if self.wavelengths_nm is not None and any(w <= 0 for w in self.wavelengths_nm):
             raise ValueError(f"modalities.{self.name}.wavelengths_nm must be positive")
         if self.bandwidths_nm is not None and any(w <= 0 for w in self.bandwidths_nm):
@@ -76,6 +94,16 @@ class Modality:
             np.dtype(self.dtype)
         except TypeError as exc:
             raise ValueError(f"modalities.{self.name}.dtype '{self.dtype}' is not a numpy dtype") from exc
+
+    @property
+    def value_bounds(self) -> tuple[float, float] | None:
+        """``(low, high)`` plausible values for the modality's ``unit`` (:data:`UNIT_BOUNDS`), None if unknown."""
+        return UNIT_BOUNDS.get(self.unit.strip().lower())
+
+    def band_label(self, index: int) -> str:
+        """``band 3 (B4)``: a 0-based band index as messages name it (1-based, with its name if any)."""
+        name = f" ({self.band_names[index]})" if self.band_names else ""
+        return f"band {index + 1}{name}"
 
     @property
     def key_in_mat(self) -> str:
@@ -294,6 +322,9 @@ def spec_from_dict(data: dict, source: str = "<spec>", data_root: str | Path | N
 def read_spec_yaml(path: str | Path) -> dict:
     """A spec file's mapping with ``extends: other.yaml`` resolved (top-level keys override)."""
     path = Path(path)
+    problem = file_problem(path, "a dataset spec YAML file")
+    if problem:
+        raise ConfigError(f"{path}: {problem}")
     data = load_yaml(path)
     base = data.pop("extends", None)
     if base is None:
@@ -332,6 +363,6 @@ def spec_compatible(expected: DatasetSpec, actual: DatasetSpec) -> list[str]:
 
 
 __all__ = [
-    "City", "ClassDef", "DatasetSpec", "LabelRemap", "Modality", "TileDefaults",
+    "City", "ClassDef", "DatasetSpec", "LabelRemap", "Modality", "TileDefaults", "UNIT_BOUNDS",
     "load_spec", "read_spec_yaml", "spec_from_dict", "spec_compatible", "SceneFormat", "CityRole",
 ]

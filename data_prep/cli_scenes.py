@@ -11,6 +11,7 @@ import yaml
 
 from c2seg.cli import add_spec_args, parse_size, spec_from_args
 from c2seg.spec import SceneFormat
+from data_prep.synth.domain import SHIFT_PROFILES
 
 log = logging.getLogger("c2seg.data")
 FORMATS = get_args(SceneFormat)
@@ -32,13 +33,19 @@ def register(sub: argparse._SubParsersAction) -> None:
                      help="write every city in this format instead of the spec's, with a default file layout; the "
                      "matching spec is written to DATA_ROOT/spec.yaml")
     gen.add_argument("--overwrite", action="store_true", help="regenerate cities whose files already exist")
+    gen.add_argument("--shift", choices=SHIFT_PROFILES, default="default",
+                     help="domain-shift profile between the cities: " + "; ".join(
+                         f"{name}: {what}" for name, what in SHIFT_PROFILES.items()).replace("%", "%%")
+                     + " (default: %(default)s)")
     gen.set_defaults(func=_generate)
 
     ins = sub.add_parser(
         "inspect", help="check every city of a spec window by window; print a summary, write quicklooks",
         description="Open every city with the readers, read it window by window (all checks: band counts, grid "
-        "alignment, label values, NaN/inf, damaged files), print a table (size, modalities, value ranges, "
-        "non-finite counts, class histogram) and, with --out, write OUT/<city>.png and OUT/summary.json.",
+        "alignment, label values, NaN/inf, damaged files, values outside the bounds of each modality's unit), "
+        "print a table (size, modalities, value ranges, non-finite and out-of-bounds counts, class histogram) "
+        "and, with --out, write OUT/<city>.png and OUT/summary.json. Exit 1 and list every problem when "
+        "values lie outside their unit's bounds.",
     )
     add_spec_args(ins)
     ins.add_argument("--out", type=Path, default=None, help="folder for quicklook PNGs and summary.json")
@@ -53,7 +60,8 @@ def _generate(args: argparse.Namespace) -> int:
 
     spec = spec_from_args(args)
     height, width = args.size
-    out_spec = generate_dataset(spec, height, width, seed=args.seed, fmt=args.format, overwrite=args.overwrite)
+    out_spec = generate_dataset(spec, height, width, seed=args.seed, fmt=args.format, overwrite=args.overwrite,
+                                shift=args.shift)
     if args.format:
         data = to_dict(out_spec)
         data.pop("source_file")
@@ -67,9 +75,14 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from data_prep.inspect import format_summary, inspect_dataset
+    from data_prep.inspect import city_problems, format_summary, inspect_dataset
 
+    if args.out is not None and args.out.exists() and not args.out.is_dir():
+        raise ValueError(f"{args.out}: is a file, expected a folder for the quicklooks (--out)")
     spec = spec_from_args(args)
     summaries = inspect_dataset(spec, args.out, args.block, cities=args.city)
     print(format_summary(spec, summaries))
-    return 0
+    problems = [p for s in summaries for p in city_problems(spec, s)]
+    for p in problems:
+        print(f"PROBLEM: {p}")
+    return 1 if problems else 0

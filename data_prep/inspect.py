@@ -2,7 +2,9 @@
 a quicklook per city (RGB beside the label map in the spec's class colours).
 
 Reading every window runs every reader check (band counts, grid alignment, label values, non-finite
-values, damaged blocks), so a city that inspects cleanly is ready for ``c2seg data prep``.
+values, damaged blocks), so a city that inspects cleanly is ready for ``c2seg data prep``. Values outside the
+plausible bounds of a modality's unit (``Modality.value_bounds``: corrupt pixel data, wrong unit) are counted
+and reported as problems (:func:`city_problems`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from tqdm import tqdm
 
 from c2seg.spec import DatasetSpec
 from data_prep.readers import Scene, iter_windows, open_city
+from data_prep.stats import count_out_of_bounds
 
 log = logging.getLogger("c2seg.inspect")
 
@@ -34,6 +37,8 @@ class ModalityStats:
     min: float = math.inf
     max: float = -math.inf
     nonfinite: int = 0
+    out_of_bounds: int = 0
+    out_of_bounds_file: str = ""  # the first file holding such values
     _sum: float = field(default=0.0, repr=False)
     _count: int = field(default=0, repr=False)
 
@@ -42,6 +47,11 @@ class ModalityStats:
         self._count += values.size
         self.min, self.max = min(self.min, float(values.min())), max(self.max, float(values.max()))
         self.mean = self._sum / max(self._count, 1)
+
+    def add_out_of_bounds(self, count: int, path: Path) -> None:
+        if count and not self.out_of_bounds:
+            self.out_of_bounds_file = str(path)
+        self.out_of_bounds += count
 
 
 @dataclass
@@ -142,6 +152,7 @@ def inspect_city(spec: DatasetSpec, city_name: str, out: Path | None = None, blo
             for name, st in stats.items():
                 values = scene.read(name, window)
                 st.add(values)
+                st.add_out_of_bounds(count_out_of_bounds(values, spec.modality(name)), scene.file_of(name))
                 if name == look.modality:
                     rgb = values[look.bands]
             label = scene.read_label(window) if scene.has_label else None
@@ -174,7 +185,7 @@ def format_summary(spec: DatasetSpec, summaries: list[CitySummary]) -> str:
         lines.append(f"{s.city:<16}{s.role:<8}{s.format:<9}{s.scenes:>7}  {f'{s.height} x {s.width}':<13}{mods}")
         for name, st in s.modalities.items():
             lines.append(f"    {name:<6} mean {st.mean:>10.2f}  min {st.min:>10.2f}  max {st.max:>10.2f}  "
-                         f"non-finite {st.nonfinite}")
+                         f"non-finite {st.nonfinite}  out of bounds {st.out_of_bounds}")
         total = sum(n for i, n in s.class_pixels.items() if i != spec.ignore_id)
         if not s.class_pixels:
             lines.append("    classes: no label")
@@ -184,6 +195,19 @@ def format_summary(spec: DatasetSpec, summaries: list[CitySummary]) -> str:
             ignored = s.class_pixels.get(spec.ignore_id, 0)
             lines.append(f"    classes ({total} labelled px, {ignored} ignored): " + ", ".join(parts))
     return "\n".join(lines)
+
+
+def city_problems(spec: DatasetSpec, summary: CitySummary) -> list[str]:
+    """One line per modality of the city holding values outside its unit's bounds, naming the file."""
+    problems = []
+    for name, st in summary.modalities.items():
+        if st.out_of_bounds:
+            m = spec.modality(name)
+            lo, hi = m.value_bounds
+            problems.append(f"{st.out_of_bounds_file}: city '{summary.city}', modality '{name}' holds "
+                            f"{st.out_of_bounds} value(s) outside [{lo:g}, {hi:g}] for unit '{m.unit}' (min "
+                            f"{st.min:.6g}, max {st.max:.6g}): corrupt pixel data or a wrong unit in the spec")
+    return problems
 
 
 def inspect_dataset(spec: DatasetSpec, out: Path | None = None, block: int = 512,

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import platform
 import time
 from dataclasses import dataclass
@@ -22,9 +21,11 @@ from pathlib import Path
 import numpy as np
 
 from c2seg.config import load_json_record
+from c2seg.io import write_text_atomic
 from c2seg.spec import DatasetSpec, spec_from_dict
-from data_prep.prep import load_job
-from data_prep.stats import BandStats
+from data_prep.prep import Job, load_job
+from data_prep.stats import BandStats, bounds_problem, fill_value
+from data_prep.tiling import CityPlan
 from data_prep.zarr_store import STORE, write_kept
 
 log = logging.getLogger("c2seg.prep")
@@ -43,8 +44,33 @@ def _versions() -> dict[str, str]:
     return out
 
 
+def _check_city_stats(out: Path, job: Job, city: str, acc: dict[str, BandStats]) -> None:
+    """Refuse statistics outside the value bounds of a modality's unit (parts written by another version)."""
+    for m in job.spec.modalities:
+        problem = bounds_problem(acc[m.name], m)
+        if problem:
+            raise ValueError(f"{out}: city '{city}', {problem} in the statistics parts (corrupt pixel data or "
+                             f"a wrong unit; delete {out} and rerun the prep)")
+
+
+def _no_tiles_reason(job: Job, plan: CityPlan, acc: dict[str, BandStats], splits: dict) -> str:
+    """Why a city kept no tile: every tile dropped as nodata (naming the modality with the most nodata
+    pixels), or none planned."""
+    planned = sum(sp["planned"] for sp in splits.values())
+    if not planned:
+        return (f"no tile was planned ({plan.small_scenes_skipped} scene(s) smaller than the {job.cfg.tile_size} px "
+                f"tile, {plan.straddling_dropped} tile(s) straddling the val blocks)")
+    pixels = sum(h * w for _, h, w in plan.scenes)
+    nodata = {m.name: 1 - int(acc[m.name].count[0]) / pixels for m in job.spec.modalities}
+    worst = max(nodata, key=nodata.get)
+    return (f"all {planned} tiles were dropped as nodata (over max_nodata_fraction {job.cfg.max_nodata_fraction:g} "
+            f"of their pixels): modality '{worst}' is nodata in {100 * nodata[worst]:.1f}% of the city's pixels "
+            f"(fill value {fill_value(job.spec.modality(worst)):g}; NaN and inf are read as nodata)")
+
+
 def finalize(out: Path) -> Path:
-    """Join the parts of every task into ``out/manifest.json``; fails naming the missing units."""
+    """Join the parts of every task into ``out/manifest.json``; fails naming the missing units, a city
+    without tiles, or statistics outside a modality's value bounds."""
     out = Path(out)
     job = load_job(out)
     units = job.units()
@@ -64,6 +90,7 @@ def finalize(out: Path) -> Path:
                     part = BandStats.from_arrays(data, name)
                     acc[name].merge(part)
                     pooled[name].merge(part)
+        _check_city_stats(out, job, city, acc)
         splits = {}
         for split, sp in plan.splits.items():
             records = [json.loads(job.marker(("tiles", city, split, k)).read_text()) for k in range(len(sp.units))]
@@ -80,6 +107,8 @@ def finalize(out: Path) -> Path:
                 "zarr": f"{STORE}/{city}/{split}",
                 "shards": [r["shard"] for r in records],
             }
+        if not any(sp["tiles"] for sp in splits.values()):
+            raise ValueError(f"{out}: city '{city}' has no tiles: {_no_tiles_reason(job, plan, acc, splits)}")
         cities[city] = {"id": plan.city_id, "role": plan.role, "scenes": [s[0] for s in plan.scenes],
                         "dropped_straddling": plan.straddling_dropped,
                         "scenes_smaller_than_tile": plan.small_scenes_skipped,
@@ -94,9 +123,7 @@ def finalize(out: Path) -> Path:
         "cities": cities,
     }
     path = out / MANIFEST
-    tmp = path.with_name(f".{MANIFEST}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(manifest, indent=1))
     totals = {s: sum(c["splits"][s]["tiles"] for c in cities.values()) for s in ("train", "val")}
     log.info("finalized %s: %d train and %d val tiles in %d shards", path, totals["train"], totals["val"],
              sum(len(sp["shards"]) for c in cities.values() for sp in c["splits"].values()))

@@ -5,14 +5,23 @@ Layout of the output folder: ``job.json`` (spec, resolved config, tile plan; wri
 every later task), ``dataset.zarr``, ``shards/<split>/<city>-<n>.tar``, ``parts/units/*.json`` and
 ``parts/stats/*.npz`` (one done-marker per finished unit, written last and atomically), then
 ``manifest.json`` from finalize. A rerun skips units whose marker exists and redoes the others, which
-rewrite the same chunks and shard names, so a crash leaves nothing duplicated or missing.
+rewrite the same chunks and shard names, so a crash leaves nothing duplicated or missing; every file is
+written atomically (``c2seg.io``), and a run first deletes the temp files of killed writers.
+
+Pool workers die with the task that started them (Linux: ``PR_SET_PDEATHSIG``), and each records itself in
+``parts/workers/``: a rerun kills the workers of an earlier run of its task that outlived their parent
+(orphans), so it never runs beside them.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
+import signal
+import socket
+import sys
 import time
 import zlib
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
@@ -21,14 +30,16 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import psutil
 from tqdm import tqdm
 
 from c2seg.config import from_dict, load_json_record, to_dict
+from c2seg.io import atomic_path, remove_dead_partials, write_text_atomic
 from c2seg.spec import DatasetSpec, spec_from_dict
 from data_prep.prep_config import PrepConfig
 from data_prep.readers.base import Scene, Window
 from data_prep.shards import sample_key, write_shard
-from data_prep.stats import BandStats, fill_value, nodata_mask
+from data_prep.stats import BandStats, bounds_problem, fill_value, nodata_mask
 from data_prep.tiling import CityPlan, SplitPlan, plan_city
 from data_prep.zarr_store import create_store, file_lock, write_tiles
 
@@ -36,6 +47,7 @@ log = logging.getLogger("c2seg.prep")
 
 JOB_FORMAT = "c2seg-prep-job/1"
 FLOAT16_MAX = 65504.0
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 SceneOpener = Callable[[DatasetSpec, str], list[Scene]]
 
 
@@ -124,9 +136,7 @@ def open_job(spec: DatasetSpec, cfg: PrepConfig, out: Path, opener: SceneOpener 
                     raise ValueError(f"{path}: this folder holds a prep job with another {key.rstrip('s')} "
                                      f"(use a new --out, or delete {out})")
         else:
-            tmp = path.with_name(f".job.json.tmp-{os.getpid()}")
-            tmp.write_text(json.dumps(record))
-            os.replace(tmp, path)
+            write_text_atomic(path, json.dumps(record))
         create_store(out, spec, cfg, plans)
     return job
 
@@ -257,6 +267,10 @@ def _run_stats(job: Job, city: str, k: int) -> dict[str, np.ndarray]:
         for m in spec.modalities:
             values = scene.read(m.name, window)
             acc[m.name].add(values, ~nodata_mask(values, fill_value(m)), rng, keep)
+            problem = bounds_problem(acc[m.name], m)
+            if problem:
+                raise ValueError(f"{scene.file_of(m.name)}: city '{city}', {problem} (corrupt pixel data or a "
+                                 "wrong unit in the spec; `c2seg data inspect` counts such values)")
     arrays: dict[str, np.ndarray] = {}
     for name, stats in acc.items():
         arrays.update(stats.to_arrays(name))
@@ -271,14 +285,10 @@ def _run_unit(unit: tuple[str, str, str, int], job: Job | None = None) -> int:
     marker.parent.mkdir(parents=True, exist_ok=True)
     if kind == "stats":
         arrays = _run_stats(job, city, k)
-        tmp = marker.with_name(f".{marker.stem}.tmp-{os.getpid()}.npz")
-        np.savez(tmp, **arrays)
-        os.replace(tmp, marker)
+        with atomic_path(marker, suffix=".npz") as tmp:  # np.savez adds .npz to names without it
+            np.savez(tmp, **arrays)
         return 0
-    record = _run_tiles(job, city, split, k)
-    tmp = marker.with_name(f".{marker.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(record))
-    os.replace(tmp, marker)
+    write_text_atomic(marker, json.dumps(_run_tiles(job, city, split, k)))
     return _unit_tiles(job, unit)
 
 
@@ -290,15 +300,87 @@ def _unit_tiles(job: Job, unit: tuple[str, str, str, int]) -> int:
     return b - a
 
 
-def _init_worker(out: str) -> None:
+# ---- pool workers: they die with their parent, and a rerun kills those that did not ------------------
+def _die_with_parent(parent: int) -> None:
+    """Have the kernel SIGKILL this process when ``parent`` dies (Linux); exit now if it already has."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG, SIGKILL) failed")
+    if os.getppid() != parent:  # the parent died before the death signal was set
+        os._exit(1)
+
+
+def _worker_records(out: Path) -> Path:
+    return out / "parts" / "workers"
+
+
+def register_worker(out: Path, task_index: int, parent: int) -> None:
+    """Record this process as a pool worker of task ``task_index``, started by ``parent``."""
+    folder = _worker_records(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    record = {"host": socket.gethostname(), "pid": os.getpid(), "started": psutil.Process().create_time(),
+              "parent": parent}
+    write_text_atomic(folder / f"task-{task_index:05d}-{os.getpid()}.json", json.dumps(record))
+
+
+def _live_worker(record: dict) -> psutil.Process | None:
+    """The recorded worker if it still runs (the same process, not a reused pid nor a zombie), else None."""
+    try:
+        proc = psutil.Process(record["pid"])
+        same = proc.create_time() == record["started"] and proc.status() != psutil.STATUS_ZOMBIE
+        return proc if same else None
+    except psutil.NoSuchProcess:
+        return None
+
+
+def reap_workers(out: Path, task_index: int) -> None:
+    """Kill the recorded workers of task ``task_index`` on this host that outlived their parent and forget the
+    records of workers that are gone. Workers whose parent still runs (a live run of the task) are left."""
+    killed, forget = [], []
+    for path in sorted(_worker_records(out).glob(f"task-{task_index:05d}-*.json")):
+        record = json.loads(path.read_text())
+        if record["host"] != socket.gethostname():
+            continue
+        proc = _live_worker(record)
+        if proc is not None and proc.ppid() == record["parent"]:
+            continue
+        if proc is not None:
+            log.warning("%s: killing worker %d of an earlier prep task %d, orphaned when its parent %d died",
+                        out, record["pid"], task_index, record["parent"])
+            proc.kill()
+            killed.append(proc)
+        forget.append(path)
+    psutil.wait_procs(killed, timeout=10)
+    for path in forget:
+        path.unlink(missing_ok=True)
+
+
+def _init_worker(out: str, task_index: int, parent: int) -> None:
+    _die_with_parent(parent)
+    register_worker(Path(out), task_index, parent)
     global _JOB
     _JOB = load_job(Path(out))
+
+
+def _remove_dead_partials(out: Path) -> None:
+    """Delete the temp files killed writers left in the folders prep writes files into."""
+    shard_dirs = sorted(p for p in (out / "shards").glob("*") if p.is_dir())
+    folders = [out, out / "parts" / "units", out / "parts" / "stats", _worker_records(out), *shard_dirs]
+    removed = [p for folder in folders for p in remove_dead_partials(folder)]
+    if removed:
+        log.info("%s: removed %d partial file(s) of killed writers (e.g. %s)", out, len(removed), removed[0].name)
 
 
 def run_prep(spec: DatasetSpec, cfg: PrepConfig, out: Path, *, task_index: int = 0, num_tasks: int = 1,
              workers: int = 1, opener: SceneOpener = default_opener) -> dict:
     """Run task ``task_index`` of ``num_tasks`` (every ``num_tasks``-th unit); returns counts."""
     t0 = time.monotonic()
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out}: is a file, expected the prep output folder (--out)")
+    reap_workers(out, task_index)
+    _remove_dead_partials(out)
     job = open_job(spec, cfg, out, opener)
     mine = job.units()[task_index::num_tasks]
     todo = [u for u in mine if not job.marker(u).is_file()]
@@ -313,10 +395,11 @@ def run_prep(spec: DatasetSpec, cfg: PrepConfig, out: Path, *, task_index: int =
             import multiprocessing as mp
 
             with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
-                                     initargs=(str(out),)) as pool:
+                                     initargs=(str(out), task_index, os.getpid())) as pool:
                 for n in pool.map(_run_unit, todo):
                     bar.update(n)
                     done_tiles += n
+            reap_workers(out, task_index)
         else:
             try:
                 for unit in todo:

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from c2seg.io import atomic_write, file_sha256  # noqa: F401  (file_sha256: data_prep.verify imports it from here)
+
 BLOCK = 512
 Entry = bytes | np.ndarray
 
@@ -70,9 +72,8 @@ def write_shard(path: Path, samples: list[tuple[str, dict[str, Entry]]]) -> tupl
     """Write ``(key, {suffix: bytes or array})`` samples to ``path`` atomically (arrays as ``.npy``);
     returns (bytes, sha256). The shard is fsynced once, before the rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     h, size = hashlib.sha256(), 0
-    with open(tmp, "wb") as f:
+    with atomic_write(path, "wb", fsync=True) as f:
         def put(buf) -> None:
             nonlocal size
             h.update(buf)
@@ -93,18 +94,7 @@ def write_shard(path: Path, samples: list[tuple[str, dict[str, Entry]]]) -> tupl
         put(bytes(2 * BLOCK))  # end of archive, then padding to a whole record as tarfile does
         if size % tarfile.RECORDSIZE:
             put(bytes(tarfile.RECORDSIZE - size % tarfile.RECORDSIZE))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
     return size, h.hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def map_file(path: Path) -> memoryview:

@@ -3,7 +3,8 @@
 Mean and standard deviation are exact (per-window mean and sum of squared deviations, merged with
 Chan's formula). Percentiles come from a seeded random sample of valid pixels (a fixed number per
 statistics unit), pooled when merging. Nodata pixels (every band at the modality's fill value) are
-left out.
+left out. Values outside the modality's plausible bounds (``Modality.value_bounds``, from its unit) are
+counted by :func:`count_out_of_bounds` (inspect) and refused by :func:`bounds_problem` (prep).
 """
 
 from __future__ import annotations
@@ -25,6 +26,33 @@ def fill_value(modality: Modality) -> float:
 def nodata_mask(values: np.ndarray, fill: float) -> np.ndarray:
     """``(h, w)`` True where every band of ``values`` ``(C, h, w)`` equals ``fill``."""
     return np.all(values == np.asarray(fill, dtype=values.dtype), axis=0)
+
+
+def count_out_of_bounds(values: np.ndarray, modality: Modality) -> int:
+    """How many of ``values`` lie outside the modality's value bounds (its fill value excepted; 0 if it has
+    no bounds)."""
+    if modality.value_bounds is None:
+        return 0
+    lo, hi = modality.value_bounds
+    outside = (values < lo) | (values > hi)
+    outside &= values != np.asarray(fill_value(modality), values.dtype)
+    return int(np.count_nonzero(outside))
+
+
+def bounds_problem(stats: BandStats, modality: Modality) -> str | None:
+    """The first band whose minimum or maximum lies outside the modality's value bounds, as
+    ``modality 'msi', band 3 (B4): max 1e+34 is outside [-10000, 100000] for unit 'reflectance x 1e4'``;
+    None when every band is within them (or the modality has no bounds)."""
+    if modality.value_bounds is None:
+        return None
+    lo, hi = modality.value_bounds
+    bad = np.flatnonzero((stats.count > 0) & ((stats.minimum < lo) | (stats.maximum > hi)))
+    if not len(bad):
+        return None
+    band = int(bad[0])
+    which, value = ("min", stats.minimum[band]) if stats.minimum[band] < lo else ("max", stats.maximum[band])
+    return (f"modality '{modality.name}', {modality.band_label(band)}: {which} {value:.6g} is outside "
+            f"[{lo:g}, {hi:g}] for unit '{modality.unit}'")
 
 
 @dataclass

@@ -136,7 +136,7 @@ def test_existing_cities_are_kept_and_mat_v5_limit(tmp_path):
     stamps = [p.stat().st_mtime_ns for p in outputs]
     generate_dataset(spec, 32, 32)
     assert [p.stat().st_mtime_ns for p in outputs] == stamps
-    assert not list(tmp_path.rglob("*.partial"))
+    assert not [p for p in tmp_path.rglob("*") if ".tmp-" in p.name]
     generate_dataset(spec, 32, 32, overwrite=True)
     assert [p.stat().st_mtime_ns for p in outputs] != stamps
     ab = load_spec(CONFIGS / "demo_ab.yaml", data_root=tmp_path / "ab")

@@ -15,12 +15,20 @@ from pathlib import Path
 import numpy as np
 from affine import Affine
 
+from c2seg.io import file_problem
 from c2seg.spec import City, DatasetSpec
 
 
 class SceneError(ValueError):
     """A scene file is missing, corrupt or does not match the dataset spec. The message names the
     file and the problem."""
+
+
+def require_file(path: Path, expected: str) -> None:
+    """Raise :class:`SceneError` unless ``path`` is a file (naming a directory as one, not as missing)."""
+    problem = file_problem(path, expected)
+    if problem:
+        raise SceneError(f"{path}: {problem}")
 
 
 @dataclass(frozen=True)
@@ -77,6 +85,10 @@ class Scene(abc.ABC):
     @abc.abstractmethod
     def read_label(self, window: Window | None = None) -> np.ndarray:
         """``(h, w)`` uint8 class ids inside ``window``; raises :class:`SceneError` if unlabelled."""
+
+    def file_of(self, key: str) -> Path:
+        """The file holding modality ``key`` (or ``"label"``), for messages."""
+        return self.path
 
     def full_window(self) -> Window:
         return Window(0, 0, self.height, self.width)

@@ -16,13 +16,12 @@ from rasterio.errors import RasterioError
 from rasterio.windows import Window as RioWindow
 
 from c2seg.spec import City, DatasetSpec
-from data_prep.readers.base import SceneError
+from data_prep.readers.base import SceneError, require_file
 from data_prep.readers.grid import GridScene, grid_factor
 
 
 def _open(path: Path):
-    if not path.is_file():
-        raise SceneError(f"{path}: file not found")
+    require_file(path, "a GeoTIFF")
     try:
         return rasterio.open(path)
     except RasterioError as exc:
@@ -78,7 +77,7 @@ class GeoTiffScene(GridScene):
     def has_label(self) -> bool:
         return "label" in self._files
 
-    def _file_of(self, modality: str) -> Path:
+    def file_of(self, modality: str) -> Path:
         return self._files[modality]
 
     def _read_block(self, key: str, rows: slice, cols: slice) -> np.ndarray:

@@ -70,7 +70,7 @@ class GridScene(Scene, abc.ABC):
         """``(h, w)`` stored label values (raw, any numeric dtype)."""
 
     @abc.abstractmethod
-    def _file_of(self, modality: str) -> Path:
+    def file_of(self, modality: str) -> Path:
         """The file holding ``modality`` (or ``"label"``), for messages."""
 
     # ---- checks used by readers at open time ----------------------------------------------
@@ -131,7 +131,7 @@ class GridScene(Scene, abc.ABC):
             if modality not in self._warned_nonfinite:
                 self._warned_nonfinite.add(modality)
                 log.warning("%s: modality '%s' holds %d non-finite value(s) (NaN/inf) in this read; filled with %s",
-                            self._file_of(modality), modality, count, 0.0 if fill is None else fill)
+                            self.file_of(modality), modality, count, 0.0 if fill is None else fill)
         else:
             self.nonfinite_counts.setdefault(modality, 0)
         return values
@@ -148,7 +148,7 @@ class GridScene(Scene, abc.ABC):
         if raw.dtype.kind == "f":
             if not np.isfinite(raw).all() or (raw != np.round(raw)).any():
                 bad = np.unique(raw[~np.isfinite(raw) | (raw != np.round(raw))])[:10]
-                raise SceneError(f"{self._file_of('label')}: label holds non-integer values {bad.tolist()}")
+                raise SceneError(f"{self.file_of('label')}: label holds non-integer values {bad.tolist()}")
         return raw.astype(np.int64)
 
     def label_values(self) -> np.ndarray:
@@ -165,7 +165,7 @@ class GridScene(Scene, abc.ABC):
         values = self.label_values()
         allowed = set(self.spec.class_ids) | {self.spec.ignore_id}
         outside = sorted(set(values.tolist()) - allowed)
-        path = self._file_of("label")
+        path = self.file_of("label")
         remap = self.spec.label_remap
         mapping = {v: v for v in values.tolist()}
         if outside:

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from c2seg.spec import City, DatasetSpec
-from data_prep.readers.base import SceneError
+from data_prep.readers.base import SceneError, require_file
 from data_prep.readers.grid import GridScene, grid_factor, mat_transform
 
 LABEL_KEY = "label"
@@ -38,8 +38,7 @@ class MatV5Scene(GridScene):
     def __init__(self, spec: DatasetSpec, city: City, path: Path) -> None:
         from scipy.io import loadmat
 
-        if not path.is_file():
-            raise SceneError(f"{path}: file not found")
+        require_file(path, "a MATLAB v5 .mat file")
         try:
             data = loadmat(path)
         except NotImplementedError as exc:
@@ -80,7 +79,7 @@ class MatV5Scene(GridScene):
     def has_label(self) -> bool:
         return LABEL_KEY in self._arrays
 
-    def _file_of(self, modality: str) -> Path:
+    def file_of(self, modality: str) -> Path:
         return self.path
 
     def _read_native(self, modality: str, rows: slice, cols: slice) -> np.ndarray:
@@ -119,7 +118,7 @@ class MatV73Scene(GridScene):
             shapes = {}
             for key, ds in self._datasets.items():
                 if ds.ndim not in ((2,) if key == LABEL_KEY else (2, 3)):
-                    raise SceneError(f"{self._file_of(key)}: variable for '{key}' has shape {ds.shape}")
+                    raise SceneError(f"{self.file_of(key)}: variable for '{key}' has shape {ds.shape}")
                 # MATLAB H x W (x C) is seen by h5py as (C x) W x H
                 shapes[key] = (ds.shape[-1], ds.shape[-2])
             height, width = _grid_size(spec, shapes, path)
@@ -138,8 +137,7 @@ class MatV73Scene(GridScene):
     def _open(path: Path):
         import h5py
 
-        if not path.is_file():
-            raise SceneError(f"{path}: file not found")
+        require_file(path, "a MATLAB v7.3 .mat file")
         try:
             return h5py.File(path, "r")
         except OSError as exc:
@@ -154,14 +152,14 @@ class MatV73Scene(GridScene):
     def has_label(self) -> bool:
         return LABEL_KEY in self._datasets
 
-    def _file_of(self, modality: str) -> Path:
+    def file_of(self, modality: str) -> Path:
         return self._paths["label" if modality == LABEL_KEY else "scene"]
 
     def _hyperslab(self, key: str, index: tuple) -> np.ndarray:
         try:
             return self._datasets[key][index]
         except (OSError, RuntimeError) as exc:
-            raise SceneError(f"{self._file_of(key)}: reading '{key}' failed (corrupt or truncated?): {exc}") from exc
+            raise SceneError(f"{self.file_of(key)}: reading '{key}' failed (corrupt or truncated?): {exc}") from exc
 
     def _read_native(self, modality: str, rows: slice, cols: slice) -> np.ndarray:
         if self._datasets[modality].ndim == 2:

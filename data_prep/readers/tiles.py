@@ -16,6 +16,8 @@ TILE_SUFFIXES = (".tiff", ".tif")
 
 
 def _tile_files(folder: Path) -> dict[str, Path]:
+    if folder.is_file():
+        raise SceneError(f"{folder}: is a file, expected a folder of tiles (N.tiff)")
     if not folder.is_dir():
         raise SceneError(f"{folder}: tile folder not found")
     return {p.stem: p for p in folder.iterdir() if p.suffix.lower() in TILE_SUFFIXES}

@@ -4,15 +4,15 @@ GeoTIFF, MATLAB v7.3 (HDF5) and tile folders are written window by window, so me
 (one block of 256 px x all bands, plus, for tiles, two rows of blocks). MATLAB v5 cannot be written by
 parts: the whole city is assembled in memory, and a v5 variable cannot exceed 2 GiB (e.g. 242 float32
 bands: about 1500 x 1500 px); larger cities need mat_v73 or geotiff. Every file is written under a
-temporary name and renamed when complete, so an interrupted run never leaves a file that looks done.
+temporary name and renamed when complete (``c2seg.io``), so an interrupted run never leaves a file that looks
+done.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import shutil
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +20,7 @@ import rasterio
 from affine import Affine
 from tqdm import tqdm
 
+from c2seg.io import atomic_dir, atomic_path
 from c2seg.spec import DatasetSpec
 from data_prep.readers.base import Window
 from data_prep.synth.city import CitySynth
@@ -49,41 +50,48 @@ def city_transform(spec: DatasetSpec, synth: CitySynth) -> tuple[Affine, str]:
     return Affine(res, 0.0, x0, 0.0, -res, y0), synth.city.crs or DEFAULT_CRS
 
 
-def _partial(path: Path) -> Path:
+def _in_place(path: Path) -> Path:
+    """``path``, with its folder created."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    return path.with_name(path.name + ".partial")
+    return path
 
 
 def write_geotiff(synth: CitySynth, files: dict[str, Path]) -> None:
-    """One tiled GeoTIFF per modality (coarse modalities at their resolution) plus the label."""
+    """One tiled GeoTIFF per modality (coarse modalities at their resolution) plus the label; every file is
+    renamed into place once all are written."""
+    spec = synth.spec
+    keys = [m.name for m in spec.modalities] + (["label"] if "label" in files else [])
+    with ExitStack() as renames:
+        tmps = {key: renames.enter_context(atomic_path(_in_place(files[key]))) for key in keys}
+        with ExitStack() as datasets:
+            outputs = {key: datasets.enter_context(_open_geotiff(synth, key, tmps[key])) for key in keys}
+            _write_geotiff_blocks(synth, outputs)
+
+
+def _open_geotiff(synth: CitySynth, key: str, path: Path):
     spec = synth.spec
     transform, crs = city_transform(spec, synth)
-    outputs = {}
-    try:
-        for m in spec.modalities:
-            h, w = synth.native_shape(m.name)
-            outputs[m.name] = rasterio.open(
-                _partial(files[m.name]), "w", driver="GTiff", height=h, width=w, count=m.bands, dtype=m.dtype,
-                crs=crs, transform=transform @ Affine.scale(synth.factors[m.name]), tiled=True, blockxsize=256,
-                blockysize=256, interleave="pixel", BIGTIFF="IF_SAFER", nodata=m.nodata)
-        if "label" in files:
-            dtype = "int16" if spec.label_remap else "uint8"
-            outputs["label"] = rasterio.open(
-                _partial(files["label"]), "w", driver="GTiff", height=synth.height, width=synth.width, count=1,
-                dtype=dtype, crs=crs, transform=transform, tiled=True, blockxsize=256, blockysize=256)
-        blocks = synth.blocks()
-        for b in tqdm(blocks, desc=f"generate {synth.city.name} (geotiff)", unit="block", leave=False):
-            data = synth.block(b)
-            for key, ds in outputs.items():
-                f = 1 if key == "label" else synth.factors[key]
-                arr = label_codes(spec, data["label"])[None] if key == "label" else data[key]
-                win = rasterio.windows.Window(b.col // f, b.row // f, arr.shape[2], arr.shape[1])
-                ds.write(arr.astype(ds.dtypes[0], copy=False), window=win)
-    finally:
-        for ds in outputs.values():
-            ds.close()
-    for key in outputs:
-        os.replace(_partial(files[key]), files[key])
+    if key == "label":
+        dtype = "int16" if spec.label_remap else "uint8"
+        return rasterio.open(path, "w", driver="GTiff", height=synth.height, width=synth.width, count=1,
+                             dtype=dtype, crs=crs, transform=transform, tiled=True, blockxsize=256, blockysize=256)
+    m = spec.modality(key)
+    h, w = synth.native_shape(key)
+    return rasterio.open(path, "w", driver="GTiff", height=h, width=w, count=m.bands, dtype=m.dtype, crs=crs,
+                         transform=transform @ Affine.scale(synth.factors[key]), tiled=True, blockxsize=256,
+                         blockysize=256, interleave="pixel", BIGTIFF="IF_SAFER", nodata=m.nodata)
+
+
+def _write_geotiff_blocks(synth: CitySynth, outputs: dict) -> None:
+    spec = synth.spec
+    blocks = synth.blocks()
+    for b in tqdm(blocks, desc=f"generate {synth.city.name} (geotiff)", unit="block", leave=False):
+        data = synth.block(b)
+        for key, ds in outputs.items():
+            f = 1 if key == "label" else synth.factors[key]
+            arr = label_codes(spec, data["label"])[None] if key == "label" else data[key]
+            win = rasterio.windows.Window(b.col // f, b.row // f, arr.shape[2], arr.shape[1])
+            ds.write(arr.astype(ds.dtypes[0], copy=False), window=win)
 
 
 def write_mat_v5(synth: CitySynth, path: Path, with_label: bool) -> None:
@@ -108,9 +116,8 @@ def write_mat_v5(synth: CitySynth, path: Path, with_label: bool) -> None:
                 arr.transpose(1, 2, 0)
     if with_label:
         arrays["label"] = label
-    tmp = _partial(path)
-    savemat(tmp, arrays, do_compression=False, appendmat=False)
-    os.replace(tmp, path)
+    with atomic_path(_in_place(path)) as tmp:
+        savemat(tmp, arrays, do_compression=False, appendmat=False)
 
 
 def _mat73_file(path: Path):
@@ -132,18 +139,20 @@ def write_mat_v73(synth: CitySynth, scene_path: Path, label_path: Path | None) -
     """A MATLAB v7.3 scene file and a separate label file; arrays stored transposed (C x W x H) as
     MATLAB does, chunked, written block by block."""
     spec = synth.spec
-    tmp_scene = _partial(scene_path)
-    datasets = {}
-    with _mat73_file(tmp_scene) as h5:
-        for m in spec.modalities:
-            h, w = synth.native_shape(m.name)
-            ds = h5.create_dataset(m.key_in_mat, shape=(m.bands, w, h), dtype=m.dtype,
-                                   chunks=(min(m.bands, 16), min(w, 128), min(h, 128)))
-            ds.attrs["MATLAB_class"] = np.bytes_("single" if m.dtype == "float32" else "double")
-            datasets[m.name] = ds
-        label_file = _mat73_file(_partial(label_path)) if label_path else None
-        try:
-            if label_file is not None:
+    with ExitStack() as renames:
+        tmp_scene = renames.enter_context(atomic_path(_in_place(scene_path)))
+        tmp_label = renames.enter_context(atomic_path(_in_place(label_path))) if label_path else None
+        with ExitStack() as files:
+            h5 = files.enter_context(_mat73_file(tmp_scene))
+            datasets = {}
+            for m in spec.modalities:
+                h, w = synth.native_shape(m.name)
+                ds = h5.create_dataset(m.key_in_mat, shape=(m.bands, w, h), dtype=m.dtype,
+                                       chunks=(min(m.bands, 16), min(w, 128), min(h, 128)))
+                ds.attrs["MATLAB_class"] = np.bytes_("single" if m.dtype == "float32" else "double")
+                datasets[m.name] = ds
+            if tmp_label is not None:
+                label_file = files.enter_context(_mat73_file(tmp_label))
                 datasets["label"] = label_file.create_dataset(
                     "label", shape=(synth.width, synth.height), chunks=(min(synth.width, 256), min(synth.height, 256)),
                     dtype="float64" if spec.label_remap else "uint8")
@@ -157,14 +166,9 @@ def write_mat_v73(synth: CitySynth, scene_path: Path, label_path: Path | None) -
                     f, arr = synth.factors[key], data[key]
                     ds[:, b.col // f:b.col // f + arr.shape[2], b.row // f:b.row // f + arr.shape[1]] = \
                         arr.transpose(0, 2, 1)
-        finally:
-            if label_file is not None:
-                label_file.close()
-    _mat73_header(tmp_scene)
-    os.replace(tmp_scene, scene_path)
-    if label_path:
-        _mat73_header(_partial(label_path))
-        os.replace(_partial(label_path), label_path)
+        for tmp in (tmp_scene, tmp_label):
+            if tmp is not None:
+                _mat73_header(tmp)
 
 
 def tile_windows(height: int, width: int, size: int, stride: int) -> list[Window]:
@@ -192,22 +196,18 @@ def write_tiles(synth: CitySynth, root: Path, with_label: bool) -> None:
     ``synth`` a block cache of two block rows (:func:`tile_cache_blocks`) or blocks are recomputed."""
     spec = synth.spec
     transform, crs = city_transform(spec, synth)
-    tmp = _partial(root)
-    shutil.rmtree(tmp, ignore_errors=True)
     keys = [m.name for m in spec.modalities] + (["label"] if with_label else [])
     folders = {m.name: m.folder_in_tiles for m in spec.modalities} | {"label": "label"}
-    for key in keys:
-        (tmp / folders[key]).mkdir(parents=True)
-    for n, t in enumerate(tqdm(city_tiles(synth), desc=f"generate {synth.city.name} (tiles)", unit="tile",
-                               leave=False), start=1):
-        data = synth.render(t)
+    with atomic_dir(_in_place(root)) as tmp:
         for key in keys:
-            arr = label_codes(spec, data["label"])[None] if key == "label" else data[key]
-            dtype = ("int16" if spec.label_remap else "uint8") if key == "label" else spec.modality(key).dtype
-            with rasterio.open(tmp / folders[key] / f"{n}.tiff", "w", driver="GTiff", height=t.height, width=t.width,
-                               count=arr.shape[0], dtype=dtype, crs=crs,
-                               transform=transform @ Affine.translation(t.col, t.row)) as ds:
-                ds.write(arr.astype(dtype, copy=False))
-    if root.exists():
-        shutil.rmtree(root)
-    os.replace(tmp, root)
+            (tmp / folders[key]).mkdir()
+        for n, t in enumerate(tqdm(city_tiles(synth), desc=f"generate {synth.city.name} (tiles)", unit="tile",
+                                   leave=False), start=1):
+            data = synth.render(t)
+            for key in keys:
+                arr = label_codes(spec, data["label"])[None] if key == "label" else data[key]
+                dtype = ("int16" if spec.label_remap else "uint8") if key == "label" else spec.modality(key).dtype
+                with rasterio.open(tmp / folders[key] / f"{n}.tiff", "w", driver="GTiff", height=t.height,
+                                   width=t.width, count=arr.shape[0], dtype=dtype, crs=crs,
+                                   transform=transform @ Affine.translation(t.col, t.row)) as ds:
+                    ds.write(arr.astype(dtype, copy=False))

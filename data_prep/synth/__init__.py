@@ -1,8 +1,8 @@
 """Generated cities: a fair stand-in for the C2Seg data, in every release format.
 
-``generate_dataset(spec, height, width, seed=0, fmt=None)`` writes every city of ``spec`` under its
-data root. The land cover, spectra, radar and the domain shift between cities are described in
-docs/demo-data.md.
+``generate_dataset(spec, height, width, seed=0, fmt=None, shift="default")`` writes every city of
+``spec`` under its data root, with the domain-shift profile ``shift`` (data_prep.synth.domain). The
+land cover, spectra, radar and the domain shift between cities are described in docs/demo-data.md.
 """
 
 from __future__ import annotations
@@ -53,10 +53,11 @@ def city_outputs(spec: DatasetSpec, city: City) -> list[Path]:
     return [spec.resolve(city, k) for k in keys]
 
 
-def generate_city(spec: DatasetSpec, city: City, height: int, width: int, seed: int = 0) -> None:
-    """Write one generated city in its format (files named by ``city.files``)."""
+def generate_city(spec: DatasetSpec, city: City, height: int, width: int, seed: int = 0,
+                  shift: str = "default") -> None:
+    """Write one generated city in its format (files named by ``city.files``) under shift profile ``shift``."""
     cache = tile_cache_blocks(width, BLOCK_PX) if city.format == "tiles" else 0
-    synth = CitySynth(spec, city, height, width, seed, cache_blocks=cache)
+    synth = CitySynth(spec, city, height, width, seed, cache_blocks=cache, shift=shift)
     if city.format == "geotiff":
         write_geotiff(synth, {k: spec.resolve(city, k) for k in _geotiff_keys(spec, city)})
     elif city.format == "mat_v5":
@@ -69,10 +70,11 @@ def generate_city(spec: DatasetSpec, city: City, height: int, width: int, seed: 
 
 
 def generate_dataset(spec: DatasetSpec, height: int, width: int, seed: int = 0, fmt: SceneFormat | None = None,
-                     overwrite: bool = False) -> DatasetSpec:
+                     overwrite: bool = False, shift: str = "default") -> DatasetSpec:
     """Write every city of ``spec`` under ``spec.data_root`` at ``height`` x ``width`` px, deterministic
-    by ``seed``. ``fmt`` overrides the cities' format with :func:`default_files`; the spec that reads
-    the result is returned. Cities whose files all exist are kept unless ``overwrite``."""
+    by ``seed``, with domain-shift profile ``shift``. ``fmt`` overrides the cities' format with
+    :func:`default_files`; the spec that reads the result is returned. Cities whose files all exist are kept
+    unless ``overwrite``."""
     if height < 16 or width < 16:
         raise ValueError(f"generated cities need at least 16 x 16 px, got {height} x {width}")
     if fmt is not None:
@@ -84,7 +86,7 @@ def generate_dataset(spec: DatasetSpec, height: int, width: int, seed: int = 0, 
             continue
         log.info("%s (%s): generating %d x %d px as %s under %s", city.name, city.role, height, width, city.format,
                  spec.data_root)
-        generate_city(spec, city, height, width, seed)
+        generate_city(spec, city, height, width, seed, shift)
     return spec
 
 

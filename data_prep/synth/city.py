@@ -25,16 +25,16 @@ from data_prep.synth.spectra import (ENDMEMBERS, band_matrix, class_profile, mod
 BLOCK_PX = 256
 REFLECTANCE_SCALE = 1e4
 SAR_LOOKS = 4.4
-MATERIAL_SHIFT = 0.3
 
 
 class CitySynth:
-    """Generated data of ``city`` at ``height`` x ``width`` px; see the module docstring."""
+    """Generated data of ``city`` at ``height`` x ``width`` px under domain-shift profile ``shift``
+    (data_prep.synth.domain.SHIFT_PROFILES); see the module docstring."""
 
     def __init__(self, spec: DatasetSpec, city: City, height: int, width: int, seed: int = 0,
-                 cache_blocks: int = 0) -> None:
+                 cache_blocks: int = 0, shift: str = "default") -> None:
         self.spec, self.city, self.height, self.width, self.seed = spec, city, height, width, seed
-        self.style: CityStyle = city_style(spec, city, seed)
+        self.style: CityStyle = city_style(spec, city, seed, shift)
         self.city_index = [c.name for c in spec.cities].index(city.name)
         self.factors = {m.name: grid_factor(spec, m) for m in spec.modalities}
         lcm = math.lcm(*self.factors.values())
@@ -68,6 +68,7 @@ class CitySynth:
         pools = {}
         for layer in ("rural", "forest", "urban", "water", "road"):
             ids = by_layer.get(layer) or (fill if layer in ("rural", "forest", "urban") else [])
+            ids = [i for i in ids if i not in self.style.absent_class_ids]
             if ids:
                 probs = self.style.proportions(ids, layer) if layer in ("rural", "forest", "urban") else \
                     np.full(len(ids), 1 / len(ids))
@@ -85,7 +86,7 @@ class CitySynth:
         rows = np.arange(window.row, window.row + window.height, dtype=np.float64)
         cols = np.arange(window.col, window.col + window.width, dtype=np.float64)
         parcel, _ = voronoi(s.seed + 5, rows, cols, s.parcel_px)
-        block, block_edge = voronoi(s.seed + 6, rows, cols, (18.0, 18.0), jitter=0.25)
+        block, block_edge = voronoi(s.seed + 6, rows, cols, (s.block_px, s.block_px), jitter=0.25)
         _, road_edge = voronoi(s.seed + 7, rows, cols, (130.0, 130.0), jitter=0.8)
         urban = value_noise(s.seed + 1, rows, cols, 200, 3) > s.urban_level
         forest = value_noise(s.seed + 2, rows, cols, 150, 3) > s.forest_level
@@ -98,7 +99,7 @@ class CitySynth:
         region = np.where(urban, block + (1 << 40), region)
         if "road" in self._pools:
             road_class = self._pools["road"][0][0]
-            roads = (road_edge < 1.0) | (urban & (block_edge < 0.8))
+            roads = (road_edge < s.road_px) | (urban & (block_edge < s.street_px))
             surface = np.where(roads, road_class, surface)
             region = np.where(roads, -1, region)
         if "water" in self._pools:
@@ -114,7 +115,7 @@ class CitySynth:
         n = max(self._profiles) + 1
         weights = np.zeros((n, len(ENDMEMBERS)))
         bright, var, copol = np.ones(n), np.zeros(n), np.full(n, -12.0)
-        mix = MATERIAL_SHIFT * self.style.shift  # other materials per class in shifted cities (roofs, soils, ...)
+        mix = self.style.material_mix  # other materials per class in shifted cities (roofs, soils, ...)
         for cid, p in self._profiles.items():
             other = np.random.default_rng([self.style.pool_seed, cid]).dirichlet(np.full(len(ENDMEMBERS), 0.7))
             weights[cid] = (1 - mix) * np.asarray(p.weights) + mix * other
@@ -143,7 +144,11 @@ class CitySynth:
                 bw = m.bandwidths_nm if m.wavelengths_nm is not None else None
                 matrix = band_matrix(tuple(lam), bw, red_edge_nm=s.red_edge_nm, nir_level=s.nir_level,
                                      soil_brightness=s.soil_brightness) * REFLECTANCE_SCALE
-                out[m.name] = (matrix, s.optical_gain(lam), s.optical_offset(lam))
+                gain, offset = s.optical_gain(lam), s.optical_offset(lam)
+                calibration = s.sensor_calibration(m.name, lam.size)
+                if calibration is not None:
+                    gain, offset = gain * calibration[0], offset + calibration[1]
+                out[m.name] = (matrix, gain, offset)
         return out
 
     def _rng(self, window: Window, modality_index: int) -> np.random.Generator:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
+import warnings
 from pathlib import Path
 
 from c2seg.cli import add_spec_args, spec_from_args
@@ -27,7 +29,9 @@ example: c2seg infer run --model model.pt --spec configs/datasets/c2seg_ab.yaml 
 EVAL_HELP = """\
 Score a prediction against labels: confusion matrix over labelled pixels (classes 1..K), per-class IoU
 and F1, mIoU, OA, macro-F1, Cohen's kappa. Writes a JSON file and a confusion-matrix PNG next to it,
-and logs both to an MLflow run when --mlflow-run is given.
+and logs both to an MLflow run when --mlflow-run is given. A missing, empty or truncated raster, a
+prediction that is not one band of integer class ids, values outside the spec's classes, or a prediction
+grid (size, CRS, transform) unlike the labels' stops it with one line naming the file (exit 2).
 
 example: c2seg infer evaluate --pred preds/berlin --spec configs/datasets/c2seg_ab.yaml --city berlin"""
 
@@ -76,7 +80,7 @@ def register(stages: argparse._SubParsersAction) -> None:
     ev.add_argument("--out", type=Path, help="metrics JSON (default PRED/metrics.json, or next to PRED)")
     ev.add_argument("--mlflow-run", help="MLflow run id to log the scores and files to")
     ev.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or ./mlflow.db)")
-    ev.set_defaults(func=_evaluate)
+    ev.set_defaults(func=_gdal_quiet(_evaluate))
 
     cog = sub.add_parser("check-cog", help="validate Cloud-Optimized GeoTIFFs",
                          description="rio-cogeo's cog_validate (GDAL's COG checks: IFD and data order, "
@@ -84,7 +88,26 @@ def register(stages: argparse._SubParsersAction) -> None:
                                      "of every band of the image and its overviews, so a truncated or damaged "
                                      "file fails. One line per file; exit 1 when any is not a valid COG.")
     cog.add_argument("files", nargs="+", type=Path, help="GeoTIFF files")
-    cog.set_defaults(func=_check_cog)
+    cog.set_defaults(func=_gdal_quiet(_check_cog))
+
+
+def _gdal_quiet(handler):
+    """``handler`` with GDAL's own messages about a damaged file held back (rasterio's log lines below ERROR,
+    the no-georeference warning): they repeat the one line that names the file; ``c2seg -v`` shows them."""
+    @functools.wraps(handler)
+    def run(args: argparse.Namespace) -> int:
+        if args.verbose:
+            return handler(args)
+        rasterio_log = logging.getLogger("rasterio")
+        level = rasterio_log.level
+        rasterio_log.setLevel(logging.ERROR)
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Dataset has no geotransform")
+                return handler(args)
+        finally:
+            rasterio_log.setLevel(level)
+    return run
 
 
 def _config(args: argparse.Namespace):
@@ -140,8 +163,8 @@ def _check_cog(args: argparse.Namespace) -> int:
     for path in args.files:
         if not path.is_file():
             raise FileNotFoundError(f"{path}: file not found")
-        errors, warnings = validate_cog(path)
-        for w in warnings:
+        errors, cautions = validate_cog(path)
+        for w in cautions:
             print(f"{path}: warning: {w}")
         print(f"{path}: NOT a valid COG: {'; '.join(errors)}" if errors else f"{path}: valid COG")
         bad += bool(errors)

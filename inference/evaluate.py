@@ -5,6 +5,11 @@ confusion-matrix plot and, when a run is given, MLflow metrics and artifacts.
 Truth comes from a city's readers (``--city``: label remapping included) or from a label raster /
 folder of label tiles (``--truth``). The prediction is a class-map raster (single-scene city) or a
 folder holding ``<scene>.tif`` (``N.tif`` per tile, as ``c2seg infer run`` writes them).
+
+Nothing on disk is trusted: rasters open through the readers' checks (missing, empty or corrupt files),
+a read that fails names the file and window, a raster must have one band (a prediction: of integer
+class ids) and a prediction must lie on the truth's grid (size, CRS, transform); values outside the
+spec's classes are refused. Each problem is a :class:`~data_prep.readers.SceneError` naming the file.
 """
 
 from __future__ import annotations
@@ -16,13 +21,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import rasterio
+from affine import Affine
+from rasterio.crs import CRS
+from rasterio.errors import RasterioError
 from rasterio.windows import Window as RioWindow
 from tqdm import tqdm
 
 from c2seg.metrics import confusion_matrix, scores_from_confusion
 from c2seg.spec import DatasetSpec
-from data_prep.readers.base import Window, iter_windows
+from data_prep.readers.base import SceneError, Window, iter_windows
+from data_prep.readers.geotiff import _open as open_raster  # missing / empty / corrupt file: SceneError
 
 log = logging.getLogger("c2seg.infer")
 BLOCK = 2048
@@ -31,11 +39,14 @@ SUFFIXES = (".tif", ".tiff")
 
 @dataclass
 class Truth:
-    """One labelled scene: its name, grid size and a windowed label reader."""
+    """One labelled scene: its name, the file named in messages, its grid and a windowed label reader."""
 
     name: str
+    path: Path
     height: int
     width: int
+    transform: Affine
+    crs: str | None
     read: Callable[[Window], np.ndarray]
 
 
@@ -46,13 +57,42 @@ def truth_from_city(spec: DatasetSpec, city: str) -> Iterator[Truth]:
     if not spec.city(city).labelled:
         raise ValueError(f"city '{city}' has no labels in spec {spec.source_file or spec.name}")
     for scene in open_city(spec, city):
-        yield Truth(scene.name, scene.height, scene.width, scene.read_label)
+        yield Truth(scene.name, scene.path, scene.height, scene.width, scene.transform, scene.crs,
+                    scene.read_label)
+
+
+def read_window(ds, w: Window) -> np.ndarray:
+    """Band 1 of open raster ``ds`` inside ``w``; a failed read raises :class:`SceneError` naming the file."""
+    try:
+        return ds.read(1, window=RioWindow(w.col, w.row, w.width, w.height))
+    except RasterioError as exc:
+        raise SceneError(f"{ds.name}: read failed at rows {w.row}:{w.row + w.height}, cols {w.col}:"
+                         f"{w.col + w.width} (corrupt or truncated?): {exc.__cause__ or exc}") from exc
+
+
+def open_class_raster(path: Path, role: str, integer: bool):
+    """``path`` opened through the readers' checks, refused unless it has one band (of an integer dtype
+    when ``integer``); ``role`` ("prediction", "label") names it in messages."""
+    ds = open_raster(path)
+    problem = _class_raster_problem(ds, integer)
+    if problem:
+        ds.close()
+        raise SceneError(f"{path}: {role} raster {problem}")
+    return ds
+
+
+def _class_raster_problem(ds, integer: bool) -> str | None:
+    if ds.count != 1:
+        return f"has {ds.count} bands, expected 1 band of class ids"
+    if integer and np.dtype(ds.dtypes[0]).kind not in "ui":
+        return f"holds {ds.dtypes[0]} values, expected integer class ids (a class map, not scores)"
+    return None
 
 
 def _raster_reader(path: Path) -> Callable[[Window], np.ndarray]:
     def read(w: Window) -> np.ndarray:
-        with rasterio.open(path) as ds:
-            return ds.read(1, window=RioWindow(w.col, w.row, w.width, w.height))
+        with open_class_raster(path, "label", integer=False) as ds:
+            return read_window(ds, w)
     return read
 
 
@@ -65,8 +105,9 @@ def truth_from_rasters(path: Path) -> Iterator[Truth]:
     for f in files:
         if not f.is_file():
             raise FileNotFoundError(f"{f}: label raster not found")
-        with rasterio.open(f) as ds:
-            yield Truth(f.stem, ds.height, ds.width, _raster_reader(f))
+        with open_class_raster(f, "label", integer=False) as ds:
+            crs = ds.crs.to_string() if ds.crs else None
+            yield Truth(f.stem, f, ds.height, ds.width, ds.transform, crs, _raster_reader(f))
 
 
 def find_prediction(pred: Path, name: str, single: bool) -> Path:
@@ -84,26 +125,54 @@ def find_prediction(pred: Path, name: str, single: bool) -> Path:
     raise FileNotFoundError(f"{pred}: no prediction for scene '{name}' ({name}.tif)")
 
 
-def confusion_over(truths: list[Truth], pred: Path, class_ids: tuple[int, ...], block: int = BLOCK) -> np.ndarray:
+def check_size(path: Path, ds, truth: Truth) -> None:
+    if (ds.height, ds.width) != (truth.height, truth.width):
+        raise SceneError(f"{path}: prediction is {ds.height} x {ds.width} px, the labels of scene "
+                         f"'{truth.name}' are {truth.height} x {truth.width} px")
+
+
+def check_georeference(path: Path, ds, truth: Truth) -> None:
+    """Refuse prediction ``ds`` unless its CRS and transform are those of ``truth``."""
+    where = f"scene '{truth.name}' ({truth.path})"
+    if ds.crs != (CRS.from_user_input(truth.crs) if truth.crs else None):
+        raise SceneError(f"{path}: prediction CRS {ds.crs} differs from {where}: {truth.crs}")
+    if not ds.transform.almost_equals(truth.transform, precision=1e-6 * abs(truth.transform.a)):
+        raise SceneError(f"{path}: prediction transform {tuple(ds.transform)[:6]} differs from {where}: "
+                         f"{tuple(truth.transform)[:6]}")
+
+
+def check_values(path: Path, values: np.ndarray, allowed: np.ndarray, role: str) -> None:
+    """Refuse ``values`` read from ``path`` unless each is in ``allowed`` (the class ids and ignore id)."""
+    outside = ~np.isin(values, allowed)
+    if outside.any():
+        raise SceneError(f"{path}: {role} holds values outside the class set {allowed.tolist()}: "
+                         f"{np.unique(values[outside])[:10].tolist()}")
+
+
+def confusion_over(truths: list[Truth], pred: Path, spec: DatasetSpec, block: int = BLOCK) -> np.ndarray:
     """Summed confusion matrix of every scene's prediction against its truth, read block by block."""
+    class_ids = spec.scored_class_ids
+    allowed = np.array(sorted(set(spec.class_ids) | {spec.ignore_id}))
     k = len(class_ids)
     cm = np.zeros((k, k + 1), np.int64)
     for truth in tqdm(truths, desc="evaluate", unit="scene", disable=len(truths) < 2):
         path = find_prediction(pred, truth.name, len(truths) == 1)
-        with rasterio.open(path) as ds:
-            if (ds.height, ds.width) != (truth.height, truth.width):
-                raise ValueError(f"{path}: prediction is {ds.height} x {ds.width} px, the labels of scene "
-                                 f"'{truth.name}' are {truth.height} x {truth.width} px")
-            for w in iter_windows(truth.height, truth.width, block):
-                p = ds.read(1, window=RioWindow(w.col, w.row, w.width, w.height))
-                cm += confusion_matrix(truth.read(w), p, class_ids)
+        with open_class_raster(path, "prediction", integer=True) as ds:
+            check_size(path, ds, truth)
+            for i, w in enumerate(iter_windows(truth.height, truth.width, block)):
+                p, t = read_window(ds, w), truth.read(w)
+                if i == 0:  # after a first read: a truncated file (georeference tags lost) fails as truncated
+                    check_georeference(path, ds, truth)
+                check_values(path, p, allowed, "prediction")
+                check_values(truth.path, t, allowed, "label")
+                cm += confusion_matrix(t, p, class_ids)
     return cm
 
 
 def evaluate(spec: DatasetSpec, pred: Path, truths: list[Truth]) -> dict:
     """Scores (``miou``, ``oa``, ``macro_f1``, ``kappa``, ``per_class``) plus the confusion matrix."""
     class_ids = spec.scored_class_ids
-    cm = confusion_over(truths, pred, class_ids)
+    cm = confusion_over(truths, pred, spec)
     scores = scores_from_confusion(cm, class_ids)
     result = scores.as_dict({c.id: c.name for c in spec.classes})
     result.update(confusion_matrix=cm.tolist(), class_ids=list(class_ids), pixels=int(cm.sum()),

@@ -18,9 +18,9 @@ from inference.evaluate import evaluate, truth_from_rasters
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def write(path: Path, array: np.ndarray) -> Path:
+def write(path: Path, array: np.ndarray, transform: Affine = Affine(10, 0, 0, 0, -10, 0)) -> Path:
     with rasterio.open(path, "w", driver="GTiff", height=array.shape[0], width=array.shape[1], count=1,
-                       dtype="uint8", crs="EPSG:32632", transform=Affine(10, 0, 0, 0, -10, 0)) as ds:
+                       dtype="uint8", crs="EPSG:32632", transform=transform) as ds:
         ds.write(array[None])
     return path
 
@@ -61,11 +61,11 @@ def test_evaluate_cli_writes_json_plot_and_logs_to_mlflow(tiny_spec, tmp_path):
 
     city = tiny_spec.city("synth_target")
     with rasterio.open(tiny_spec.resolve(city, "label")) as ds:
-        truth = ds.read(1)
+        truth, transform = ds.read(1), ds.transform
     pred = truth.copy()
     pred[:20] = 3  # a wrong band across the top; elsewhere perfect
     (tmp_path / "pred").mkdir()
-    write(tmp_path / "pred" / "synth_target.tif", pred)
+    write(tmp_path / "pred" / "synth_target.tif", pred, transform)  # on the city's grid
     uri = (tmp_path / "mlruns").as_uri()
     mlflow.set_tracking_uri(uri)
     with mlflow.start_run() as run:

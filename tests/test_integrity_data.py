@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import logging
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +27,7 @@ from inference.cog import write_class_cog
 from inference.windows import block_grid
 
 CITY, SPLIT = "synth_source", "train"
+ROOT = Path(__file__).resolve().parent.parent
 
 
 # ---- zarr chunks carry checksums ------------------------------------------------------------------
@@ -186,3 +189,91 @@ def test_failed_cog_write_leaves_nothing_and_keeps_the_old_file(tiny_spec, tmp_p
         _cog(old, tiny_spec, **kwargs)
     assert [p.name for p in tmp_path.iterdir()] == ["c.tif"], stage
     assert old.read_bytes() == before
+
+
+# ---- infer evaluate: hostile predictions and labels -------------------------------------------------
+def _raster(path: Path, bands: np.ndarray, crs: str = GRID[2], transform: Affine = GRID[3]) -> Path:
+    """A plain GeoTIFF of ``bands`` (C, H, W) in their dtype."""
+    with rasterio.open(path, "w", driver="GTiff", height=bands.shape[1], width=bands.shape[2], count=len(bands),
+                       dtype=bands.dtype, crs=crs, transform=transform) as ds:
+        ds.write(bands)
+    return path
+
+
+def _truncate(path: Path) -> Path:
+    path.write_bytes(path.read_bytes()[:3000])
+    return path
+
+
+def _outside_class_set(path: Path) -> Path:
+    cmap = CMAP.copy()
+    cmap[5, 7] = 200
+    return _raster(path, cmap[None])
+
+
+SHIFTED = Affine(10, 0, 5e5 + 10, 0, -10, 5.4e6)  # one pixel east of the truth's grid
+HOSTILE = {  # name: (which file is hostile, how it is made, the problem after "<file>: ")
+    "empty prediction": ("pred", lambda p, spec: p.write_bytes(b""),
+                         "cannot be read as a raster (corrupt or truncated?): '{path}' not recognized as being in "
+                         "a supported file format."),
+    "truncated prediction": ("pred", lambda p, spec: _truncate(_cog(p, spec)),
+                             "read failed at rows 0:300, cols 0:420 (corrupt or truncated?): c.tif, band 1: "
+                             "IReadBlock failed at X offset 0, Y offset 0"),
+    "empty labels": ("truth", lambda p, spec: p.write_bytes(b""),
+                     "cannot be read as a raster (corrupt or truncated?): '{path}' not recognized as being in a "
+                     "supported file format."),
+    "truncated labels": ("truth", lambda p, spec: _truncate(_cog(p, spec)),
+                         "read failed at rows 0:300, cols 0:420 (corrupt or truncated?): c.tif, band 1: "
+                         "IReadBlock failed at X offset 0, Y offset 0"),
+    "values outside the classes": ("pred", lambda p, spec: _outside_class_set(p),
+                                   "prediction holds values outside the class set "
+                                   "[0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13]: [200]"),
+    "float prediction": ("pred", lambda p, spec: _raster(p, CMAP[None].astype(np.float32)),
+                         "prediction raster holds float32 values, expected integer class ids (a class map, not "
+                         "scores)"),
+    "two bands": ("pred", lambda p, spec: _raster(p, np.stack([CMAP, CMAP])),
+                  "prediction raster has 2 bands, expected 1 band of class ids"),
+    "other transform": ("pred", lambda p, spec: _raster(p, CMAP[None], transform=SHIFTED),
+                        "prediction transform (10.0, 0.0, 500010.0, 0.0, -10.0, 5400000.0) differs from scene 'c' "
+                        "({truth}): (10.0, 0.0, 500000.0, 0.0, -10.0, 5400000.0)"),
+    "other CRS": ("pred", lambda p, spec: _raster(p, CMAP[None], crs="EPSG:32633"),
+                  "prediction CRS EPSG:32633 differs from scene 'c' ({truth}): EPSG:32632"),
+}
+
+
+def _evaluate(spec, pred: Path, truth: Path) -> list[str]:
+    return ["infer", "evaluate", "--pred", str(pred), "--truth", str(truth), "--spec", str(spec.source_file),
+            "--data-root", str(spec.data_root)]
+
+
+def test_evaluate_scores_a_sound_prediction(tiny_spec, tmp_path, capsys):
+    pred, truth = _cog(tmp_path / "pred.tif", tiny_spec), _raster(tmp_path / "c.tif", CMAP[None])
+    assert main(_evaluate(tiny_spec, pred, truth)) == 0
+    assert capsys.readouterr().out.startswith("mIoU 100.00%  OA 100.00%")
+
+
+@pytest.mark.parametrize("case", HOSTILE)
+def test_evaluate_refuses_a_hostile_file_in_one_line(tiny_spec, tmp_path, capsys, case):
+    (tmp_path / "pred").mkdir()
+    (tmp_path / "truth").mkdir()
+    pred, truth = tmp_path / "pred" / "c.tif", tmp_path / "truth" / "c.tif"
+    hostile, make, problem = HOSTILE[case]
+    _cog(pred, tiny_spec) if hostile == "truth" else _raster(truth, CMAP[None])
+    path = pred if hostile == "pred" else truth
+    make(path, tiny_spec)
+    assert main(_evaluate(tiny_spec, pred, truth)) == 2
+    err = capsys.readouterr().err.splitlines()
+    expect = f"c2seg infer: error: {path}: {problem.format(path=path, truth=truth)}"
+    assert len(err) == 1 and err[0].startswith(expect), err
+    assert not (pred / "metrics.json").exists() and not pred.with_suffix(".metrics.json").exists()
+
+
+def test_the_cli_prints_the_one_line_without_gdal_chatter(tiny_spec, tmp_path):
+    pred, truth = _truncate(_cog(tmp_path / "pred.tif", tiny_spec)), _raster(tmp_path / "c.tif", CMAP[None])
+    run = [sys.executable, "-m", "c2seg.cli"]
+    ev = subprocess.run(run + _evaluate(tiny_spec, pred, truth), cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert (ev.returncode, ev.stdout, len(ev.stderr.splitlines())) == (2, "", 1), ev.stderr
+    assert ev.stderr.startswith(f"c2seg infer: error: {pred}: read failed at rows 0:300, cols 0:420")
+    cog = subprocess.run(run + ["infer", "check-cog", str(pred)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert (cog.returncode, cog.stderr, len(cog.stdout.splitlines())) == (1, "", 1), cog.stderr
+    assert cog.stdout.startswith(f"{pred}: NOT a valid COG: the data of the image cannot be read")

@@ -9,7 +9,8 @@ import pytest
 from data_prep.prep_config import PrepConfig
 
 # tile 32 / stride 16 over 96 x 128 px cities; 48 px validation blocks so that both splits have tiles
-TINY_PREP = PrepConfig(tile_size=32, stride=16, val_block_size=48, shard_max_samples=8, min_shards_per_split=4)
+TINY_PREP = PrepConfig(tile_size=32, stride=16, val_block_size=48, source_val_fraction=0.2, shard_max_samples=8,
+                       min_shards_per_split=4)  # the tests read both splits of the source city too
 
 
 @pytest.fixture(scope="session")

@@ -255,3 +255,18 @@ def test_only_stored_pixels_must_fit_the_store_dtype(tiny_spec, tmp_path):
     assert dropped >= 1
     with pytest.raises(ValueError, match=r"hsi\.tif.*beyond the float16 range.*store_dtypes\.hsi: float32"):
         run_prep(damaged("kept", (60, 60)), TINY_PREP, tmp_path / "bad")
+
+
+def test_source_cities_train_whole_by_default(tiny_spec):
+    """With the default ``source_val_fraction`` (0) a source city holds out no block, so no tile straddles
+    one and every labelled pixel is in a train tile; the target city still holds out its val blocks."""
+    from data_prep.tiling import plan_city
+
+    cfg = PrepConfig(tile_size=32, stride=16, val_block_size=48).resolved(tiny_spec)
+    plans = {c.name: plan_city(tiny_spec, c, open_city(tiny_spec, c.name), cfg) for c in tiny_spec.cities}
+    source, target = plans["synth_source"], plans["synth_target"]
+    assert (len(source.splits["train"].tiles), len(source.splits["val"].tiles), source.straddling_dropped) == (35, 0, 0)
+    assert len(target.splits["val"].tiles) > 0 and target.straddling_dropped > 0
+    held = plan_city(tiny_spec, tiny_spec.city("synth_source"), open_city(tiny_spec, "synth_source"),
+                     PrepConfig(tile_size=32, stride=16, val_block_size=48, source_val_fraction=None).resolved(tiny_spec))
+    assert len(held.splits["train"].tiles) < 35  # the old behaviour: source blocks held out like the target's

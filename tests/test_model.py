@@ -17,6 +17,7 @@ from train.models import FusionSegmenter, MaskedPretrainer
 ROOT = Path(__file__).resolve().parent.parent
 TINY = load_model_config(ROOT / "configs/models/tiny.yaml")
 FUSIONS = pytest.mark.parametrize("fusion", ["joint", "cross"])
+DECODERS = pytest.mark.parametrize("decoder", ["light", "skip"])
 
 
 def _cfg(fusion: str, **changes) -> ModelConfig:
@@ -34,9 +35,10 @@ def _inputs(spec, b=2, h=32, w=40):
 
 
 @FUSIONS
-def test_logits_at_input_resolution_for_any_size_and_subset(spec, fusion):
+@DECODERS
+def test_logits_at_input_resolution_for_any_size_and_subset(spec, fusion, decoder):
     torch.manual_seed(0)
-    model = FusionSegmenter(spec, _cfg(fusion)).eval()
+    model = FusionSegmenter(spec, _cfg(fusion, decoder=decoder, stem_dim=8)).eval()
     x = _inputs(spec, h=30, w=45)  # not multiples of the patch size
     assert model(x).shape == (2, spec.num_logits, 30, 45)
     for subset in (["msi"], ["hsi", "sar"], ["sar"]):
@@ -67,9 +69,10 @@ def test_wavelength_embedding_transfers_between_band_sets():
 
 
 @FUSIONS
-def test_modality_dropout_keeps_every_parameter_in_the_graph(spec, fusion):
+@DECODERS
+def test_modality_dropout_keeps_every_parameter_in_the_graph(spec, fusion, decoder):
     torch.manual_seed(0)
-    model = FusionSegmenter(spec, _cfg(fusion, modality_dropout=0.99)).train()
+    model = FusionSegmenter(spec, _cfg(fusion, modality_dropout=0.99, decoder=decoder, stem_dim=8)).train()
     model(_inputs(spec)).sum().backward()
     assert all(p.grad is not None for p in model.parameters())
 
@@ -190,3 +193,12 @@ def test_every_tensor_follows_the_model_to_its_device(spec):
     x = {m.name: torch.empty(1, m.bands, 16, 24, device="meta") for m in spec.modalities}
     out = model(x)
     assert out.device.type == "meta" and out.shape == (1, spec.num_logits, 16, 24)
+
+
+
+def test_skip_stem_gives_skips_at_every_halving_down_to_half_a_patch(spec):
+    model = FusionSegmenter(spec, _cfg("joint", decoder="skip", stem_dim=8))
+    x = _inputs(spec, b=1, h=32, w=40)
+    skips = model.stem(x, ["hsi", "msi", "sar"])
+    assert [tuple(t.shape) for t in skips] == [(1, 8, 32, 40), (1, 16, 16, 20), (1, 32, 8, 10)]
+    assert len(model.head.fuse) == 3

@@ -1,6 +1,7 @@
 """Per-rank memory of a model zoo entry fine-tuned under ZeRO-3 in bf16, estimated on the meta device (no
-memory, no GPU): what each rank holds on the GPU and on the host, today and after the planned change (EMA
-teacher partitioned like the weights, checkpoint consolidation on rank 0 only).
+memory, no GPU): what each rank holds on the GPU and on the host before ("today": c2seg up to a082085) and
+after the ZeRO-3 change of bfc6d10 (state gathered module by module, consolidation on rank 0 only,
+validation in place; the EMA teacher is still a whole fp32 model on every rank).
 
     python benchmarks/bench_zero3_memory.py                       # giant, C2Seg-AB spec, 2 and 8 ranks
     python benchmarks/bench_zero3_memory.py --model configs/models/huge.yaml --ranks 4 16
@@ -12,17 +13,18 @@ The model is built under ``torch.device("meta")``; with P parameters and W ranks
   GPU   AdamW moments              8 P / W   exp_avg + exp_avg_sq, fp32
   GPU   gradient partition         4 P / W   fp32, for the optimizer step (bf16 reduce buckets are transient)
   GPU   largest layer gathered     4 L       L: the parameters of the largest module (DeepSpeed's allowance)
-  GPU   EMA teacher                today 4 P on every rank (train/finetune.py keeps a full fp32 FusionSegmenter);
-                                   after: 4 P / W (partitioned like the master weights)
+  GPU   EMA teacher                4 P on every rank, before and after (train/finetune.py keeps a full fp32
+                                   FusionSegmenter: every rank's teacher labels its own target batch;
+                                   partitioning it like the master weights, 4 P / W, is not done)
   host  model before partitioning  4 P       the fp32 module every rank builds before deepspeed.initialize
                                              (no zero.Init)
   host  checkpoint consolidation   today 8 P on every rank (full_state_dict + the EMA's CPU clone, which every
                                    rank makes for save_checkpoint); after: 8 P on rank 0, 0 elsewhere
   host  EMA update, each step      today 4 P on every rank (full_state_dict of the student under ZeRO-3);
-                                   after: 0 (the partitioned EMA updates from the local master partition)
-  both  validation copy            4 P on the GPU and 8 P on the host of every rank, today and after: validate()
-                                   builds a full fp32 FusionSegmenter on the CPU and loads full_state_dict into it
-                                   (not part of the planned change; listed because it sets the host peak after it)
+                                   after: 0 (iter_full_state gathers one module at a time on the GPU: 4 L)
+  both  validation copy            today 4 P on the GPU and 8 P on the host of every rank (a full fp32
+                                   FusionSegmenter loaded from full_state_dict); after: 0 (the engine's module
+                                   runs in place, its forward gathering layer by layer)
 
 The GPU rows without the EMA are cross-checked against DeepSpeed's own estimate
 (``estimate_zero3_model_states_mem_needs``, no offload: 4 L + 18 P / W per GPU) when deepspeed imports;
@@ -78,13 +80,13 @@ ROWS = (
     Row("GPU", "AdamW moments (fp32)", (8, "P/W"), (8, "P/W")),
     Row("GPU", "gradient partition (fp32)", (4, "P/W"), (4, "P/W")),
     Row("GPU", "largest layer gathered", (4, "L"), (4, "L")),
-    Row("GPU", "EMA teacher (fp32)", (4, "P"), (4, "P/W")),
-    Row("GPU", "validation copy of the student", (4, "P"), (4, "P")),
+    Row("GPU", "EMA teacher (fp32)", (4, "P"), (4, "P")),
+    Row("GPU", "validation copy of the student", (4, "P"), (0, "0")),
     Row("host", "model before partitioning", (4, "P"), (4, "P")),
     Row("host", "checkpoint consolidation, rank 0", (8, "P"), (8, "P")),
     Row("host", "checkpoint consolidation, rank > 0", (8, "P"), (0, "0")),
     Row("host", "EMA update, each step", (4, "P"), (0, "0")),
-    Row("host", "validation copy of the student", (8, "P"), (8, "P")),
+    Row("host", "validation copy of the student", (8, "P"), (0, "0")),
 )
 STATE_ITEMS = {r.item for r in ROWS[:5]}  # what DeepSpeed's estimate covers
 

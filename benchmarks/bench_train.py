@@ -7,9 +7,12 @@ memory    per-rank bytes of parameters + optimizer state for ZeRO 0/1/2/3 (run u
 crosscity target-city mIoU / OA / kappa (on the val split, and on the whole city by sliding-window
           inference) of the demo's recipe on generated AB-like cities, through the real CLIs, per seed:
           source-only (1000 steps), adapted from it (300 mean-teacher steps), the compute control (600 more
-          source-only steps), and the same chain from a pretrained encoder (about 30 min a seed, 2 cores):
+          source-only steps), and the same chain from a pretrained encoder (about 30 min a seed, 2 cores);
+          peers (benchmarks/peers.py): a U-Net from scratch (unet) and with output-space adversarial
+          adaptation (unet_adv), source + adaptation steps of the same batches; --pair NAME: cities
+          generated with the shift profile NAME (docs/demo-data.md), in OUT/pair_NAME:
           python benchmarks/bench_train.py crosscity --out runs/bench_crosscity --seeds 0 1 2 \
-              [--only source_only adapted]
+              [--only source_only adapted unet] [--pair sar]
 fusion    joint attention vs per-location fusion + cross-attention (model `fusion`) on the AB-like spec
           (G = 6 tokens per location): parameters, plain training step time and forward FLOPs per tile
           (cost), and target mIoU after source-only fine-tuning through the real CLI (accuracy):
@@ -35,6 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from c2seg.config import load_yaml  # noqa: E402  (after the path insert)
+from data_prep.synth.domain import SHIFT_PROFILES  # noqa: E402
 from train.config import Fusion  # noqa: E402
 
 
@@ -159,19 +163,28 @@ def memory(args) -> dict:
             "rows": [{k: round(v, 2) if isinstance(v, float) else v for k, v in r.items()} for r in rows]}
 
 
-def _cli(*args: str) -> None:
+def _cli(*args: str, script: tuple[str, ...] = ("-m", "c2seg.cli")) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"), "TQDM_DISABLE": "1"}
-    subprocess.run([sys.executable, "-m", "c2seg.cli", *args], cwd=ROOT, env=env, check=True)
+    subprocess.run([sys.executable, *script, *args], cwd=ROOT, env=env, check=True)
 
 
-def _demo_prep(prep: Path, size: str, tile: int) -> Path:
-    """The prepared AB-like demo cities at ``prep``: generated (scenes ``size`` = HxW, into ``prep``'s
-    sibling ``data``) and prepared (``tile`` px tiles, half-tile stride) unless already there."""
-    spec_file = ROOT / "configs/datasets/demo_ab.yaml"
+DEMO_SPEC = ROOT / "configs/datasets/demo_ab.yaml"
+WHOLE_CITY_OVERLAP = 0.5  # of the whole-city inference windows, every arm
+
+
+def _spec_args(prep: Path) -> list[str]:
+    """The spec and data root of the demo cities prepared at ``prep``."""
+    return ["--spec", str(DEMO_SPEC), "--data-root", str(prep.parent / "data")]
+
+
+def _demo_prep(prep: Path, size: str, tile: int, shift: str = "default") -> Path:
+    """The prepared AB-like demo cities at ``prep``: generated (scenes ``size`` = HxW, shift profile ``shift``,
+    into ``prep``'s sibling ``data``) and prepared (``tile`` px tiles, half-tile stride) unless already there."""
     data = prep.parent / "data"
     if not (prep / "manifest.json").is_file():
-        _cli("data", "generate", "--spec", str(spec_file), "--data-root", str(data), "--size", size, "--seed", "0")
-        _cli("data", "prep", "--spec", str(spec_file), "--data-root", str(data), "--out", str(prep),
+        _cli("data", "generate", "--spec", str(DEMO_SPEC), "--data-root", str(data), "--size", size, "--seed", "0",
+             "--shift", shift)
+        _cli("data", "prep", "--spec", str(DEMO_SPEC), "--data-root", str(data), "--out", str(prep),
              "--set", f"tile_size={tile}", "--set", f"stride={tile // 2}",
              "--set", f"val_block_size={2 * tile}", "--set", "val_fraction=0.25")
     return prep
@@ -203,20 +216,41 @@ def _whole_city(run_dir: Path, prep: Path, window: int) -> dict[str, float]:
     """mIoU / OA / macro-F1 / kappa of a fine-tuning run on the whole target city (every pixel once, the
     unlabelled training area included): export, sliding-window inference (``window`` px, overlap 0.5) and
     scoring through the real CLIs, as ``c2seg demo`` does."""
-    spec_file = str(ROOT / "configs/datasets/demo_ab.yaml")
-    spec_args = ["--spec", spec_file, "--data-root", str(prep.parent / "data")]
     model, pred = run_dir / "model.pt", run_dir / "whole_city"
     _cli("train", "export", "--run-dir", str(run_dir), "--out", str(model))
-    _cli("infer", "run", "--model", str(model), *spec_args, "--city", "synth_target", "--out", str(pred),
-         "--window", str(window), "--overlap", "0.5", "--overwrite")
-    _cli("infer", "evaluate", "--pred", str(pred / "synth_target"), *spec_args, "--city", "synth_target",
+    _cli("infer", "run", "--model", str(model), *_spec_args(prep), "--city", "synth_target", "--out", str(pred),
+         "--window", str(window), "--overlap", str(WHOLE_CITY_OVERLAP), "--overwrite")
+    return _score_city(pred, prep)
+
+
+def _score_city(pred: Path, prep: Path) -> dict[str, float]:
+    """mIoU / OA / macro-F1 / kappa of the class maps in ``pred/synth_target`` by ``c2seg infer evaluate``."""
+    _cli("infer", "evaluate", "--pred", str(pred / "synth_target"), *_spec_args(prep), "--city", "synth_target",
          "--out", str(pred / "metrics.json"))
     scores = json.loads((pred / "metrics.json").read_text())
     return {k: round(scores[k], 4) for k in ("miou", "oa", "macro_f1", "kappa")}
 
 
-CROSSCITY_SCORED = ("source_only", "source_only_more", "adapted", "pretrained_source_only", "pretrained_adapted")
-CROSSCITY_GAINS = (("pretrained_adapted", "source_only_more"), ("pretrained_adapted", "source_only"),
+def _peer(arm: str, run_dir: Path, prep: Path, seed: int, steps: int, args) -> dict[str, float]:
+    """A peer arm of benchmarks/peers.py (its own process, the threads of a CLI run): trained on the prepared
+    tiles with the source-only config's data and optim settings (``--batch``, ``--override``), the whole
+    target city predicted by the product's sliding-window inference (same window and overlap as
+    :func:`_whole_city`); its target val scores."""
+    _cli("--arm", arm, "--prep", str(prep), *_spec_args(prep), "--city", "synth_target", "--steps", str(steps),
+         "--seed", str(seed), "--out", str(run_dir), "--window", str(args.infer_window),
+         "--overlap", str(WHOLE_CITY_OVERLAP), "--set", f"data.batch_size={args.batch}", *_overrides(args),
+         script=(str(ROOT / "benchmarks/peers.py"),))
+    val = json.loads((run_dir / "peer_run.json").read_text())["val"]
+    return {k: round(val[k], 4) for k in ("miou", "oa", "macro_f1", "kappa")}
+
+
+PEER_ARMS = ("unet", "unet_adv")  # benchmarks/peers.py
+CROSSCITY_ARMS = ("source_only", "source_only_more", "adapted", "pretrain", "pretrained_source_only",
+                  "pretrained_adapted", *PEER_ARMS)
+CROSSCITY_SCORED = ("source_only", "source_only_more", "adapted", "pretrained_source_only", "pretrained_adapted",
+                    *PEER_ARMS)
+CROSSCITY_GAINS = (("unet", "pretrained_adapted"), ("unet_adv", "pretrained_adapted"), ("unet_adv", "unet"),
+                   ("pretrained_adapted", "source_only_more"), ("pretrained_adapted", "source_only"),
                    ("pretrained_adapted", "pretrained_source_only"), ("adapted", "source_only"),
                    ("adapted", "source_only_more"), ("source_only_more", "source_only"),
                    ("pretrained_source_only", "source_only"))
@@ -229,14 +263,16 @@ def crosscity(args) -> dict:
     trained on source labels only for twice as many more steps (an adaptation step also runs the teacher and a
     second, mixed target batch: about 2.2 source steps); and the same chain from an encoder pretrained for
     ``--pretrain-steps`` (pretrained_source_only, pretrained_adapted). mIoU gains per seed for the pairs in
-    CROSSCITY_GAINS; ``*_train_s``: the seconds each arm spent in training steps (its compute)."""
-    out = Path(args.out)
-    prep = _demo_prep(out / "prep", args.size, args.tile)
+    CROSSCITY_GAINS; ``*_train_s``: the seconds each arm spent in training steps (its compute), ``*_samples``:
+    its steps x batch. The peers (PEER_ARMS, benchmarks/peers.py) train for the chain's source + adaptation steps
+    of the same batches. ``--pair NAME``: every arm on cities generated with shift profile NAME, in OUT/pair_NAME."""
+    out = Path(args.out) if args.pair == "default" else Path(args.out) / f"pair_{args.pair}"
+    prep = _demo_prep(out / "prep", args.size, args.tile, args.pair)
     common = ["--set", f"data.prep_dir={prep}", "--set", "tracking.enabled=false", "--set", f"model={args.model}",
               "--set", f"data.batch_size={args.batch}", "--resume", "auto"]
     source_only, adapt = "configs/train/source_only_demo.yaml", "configs/train/finetune_demo.yaml"
     result: dict = {"steps": args.steps, "adapt_steps": args.adapt_steps, "pretrain_steps": args.pretrain_steps,
-                    "seeds": args.seeds}
+                    "peer_steps": args.steps + args.adapt_steps, "seeds": args.seeds, "pair": args.pair}
     for seed in args.seeds:
         def run_dir(name: str) -> Path:
             return out / f"{name}_seed{seed}"
@@ -255,9 +291,17 @@ def crosscity(args) -> dict:
             scores = _train(cmd, config, run_dir(name), steps, [*common, "--set", f"seed={seed}", "--set",
                                                                f"init_from={init_from or 'null'}", *_overrides(args)])
             result.setdefault(f"{name}_train_s", []).append(_train_seconds(run_dir(name)))
+            result.setdefault(f"{name}_samples", []).append(steps * args.batch)
             if scores is not None:
                 result.setdefault(name, []).append(scores)
                 result.setdefault(f"{name}_city", []).append(_whole_city(run_dir(name), prep, args.infer_window))
+        for arm in PEER_ARMS:
+            if args.only and arm not in args.only:
+                continue
+            result.setdefault(arm, []).append(_peer(arm, run_dir(arm), prep, seed, result["peer_steps"], args))
+            result.setdefault(f"{arm}_train_s", []).append(_train_seconds(run_dir(arm)))
+            result.setdefault(f"{arm}_samples", []).append(result["peer_steps"] * args.batch)
+            result.setdefault(f"{arm}_city", []).append(_score_city(run_dir(arm) / "whole_city", prep))
     for name in CROSSCITY_SCORED:
         for part in (name, f"{name}_city"):
             if part in result:
@@ -378,7 +422,8 @@ def report(what: str, r: dict) -> None:
                     m = r[f"{name}{part}_mean"]
                     figure("train", f"target mIoU ({where}), {name}", 100 * m["miou"], "%",
                            f"OA {100 * m['oa']:.1f} %, seeds {r['seeds']}, "
-                           f"{sum(r[f'{name}_train_s']):.0f} s in training steps")
+                           f"{sum(r[f'{name}_train_s']):.0f} s in training steps, "
+                           f"steps x batch {r.get(f'{name}_samples', '?')}")
         for part, where in (("", "val split"), ("_city", "whole city")):
             for name, base in CROSSCITY_GAINS:
                 if f"{name}{part}_vs_{base}" in r:
@@ -428,9 +473,14 @@ def main() -> None:
     sub.choices["crosscity"].add_argument("--tile", type=int, default=64)
     sub.choices["crosscity"].add_argument("--infer-window", type=int, default=128,
                                           help="whole-city inference window (px), as in the demo")
-    sub.choices["crosscity"].add_argument("--only", nargs="+", default=None,
-                                          help="run only these of source_only, source_only_more, adapted, pretrain, "
-                                          "pretrained_source_only, pretrained_adapted")
+    sub.choices["crosscity"].add_argument("--only", nargs="+", default=None, choices=CROSSCITY_ARMS,
+                                          metavar="ARM", help="run only these arms: " + ", ".join(CROSSCITY_ARMS)
+                                          + " (unet, unet_adv: the peers of benchmarks/peers.py, trained for "
+                                          "--steps + --adapt-steps steps)")
+    sub.choices["crosscity"].add_argument("--pair", choices=SHIFT_PROFILES, default="default",
+                                          help="generate the city pair with this domain-shift profile (c2seg data "
+                                          "generate --shift; docs/demo-data.md) and run in OUT/pair_NAME; default: "
+                                          "the demo's pair in OUT")
     fus = sub.add_parser("fusion")
     for p in (sub.choices["crosscity"], fus):
         p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
+from c2seg.io import write_text_atomic
 from data_prep.readers.base import Window
 
 log = logging.getLogger("c2seg.infer")
@@ -58,7 +58,7 @@ class BlockStore:
                                   compressors=BloscCodec(cname="zstd", clevel=1, shuffle="shuffle"))
             root.attrs.update(attrs)
             (path / "done").mkdir(exist_ok=True)
-            (path / READY).write_text(json.dumps(attrs, sort_keys=True))
+            write_text_atomic(path / READY, json.dumps(attrs, sort_keys=True))  # other ranks read it once it exists
         else:
             _wait_for(lambda: (path / READY).is_file(), timeout_s, f"{path}: rank 0 never created the store")
         found = json.loads((path / READY).read_text())
@@ -80,9 +80,7 @@ class BlockStore:
         self.classes[rows, cols] = classes
         if self.probs is not None and probs is not None:
             self.probs[:, rows, cols] = probs
-        tmp = self._marker(block).with_suffix(".tmp")
-        tmp.write_text("")
-        os.replace(tmp, self._marker(block))
+        write_text_atomic(self._marker(block), "")
 
     def wait_all(self, blocks: list[Window], timeout_s: float) -> None:
         """Block until every block is marked done (by any rank); fails naming the missing ones."""

@@ -18,6 +18,8 @@ import os
 import sys
 from pathlib import Path
 
+from train.tracking import TrackingCall
+
 log = logging.getLogger("c2seg.slurm")
 PARENT_TAG = "mlflow.parentRunId"
 
@@ -28,8 +30,7 @@ def default_tracking_uri(workdir: Path) -> str:
 
 
 def _client(uri: str):
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    """An MLflow client; call it inside a TrackingCall (which bounds its requests)."""
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=uri)
@@ -39,7 +40,7 @@ def start_chain(uri: str, experiment: str, run_name: str, stages: list[str],
                 tags: dict[str, str]) -> dict[str, str] | None:
     """Create the parent run and one child run per stage; ``{"parent": id, stage: id, ...}`` or None
     when MLflow cannot be reached (a warning says why)."""
-    try:
+    with TrackingCall("tracking of the chain disabled", log):
         client = _client(uri)
         exp = client.get_experiment_by_name(experiment)
         exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
@@ -51,32 +52,26 @@ def start_chain(uri: str, experiment: str, run_name: str, stages: list[str],
             ids[stage] = child.info.run_id
         log.info("MLflow parent run %s in %s (experiment %s)", ids["parent"], uri, experiment)
         return ids
-    except Exception as exc:  # noqa: BLE001 - tracking must never stop a submission
-        log.warning("MLflow tracking of the chain disabled: %s", str(exc).splitlines()[0][:300])
-        return None
+    return None
 
 
 def tag_jobs(uri: str, runs: dict[str, str], jobs: list[dict]) -> None:
     """Tag each stage's child run with its job ids, scripts and log patterns."""
-    try:
+    with TrackingCall("tags not set", log):
         client = _client(uri)
         for job in jobs:
             run_id = runs.get(job["stage"])
             if run_id:
                 client.set_tag(run_id, f"slurm.{job['name']}.job_id", job["job_id"])
                 client.set_tag(run_id, f"slurm.{job['name']}.script", job["script"])
-    except Exception as exc:  # noqa: BLE001
-        log.warning("MLflow tags not set: %s", str(exc).splitlines()[0][:300])
 
 
 def end_runs(uri: str, runs: dict[str, str], status: str) -> None:
     """End every run of a chain (parent and stages) with ``status``."""
-    try:
+    with TrackingCall("runs not ended", log):
         client = _client(uri)
         for run_id in runs.values():
             client.set_terminated(run_id, status)
-    except Exception as exc:  # noqa: BLE001
-        log.warning("MLflow runs not ended: %s", str(exc).splitlines()[0][:300])
 
 
 def close_chain(run_dir: Path) -> None:
@@ -88,7 +83,7 @@ def close_chain(run_dir: Path) -> None:
     runs, uri = chain.get("mlflow_runs"), chain.get("tracking_uri")
     if not runs or not uri:
         return
-    try:
+    with TrackingCall(f"runs of {run_dir} not closed", log):
         client = _client(uri)
         states = chain_status(run_dir, query_slurm=False)
         chain_failed = first_failure(states) is not None
@@ -116,8 +111,6 @@ def close_chain(run_dir: Path) -> None:
                 client.set_terminated(parent, "FAILED")
             elif all(s.state == "COMPLETED" for s in states):
                 client.set_terminated(parent, "FINISHED")
-    except Exception as exc:  # noqa: BLE001
-        log.warning("MLflow runs of %s not closed: %s", run_dir, str(exc).splitlines()[0][:300])
 
 
 def main(argv: list[str]) -> int:

@@ -6,26 +6,44 @@ micro-batch (train/determinism.py), so the position alone fixes every random dra
 Layout: ``OUTPUT/checkpoints/step_00000100/`` (DeepSpeed files, ``train_state.json``, ``weights.pt``)
 and ``OUTPUT/checkpoints/LATEST`` naming the newest complete one; LATEST is replaced atomically only
 after every rank finished writing, so a kill -9 mid-save leaves the previous checkpoint in charge.
+
+Nothing on disk is trusted. ``train_state.json`` is written last and lists every file of the checkpoint
+with its size and sha256: ``--resume auto`` skips (and logs) a newest checkpoint that is unfinished,
+truncated or has a state file that is not JSON, and resumes from the newest intact one. Before DeepSpeed
+opens a checkpoint (its loader unpickles in full), every ``.pt`` file is hashed against that list and
+loaded with torch's ``weights_only`` unpickler, allowing only the classes DeepSpeed stores; a file that
+holds anything else is refused. ``weights.pt`` and exported models carry a sha256 of their tensors.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
-import os
+import pickle
 import shutil
 import signal
+import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from c2seg.distributed import any_rank, barrier, rank
+from c2seg.config import to_dict
+from c2seg.distributed import any_rank, barrier, gather_objects, rank
+from c2seg.distributed import world_size as ranks
+from c2seg.io import atomic_path, file_sha256, write_text_atomic
 from c2seg.spec import DatasetSpec, spec_compatible, spec_from_dict
+from train.config import ModelConfig, load_model_config, model_config_from_dict
 from train.engine import full_state_dict
 
 log = logging.getLogger("c2seg.train")
 WEIGHTS_FORMAT = "c2seg-weights/1"
+STATE_FILE = "train_state.json"
+TENSOR_CHECKSUM = "tensor_sha256"  # key of the tensors' sha256 in weights.pt and exported model files
+# model config keys that do not change the weights' layout: a run may resume with other values
+NOT_ARCHITECTURE = ("name", "activation_checkpointing", "modality_dropout")
 
 
 class CheckpointError(ValueError):
@@ -53,13 +71,51 @@ def checkpoint_dir(output_dir: str | Path) -> Path:
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint of a run dir, or None."""
+    """The newest intact checkpoint of a run dir: the one LATEST names, else the newest older intact one
+    (each one skipped is logged with the reason); None when there is none."""
     root = checkpoint_dir(output_dir)
     marker = root / "LATEST"
     if not marker.is_file():
         return None
-    path = root / marker.read_text().strip()
-    return path if (path / "train_state.json").is_file() else None
+    newest = root / marker.read_text().strip()
+    older = sorted((p for p in root.glob("step_*") if p.is_dir() and p.name < newest.name), reverse=True)
+    for path in (newest, *older):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        log.warning("skipping checkpoint %s: %s", path, problem)
+    return None
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why checkpoint folder ``path`` cannot be resumed from, naming the file: no train state (an unfinished
+    save), a state file that is not JSON, a listed file missing or of another size than saved; None when
+    intact. Cheap (reads the state file and stats the others); contents are checked by load_checkpoint."""
+    try:
+        state = saved_state(path)
+    except CheckpointError as exc:
+        return str(exc)
+    for name, saved in state.get("files", {}).items():
+        file = path / name
+        if not file.is_file():
+            return f"{file}: missing"
+        if file.stat().st_size != saved["bytes"]:
+            return f"{file}: {file.stat().st_size} bytes, {saved['bytes']} when saved (truncated or overwritten)"
+    return None
+
+
+def _share_of_ranks(names: list[str]) -> list[str]:
+    """This rank's share of ``names`` (every world_size-th), so that the ranks read the files in parallel."""
+    return names[rank()::ranks()]
+
+
+def _saved_files(path: Path) -> dict[str, dict[str, Any]]:
+    """``{name: {"bytes", "sha256"}}`` of every file of a checkpoint folder but its train state; each rank
+    hashes a share (collective: every rank calls it)."""
+    names = sorted(p.name for p in path.iterdir() if p.is_file() and p.name != STATE_FILE
+                   and not p.name.startswith("."))
+    share = {n: {"bytes": (path / n).stat().st_size, "sha256": file_sha256(path / n)} for n in _share_of_ranks(names)}
+    return {name: saved for part in gather_objects(share) for name, saved in part.items()}
 
 
 def save_checkpoint(engine, output_dir: str | Path, state: dict[str, Any], weights_meta: dict[str, Any],
@@ -68,17 +124,19 @@ def save_checkpoint(engine, output_dir: str | Path, state: dict[str, Any], weigh
     root = checkpoint_dir(output_dir)
     tag = f"step_{state['step']:08d}"
     path = root / tag
+    if rank() == 0:  # left by an unfinished or damaged save of this step: none of its files may stay
+        shutil.rmtree(path, ignore_errors=True)
+    barrier()
     engine.save_checkpoint(str(root), tag=tag, save_latest=False)
     weights = full_state_dict(engine, rank0_only=True)  # only rank 0 writes weights.pt
     if rank() == 0:
-        torch.save({"format": WEIGHTS_FORMAT, "model": weights, **(extra_weights or {}), **weights_meta,
-                    "step": state["step"]}, path / "weights.pt")
-        (path / "train_state.json").write_text(json.dumps(state, indent=1))
+        save_weights_file(path / "weights.pt", {"format": WEIGHTS_FORMAT, "model": weights, **(extra_weights or {}),
+                                                **weights_meta, "step": state["step"]})
     barrier()
+    files = _saved_files(path)
     if rank() == 0:
-        tmp = root / "LATEST.tmp"
-        tmp.write_text(tag)
-        os.replace(tmp, root / "LATEST")
+        write_text_atomic(path / STATE_FILE, json.dumps({**state, "files": files}, indent=1))
+        write_text_atomic(root / "LATEST", tag)
         old = sorted(p for p in root.glob("step_*") if p.is_dir() and p.name != tag)
         for stale in old[: max(0, len(old) - (keep - 1))]:
             shutil.rmtree(stale, ignore_errors=True)
@@ -91,26 +149,124 @@ def resolve_resume(resume: str | None, output_dir: str | Path) -> Path | None:
     """``--resume``: None (fresh start), ``auto`` (newest checkpoint of the run dir, if any) or a path."""
     if resume is None:
         return None
+    root = checkpoint_dir(output_dir)
     if resume == "auto":
         found = latest_checkpoint(output_dir)
+        if found is None and (root / "LATEST").is_file():
+            raise CheckpointError(f"--resume auto: no checkpoint in {root} is intact (the warnings above say why); "
+                                  "resume one with --resume PATH after repairing it, or move them away to start "
+                                  "from step 0")
         if found is None:
-            log.info("--resume auto: no checkpoint in %s, starting from step 0", checkpoint_dir(output_dir))
+            log.info("--resume auto: no checkpoint in %s, starting from step 0", root)
         return found
     path = Path(resume)
-    if not (path / "train_state.json").is_file():
-        raise CheckpointError(f"--resume {resume}: not a complete checkpoint folder (no train_state.json); "
-                              f"checkpoints are OUTPUT/checkpoints/step_N")
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise CheckpointError(f"--resume {resume}: not a complete checkpoint folder: {problem}; checkpoints are "
+                              "OUTPUT/checkpoints/step_N")
     return path
 
 
+def check_same_model(ckpt: Path, model_path: str | Path) -> None:
+    """Refuse to resume ``ckpt`` with the model config at ``model_path`` when its weights are laid out for
+    another model (read from weights.pt's model config, before anything starts)."""
+    weights = ckpt / "weights.pt"
+    try:
+        saved = torch.load(weights, map_location="cpu", weights_only=True, mmap=True)["model_config"]
+    except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same clear message
+        raise CheckpointError(f"{weights}: not a readable c2seg weights file ({_first_line(exc)})") from exc
+    theirs = _architecture(model_config_from_dict(saved, source=str(weights)))
+    ours = load_model_config(model_path)
+    differ = [f"{k} {v} vs {_architecture(ours)[k]}" for k, v in theirs.items() if v != _architecture(ours)[k]]
+    if not differ:
+        return
+    match = next((str(f) for f in sorted(Path(model_path).parent.glob("*.yaml")) if _is_model(f, theirs)),
+                 f"<the config of model '{saved['name']}'>")
+    raise CheckpointError(
+        f"{ckpt} holds another model: '{saved['name']}', this run's {model_path} is '{ours.name}' (checkpoint vs "
+        f"this run: {', '.join(differ)}). Continue that run with --set model={match}, or train this model in a "
+        "new output_dir (--set output_dir=...)")
+
+
+def _architecture(cfg: ModelConfig) -> dict[str, Any]:
+    return {k: v for k, v in to_dict(cfg).items() if k not in NOT_ARCHITECTURE}
+
+
+def _is_model(path: Path, architecture: dict[str, Any]) -> bool:
+    try:
+        return _architecture(load_model_config(path)) == architecture
+    except ValueError:  # not a model config
+        return False
+
+
 def saved_state(path: Path) -> dict[str, Any]:
-    """The train state a checkpoint folder was written at (step, world size, ZeRO stage, ...)."""
-    return json.loads((path / "train_state.json").read_text())
+    """The train state a checkpoint folder was written at (step, world size, ZeRO stage, its files' sizes and
+    sha256, ...); a CheckpointError naming the file when it is missing or not a train state."""
+    file = path / STATE_FILE
+    if not file.is_file():
+        raise CheckpointError(f"{file}: missing (not a checkpoint folder, or its save did not finish)")
+    try:
+        state = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{file}: not valid JSON ({exc})") from exc
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise CheckpointError(f"{file}: not a c2seg train state (no step)")
+    return state
+
+
+def _deepspeed_pickled_classes() -> list[type]:
+    """The classes DeepSpeed 0.19 pickles into its checkpoint files besides tensors, containers and numbers,
+    found on real checkpoints at ZeRO 0-3 in fp32, bf16 and fp16: the ZeRO stage, the loss scaler (dynamic
+    under fp16) and the fragment addresses of ZeRO-1/2 partitions (optimizer states)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
+
+
+def _first_line(exc: BaseException) -> str:
+    """The informative line of an error: torch's weights-only errors open with a paragraph of advice."""
+    advice = ("Weights only load failed", "Please file an issue", "Check the documentation")
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip() and not ln.strip().startswith(advice)]
+    return (lines[0] if lines else type(exc).__name__)[:300]
+
+
+def unpickling_problem(file: Path) -> str | None:
+    """Why ``file`` must not reach DeepSpeed's full unpickler: it holds objects that are not plain tensors,
+    containers or DeepSpeed's own classes, or is unreadable; None when torch's weights-only loader reads it.
+    Zip-format files are memory-mapped, so the tensors' bytes are not read."""
+    try:
+        with torch.serialization.safe_globals(_deepspeed_pickled_classes()):
+            torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
+    except pickle.UnpicklingError as exc:
+        return f"{file}: holds objects that are not plain tensors/containers ({_first_line(exc)}); refused"
+    except Exception as exc:  # noqa: BLE001 - torch reports truncated zips as RuntimeError, others as OSError...
+        return f"{file}: unreadable, truncated or damaged ({_first_line(exc)})"
+    return None
+
+
+def _content_problem(file: Path, saved: dict[str, Any] | None) -> str | None:
+    if saved is not None and file_sha256(file) != saved["sha256"]:
+        return f"{file}: its sha256 differs from the one saved with the checkpoint (damaged or replaced)"
+    return unpickling_problem(file)
+
+
+def refuse_untrusted_files(path: Path, state: dict[str, Any]) -> None:
+    """Check every .pt file of checkpoint ``path`` (each rank a share; collective) against its saved sha256 and
+    with the weights-only loader; a CheckpointError naming the first bad file, on every rank."""
+    saved = state.get("files", {})
+    names = sorted(p.name for p in path.glob("*.pt"))
+    share = [problem for name in _share_of_ranks(names) if (problem := _content_problem(path / name, saved.get(name)))]
+    problems = [problem for part in gather_objects(share) for problem in part]
+    if problems:
+        raise CheckpointError(f"checkpoint {path}: {problems[0]}")
 
 
 def load_checkpoint(engine, path: Path, world_size: int) -> dict[str, Any]:
     """Restore engine, optimizer and LR schedule; returns the saved train state."""
     state = saved_state(path)
+    refuse_untrusted_files(path, state)
     restart = (f"or restart from its consolidated weights with a fresh optimizer: --set "
                f"init_from={path / 'weights.pt'} (and a new output_dir)")
     if state["world_size"] != world_size:
@@ -152,11 +308,51 @@ def load_weights(path: str | Path, spec: DatasetSpec | None = None) -> dict[str,
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same clear message
-        raise CheckpointError(f"{path}: not a readable c2seg weights file ({exc})") from exc
+        raise CheckpointError(f"{path}: not a readable c2seg weights file ({_first_line(exc)})") from exc
     if not isinstance(data, dict) or "spec" not in data or ("model" not in data and "state_dict" not in data):
         raise CheckpointError(f"{path}: not a c2seg weights file (no spec / model weights)")
+    verify_tensors(data, path)
     if spec is not None:
         problems = spec_compatible(spec_from_dict(data["spec"], source=str(path)), spec)
         if problems:
             raise CheckpointError(f"{path}: the dataset spec does not match the checkpoint: " + "; ".join(problems))
     return data
+
+
+def _tensors(data: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of a weights / model file's dict (nested state dicts too) with its dotted name; the
+    stored checksum itself is left out."""
+    for key, value in data.items():
+        if isinstance(value, dict):
+            yield from _tensors(value, f"{prefix}{key}.")
+        elif isinstance(value, torch.Tensor) and f"{prefix}{key}" != TENSOR_CHECKSUM:
+            yield f"{prefix}{key}", value
+
+
+def tensors_sha256(data: dict[str, Any]) -> str:
+    """sha256 over every tensor of ``data`` in sorted order of names, each with its name, dtype and shape."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(_tensors(data), key=lambda item: item[0]):
+        digest.update(f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def save_weights_file(path: Path, data: dict[str, Any]) -> None:
+    """torch.save ``data`` with the sha256 of its tensors, atomically (a reader never sees half a file)."""
+    with atomic_path(path) as tmp:
+        torch.save({**data, TENSOR_CHECKSUM: tensors_sha256(data)}, tmp)
+
+
+def verify_tensors(data: dict[str, Any], path: Path) -> None:
+    """Refuse a loaded weights / model file whose tensors are not the ones saved (their checksum differs) or
+    hold NaN / inf, naming the file (and the tensor); a file without a checksum (older c2seg) gets a warning."""
+    saved = data.get(TENSOR_CHECKSUM)
+    if saved is None:
+        log.warning("%s: no tensor checksum (written by an older c2seg version); loaded without verifying it", path)
+    elif saved != tensors_sha256(data):
+        raise CheckpointError(f"{path}: its tensors do not match the checksum stored when it was saved (the file "
+                              "is damaged); use another checkpoint or export it again")
+    bad = next((name for name, t in _tensors(data) if t.is_floating_point() and not torch.isfinite(t).all()), None)
+    if bad is not None:
+        raise CheckpointError(f"{path}: tensor {bad} holds NaN or inf values; these weights cannot be used")

@@ -5,7 +5,7 @@ and the normalisation, loadable with ``weights_only=True`` and without DeepSpeed
 "tile_size", "normalization_mode", "city_normalization"}``; ``normalization`` holds the pooled statistics,
 ``city_normalization`` each prepared city's (used when ``normalization_mode`` is ``per_city``);
 ``modalities`` lists what the model was trained with (it accepts any non-empty subset, having been
-trained with modality dropout).
+trained with modality dropout). ``tensor_sha256`` (train.checkpoint.tensors_sha256) is checked on load.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from c2seg.spec import DatasetSpec, spec_from_dict
-from train.checkpoint import CheckpointError, load_weights
+from train.checkpoint import CheckpointError, load_weights, save_weights_file, verify_tensors
 from train.config import ModelConfig, model_config_from_dict
 from train.models import FusionSegmenter
 
@@ -72,10 +72,10 @@ def save_exported(out: str | Path, model_config: dict, spec: dict, state_dict: d
     """Write an exported model file (the layout in the module doc)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"format": FORMAT, "model_config": model_config, "spec": spec, "state_dict": state_dict,
-                "normalization": normalization, "modalities": list(modalities), "tile_size": tile_size,
-                "step": step, "normalization_mode": normalization_mode,
-                "city_normalization": city_normalization or {}}, out)
+    save_weights_file(out, {"format": FORMAT, "model_config": model_config, "spec": spec, "state_dict": state_dict,
+                            "normalization": normalization, "modalities": list(modalities), "tile_size": tile_size,
+                            "step": step, "normalization_mode": normalization_mode,
+                            "city_normalization": city_normalization or {}})
 
 
 def load_exported(path: str | Path, map_location: str | torch.device = "cpu") -> ExportedModel:
@@ -89,6 +89,7 @@ def load_exported(path: str | Path, map_location: str | torch.device = "cpu") ->
         raise CheckpointError(f"{path}: not a readable model file ({exc})") from exc
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a c2seg exported model (format {FORMAT} expected)")
+    verify_tensors(data, path)
     spec = spec_from_dict(data["spec"], source=str(path))
     cfg = model_config_from_dict(data["model_config"], source=str(path))
     model = FusionSegmenter(spec, cfg)

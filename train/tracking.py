@@ -1,8 +1,11 @@
 """MLflow tracking on rank 0 that never stops training: every call is guarded, and a tracking server
 that is down gives one warning, after which tracking is off for the run.
 
-The URI comes from MLFLOW_TRACKING_URI (default: the local ``sqlite:///mlflow.db`` store). Short
-HTTP timeouts and no retries are set unless the user set them, so a dead server costs seconds.
+The URI comes from MLFLOW_TRACKING_URI (default: the local ``sqlite:///mlflow.db`` store).
+:class:`TrackingCall` is the one guard of every MLflow call of the project (training, the slurm chain's
+runs, ``infer evaluate``): it bounds MLflow's HTTP requests (no retries, a 5 s timeout, unless the user
+set MLFLOW_HTTP_REQUEST_MAX_RETRIES / MLFLOW_HTTP_REQUEST_TIMEOUT), so a dead server costs seconds, and
+turns any MLflow error into one warning line.
 """
 
 from __future__ import annotations
@@ -13,9 +16,32 @@ import os
 import subprocess
 import tempfile
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 log = logging.getLogger("c2seg.train")
+REQUEST_BOUNDS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+
+
+class TrackingCall:
+    """``with TrackingCall("what failed", log) as call:`` around MLflow calls that must never stop the job:
+    requests are bounded (REQUEST_BOUNDS, unless set in the environment), and an error inside becomes one
+    warning, ``MLflow <what failed>: <the error's first line>``, with ``call.failed`` set."""
+
+    def __init__(self, failure: str, logger: logging.Logger = log) -> None:
+        self.failure, self.logger, self.failed = failure, logger, False
+
+    def __enter__(self) -> TrackingCall:
+        for name, value in REQUEST_BOUNDS.items():
+            os.environ.setdefault(name, value)
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> bool:
+        if not isinstance(exc, Exception):  # no error, or KeyboardInterrupt / SystemExit: not ours to swallow
+            return False
+        self.failed = True
+        self.logger.warning("MLflow %s: %s", self.failure, (str(exc).strip().splitlines() or [repr(exc)])[0][:300])
+        return True
 
 
 def _flatten(data: Any, prefix: str = "") -> dict[str, str]:
@@ -55,10 +81,8 @@ class Tracker:
         self.resumed = False
         if not enabled:
             return
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
         id_file = run_dir / "mlflow_run_id"
-        try:
+        with TrackingCall("tracking disabled") as call:
             import mlflow
 
             self.mlflow = mlflow
@@ -67,20 +91,15 @@ class Tracker:
             run = mlflow.start_run(run_id=previous) if previous else mlflow.start_run(run_name=run_name)
             id_file.write_text(run.info.run_id)
             self.resumed = previous is not None
-            self.active = True
             log.info("MLflow run %s in %s (experiment %s)", run.info.run_id, mlflow.get_tracking_uri(), experiment)
-        except Exception as exc:  # noqa: BLE001 - tracking must never stop training
-            log.warning("MLflow tracking disabled: %s", str(exc).splitlines()[0][:300])
+        self.active = not call.failed
 
     def _guard(self, what: str, *args, **kwargs) -> None:
         if not self.active:
             return
-        try:
+        with TrackingCall(f"{what} failed, tracking disabled for this run") as call:
             getattr(self.mlflow, what)(*args, **kwargs)
-        except Exception as exc:  # noqa: BLE001
-            self.active = False
-            log.warning("MLflow %s failed, tracking disabled for this run: %s", what,
-                        str(exc).splitlines()[0][:300])
+        self.active = not call.failed
 
     def params(self, config: dict[str, Any]) -> None:
         """Log the resolved config once (a resumed run keeps the params it started with; MLflow refuses

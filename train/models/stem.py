@@ -57,15 +57,18 @@ class ConvStem(nn.Module):
 
 class SkipDecoder(nn.Module):
     """Fused tokens (B, D, H/p, W/p) and the stem's skips -> logits (B, K, H, W): at each halving from
-    coarse to fine, x2 bilinear upsampling, concatenation with the skip, a double 3x3 convolution."""
+    coarse to fine, x2 bilinear upsampling, concatenation with the skip, a double 3x3 convolution. A level
+    has ``decoder_dim`` channels, or twice its skip's where that is fewer (a U-Net's narrow full-resolution
+    end: with ``large``'s 256 decoder channels the full-resolution convolutions run at 64)."""
 
     def __init__(self, embed_dim: int, decoder_dim: int, stem_dim: int, patch_size: int, num_logits: int) -> None:
         super().__init__()
         self.proj = nn.Sequential(nn.Conv2d(embed_dim, decoder_dim, 1), group_norm(decoder_dim), nn.GELU())
         self.up = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False)
-        self.fuse = nn.ModuleList([double_conv(decoder_dim + c, decoder_dim)
-                                   for c in reversed(skip_channels(stem_dim, patch_size))])
-        self.classifier = nn.Conv2d(decoder_dim, num_logits, 1)
+        widths = [min(decoder_dim, 2 * c) for c in reversed(skip_channels(stem_dim, patch_size))]
+        self.fuse = nn.ModuleList([double_conv(c_in + skip, c_out) for c_in, skip, c_out in
+                                   zip([decoder_dim, *widths], reversed(skip_channels(stem_dim, patch_size)), widths)])
+        self.classifier = nn.Conv2d(widths[-1], num_logits, 1)
 
     def forward(self, features: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
         x = self.proj(features)

@@ -420,10 +420,10 @@ def report(what: str, r: dict) -> None:
             for part, where in (("", "val split"), ("_city", "whole city")):
                 if f"{name}{part}_mean" in r:
                     m = r[f"{name}{part}_mean"]
+                    samples = f", steps x batch {sum(r[f'{name}_samples'])}" if f"{name}_samples" in r else ""
                     figure("train", f"target mIoU ({where}), {name}", 100 * m["miou"], "%",
                            f"OA {100 * m['oa']:.1f} %, seeds {r['seeds']}, "
-                           f"{sum(r[f'{name}_train_s']):.0f} s in training steps, "
-                           f"steps x batch {r.get(f'{name}_samples', '?')}")
+                           f"{sum(r[f'{name}_train_s']):.0f} s in training steps{samples}")
         for part, where in (("", "val split"), ("_city", "whole city")):
             for name, base in CROSSCITY_GAINS:
                 if f"{name}{part}_vs_{base}" in r:

@@ -113,3 +113,20 @@ def assert_same_weights(run_a: Path, run_b: Path) -> None:
     differ = [k for k in a if not torch.equal(a[k], b[k])]
     assert not differ, f"{len(differ)} of {len(a)} tensors differ, first {differ[0]}: max abs diff " \
                        f"{float((a[differ[0]].float() - b[differ[0]].float()).abs().max()):.3g}"
+
+
+def run_script_ranks(script: str, world: int, *args: str, timeout: int = 300) -> list[dict]:
+    """Run the Python ``script`` as ranks 0..world-1 (RANK / WORLD_SIZE / MASTER_* set, one thread each);
+    each prints one line ``RESULT <json>``: those, in rank order."""
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, "-c", script, *args], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True,
+                              env=train_env(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                                            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), PYTHONPATH=str(ROOT)))
+             for rank in range(world)]
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=timeout)
+        assert p.returncode == 0, err[-3000:]
+        results.append(json.loads(next(line[7:] for line in out.splitlines() if line.startswith("RESULT "))))
+    return results

@@ -6,18 +6,16 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
+import time
 
 import psutil
 import pytest
 
 from c2seg.distributed import backend_devices
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.fixtures_train import ROOT, free_port, run_script_ranks
 
 WORKER = textwrap.dedent("""
     import json, os, sys
@@ -48,33 +46,9 @@ WORKER = textwrap.dedent("""
 """)
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _run_ranks(backend: str, world: int) -> list[dict]:
-    import json
-
-    port = _port()
-    procs = []
-    for rank in range(world):
-        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1",
-               "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-        procs.append(subprocess.Popen([sys.executable, "-c", WORKER, backend], env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True))
-    results = []
-    for p in procs:
-        out, err = p.communicate(timeout=120)
-        assert p.returncode == 0, err[-2000:]
-        results.append(json.loads(next(line[7:] for line in out.splitlines() if line.startswith("RESULT "))))
-    return results
-
-
 @pytest.mark.parametrize("backend", ["gloo", "cpu:gloo,cuda:gloo"])
 def test_reductions_at_two_ranks(backend):
-    for rank, r in enumerate(_run_ranks(backend, 2)):
+    for rank, r in enumerate(run_script_ranks(WORKER, 2, backend)):
         assert r["config"] == "cpu:gloo,cuda:gloo"
         assert r["device"] == "cpu"
         assert r["sum"] == [3, 10]
@@ -88,7 +62,7 @@ def test_reductions_at_two_ranks(backend):
 def test_a_group_without_cpu_backend_reduces_on_cuda():
     """'cuda:gloo' declares CUDA only, like NCCL: torch refuses CPU tensors there, and the helper picks the
     CUDA device (this CPU machine cannot run a CUDA reduction, so the choice is what is checked)."""
-    (r,) = _run_ranks("cuda:gloo", 1)
+    (r,) = run_script_ranks(WORKER, 1, "cuda:gloo")
     assert r["config"] == "cuda:gloo"
     assert r["raw_cpu"] == "No backend type associated with device type cpu"
     assert r["device"] == "cuda"
@@ -113,7 +87,7 @@ def test_no_collective_outside_the_helper():
 
 def test_rendezvous_store_listens_on_master_addr_only():
     """The rank-0 store of a single-node job binds 127.0.0.1, not every interface."""
-    port = _port()
+    port = free_port()
     env = {**os.environ, "RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
            "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     rank0 = subprocess.Popen([sys.executable, "-c", WORKER, "gloo"], env=env, stdout=subprocess.PIPE,
@@ -125,7 +99,8 @@ def test_rendezvous_store_listens_on_master_addr_only():
                      if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
             if addrs:
                 break
-            rank0.wait(timeout=0.1) if rank0.poll() is not None else __import__("time").sleep(0.1)
+            assert rank0.poll() is None, rank0.communicate()[1][-2000:]
+            time.sleep(0.1)
         assert addrs == {"127.0.0.1"}
     finally:
         rank0.kill()

@@ -4,12 +4,9 @@ gloo ranks, a tiny fusion model, DeepSpeed ZeRO-3)."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import textwrap
 
-from tests.fixtures_train import ROOT, free_port, train_env
+from tests.fixtures_train import run_script_ranks
 
 WORKER = textwrap.dedent("""
     import json, sys
@@ -41,18 +38,7 @@ WORKER = textwrap.dedent("""
 
 
 def test_module_by_module_gather_and_rank0_only_consolidation():
-    procs = []
-    port = free_port()
-    for rank in range(2):
-        env = train_env(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                        MASTER_PORT=str(port), PYTHONPATH=str(ROOT))
-        procs.append(subprocess.Popen([sys.executable, "-c", WORKER], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True))
-    results = []
-    for p in procs:
-        out, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err[-3000:]
-        results.append(json.loads(next(line[7:] for line in out.splitlines() if line.startswith("RESULT "))))
+    results = run_script_ranks(WORKER, 2)
     for r in results:
         assert (r["same_keys"], r["equal"], r["partitioned"]) == (True, True, True)
     assert results[0]["held"] == results[0]["entries"]

@@ -238,8 +238,8 @@ def _peer(arm: str, run_dir: Path, prep: Path, seed: int, steps: int, args) -> d
     :func:`_whole_city`); its target val scores."""
     _cli("--arm", arm, "--prep", str(prep), *_spec_args(prep), "--city", "synth_target", "--steps", str(steps),
          "--seed", str(seed), "--out", str(run_dir), "--window", str(args.infer_window),
-         "--overlap", str(WHOLE_CITY_OVERLAP), "--set", f"data.batch_size={args.batch}", *_overrides(args),
-         script=(str(ROOT / "benchmarks/peers.py"),))
+         "--overlap", str(WHOLE_CITY_OVERLAP), "--width", str(args.peer_width), "--lambda-adv", str(args.lambda_adv),
+         "--set", f"data.batch_size={args.batch}", *_overrides(args), script=(str(ROOT / "benchmarks/peers.py"),))
     val = json.loads((run_dir / "peer_run.json").read_text())["val"]
     return {k: round(val[k], 4) for k in ("miou", "oa", "macro_f1", "kappa")}
 
@@ -477,6 +477,12 @@ def main() -> None:
                                           metavar="ARM", help="run only these arms: " + ", ".join(CROSSCITY_ARMS)
                                           + " (unet, unet_adv: the peers of benchmarks/peers.py, trained for "
                                           "--steps + --adapt-steps steps)")
+    sub.choices["crosscity"].add_argument("--peer-width", type=int, default=32,
+                                          help="unet, unet_adv: channels of the U-Net's first stage (default: "
+                                          "%(default)s, the classic 32-64-128-256 + 512)")
+    sub.choices["crosscity"].add_argument("--lambda-adv", type=float, default=0.001,
+                                          help="unet_adv: weight of the adversarial loss (default: %(default)s, "
+                                          "AdaptSegNet's)")
     sub.choices["crosscity"].add_argument("--pair", choices=SHIFT_PROFILES, default="default",
                                           help="generate the city pair with this domain-shift profile (c2seg data "
                                           "generate --shift; docs/demo-data.md) and run in OUT/pair_NAME; default: "

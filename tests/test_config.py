@@ -72,7 +72,7 @@ def test_yaml_is_loaded_safely(tmp_path):
 @pytest.mark.parametrize("override, message", [
     ({"data.batch_size": 0}, "data.batch_size must be >= 1, got 0"),
     ({"data.batch_size": -2}, "data.batch_size must be >= 1, got -2"),
-    ({"optim.lr": -1}, "optim.lr must be > 0, got -1.0"),
+    ({"optim.lr": -1}, "optim.lr must be >= 0, got -1.0"),
     ({"optim.warmup_steps": -1}, "optim.warmup_steps must be >= 0, got -1"),
     ({"optim.betas": [0.9, 1.0]}, "optim.betas[1] must be in [0, 1), got 1.0"),
     ({"steps": 0}, "steps must be >= 1, got 0"),

@@ -95,7 +95,7 @@ class DataConfig:
 class OptimConfig:
     """AdamW (torch implementation) with linear warmup then cosine decay."""
 
-    lr: float = bounded(3e-4, gt=0)
+    lr: float = bounded(3e-4, ge=0)  # 0 is allowed: a run that only evaluates or checks what it loaded
     weight_decay: float = bounded(0.05, ge=0)
     betas: tuple[float, float] = bounded((0.9, 0.95), ge=0, lt=1)
     warmup_steps: int = bounded(10, ge=0)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from c2seg.io import atomic_write, file_sha256  # noqa: F401  (file_sha256: data_prep.verify imports it from here)
+from c2seg.io import atomic_write
 
 BLOCK = 512
 Entry = bytes | np.ndarray

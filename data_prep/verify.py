@@ -18,8 +18,9 @@ import numpy as np
 import zarr
 from tqdm import tqdm
 
+from c2seg.io import file_sha256
 from data_prep.manifest import load_manifest
-from data_prep.shards import decode_npy, file_sha256, iter_samples, sample_key
+from data_prep.shards import decode_npy, iter_samples, sample_key
 from data_prep.zarr_store import ChunkError, has_checksums, read_tiles
 
 log = logging.getLogger("c2seg.prep")

@@ -10,7 +10,6 @@ turns any MLflow error into one warning line.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import subprocess
@@ -18,6 +17,8 @@ import tempfile
 from pathlib import Path
 from types import TracebackType
 from typing import Any
+
+from c2seg.io import file_sha256
 
 log = logging.getLogger("c2seg.train")
 REQUEST_BOUNDS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
@@ -62,15 +63,8 @@ def git_commit() -> str:
 
 
 def file_hash(path: str | Path) -> str:
-    """SHA-256 of a file's bytes, read in 16 MiB pieces (exported models can be GBs); "missing" if absent."""
-    p = Path(path)
-    if not p.is_file():
-        return "missing"
-    digest = hashlib.sha256()
-    with p.open("rb") as f:
-        while piece := f.read(1 << 24):
-            digest.update(piece)
-    return digest.hexdigest()
+    """SHA-256 of a file's bytes (c2seg.io.file_sha256); "missing" if absent."""
+    return file_sha256(path) if Path(path).is_file() else "missing"
 
 
 class Tracker:

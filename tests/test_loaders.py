@@ -182,3 +182,21 @@ def test_zarr_batches_equal_items_and_collate_without_copy(tiny_prepared):
     loader = torch.utils.data.DataLoader(ds, batch_size=4, shuffle=True, collate_fn=collate_views)
     seen = [_digest(x) for b in loader for x in b["msi"]]
     assert sorted(seen) == sorted(_digest(ds[i]["msi"]) for i in range(len(ds)))
+
+
+@pytest.mark.parametrize("extra_ranks", [0, 1])
+def test_each_tile_once_with_equal_batches_pads_the_ranks_that_have_fewer(tiny_prepared, extra_ranks):
+    """Under ZeRO-3 every rank must run as many forwards: the ranks with fewer val batches repeat one,
+    marked ``padding``; the unmarked batches still hold every tile exactly once. With one rank more than
+    tiles, the last rank has no tile at all and pads with tile 0."""
+    from train.data import PreparedData
+
+    data = PreparedData(tiny_prepared)
+    n = len(list(data.each_tile_once("val", ["synth_target"], 1)))
+    world = n + extra_ranks if extra_ranks else 2
+    per_rank = [list(data.each_tile_once("val", ["synth_target"], 1, r, world, equal_batches=True))
+                for r in range(world)]
+    assert {len(b) for b in per_rank} == {-(-n // world)}  # as many batches as rank 0 on every rank
+    counted = [b for batches in per_rank for b in batches if not b.get("padding")]
+    padded = [b for batches in per_rank for b in batches if b.get("padding")]
+    assert len(counted) == n and len(padded) == world * -(-n // world) - n

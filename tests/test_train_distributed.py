@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import zarr
 
 from tests.fixtures_train import ROOT, assert_same_weights, losses, run_train, tiny_args, train_cmd, train_env
 
@@ -38,14 +39,19 @@ def test_pretrain_two_ranks_zero2_checkpoints_every_rank(pretrained_tiny):
     assert (pretrained_tiny / "COMPLETED").is_file()
 
 
-def test_finetune_two_ranks_zero3_from_pretrained_validates_on_target(finetuned_tiny, pretrained_tiny):
+def test_finetune_two_ranks_zero3_from_pretrained_validates_on_target(finetuned_tiny, pretrained_tiny, tiny_prepared):
     records = [json.loads(x) for x in (finetuned_tiny / "val_metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [3, 6]
+    # every labelled pixel of the target val tiles counted once (the ranks' padding forwards are not counted)
+    group = zarr.open_group(tiny_prepared / "dataset.zarr/synth_target/val", mode="r")
+    labels = group["label"][:][group["kept"][:]]
     for r in records:
         assert 0 <= r["miou"] <= 1 and 0 <= r["oa"] <= 1 and -1 <= r["kappa"] <= 1
-        assert len(r["per_class"]) == 13 and sum(map(sum, r["confusion"])) > 0
+        assert len(r["per_class"]) == 13 and sum(map(sum, r["confusion"])) == int((labels > 0).sum())
     last = json.loads((finetuned_tiny / "metrics.jsonl").read_text().splitlines()[-1])
-    assert {"loss_source", "loss_target", "pseudo_confident", "lr", "grad_norm", "samples_per_s"} <= set(last)
+    assert {"loss_source", "loss_target", "pseudo_confident", "lr", "grad_norm", "samples_per_s",
+            "data_wait_s"} <= set(last)
+    assert 0 <= last["data_wait_s"] < last["step_time_s"]
     # the backbone started from the pretrained weights
     pre = torch.load(pretrained_tiny / "checkpoints/step_00000006/weights.pt", weights_only=True)["model"]
     first = torch.load(sorted((finetuned_tiny / "checkpoints").glob("step_*"))[0] / "weights.pt", weights_only=True)

@@ -130,3 +130,15 @@ def run_script_ranks(script: str, world: int, *args: str, timeout: int = 300) ->
         assert p.returncode == 0, err[-3000:]
         results.append(json.loads(next(line[7:] for line in out.splitlines() if line.startswith("RESULT "))))
     return results
+
+
+def refresh_saved_hash(ckpt: Path, name: str) -> None:
+    """Record ``name``'s current size and sha256 in the checkpoint's train state, as whoever replaced the file
+    could (a test that edits a checkpoint on purpose, or one whose weights-only check, not the hash, must
+    stop the file)."""
+    from c2seg.io import file_sha256
+
+    state_file = ckpt / "train_state.json"
+    state = json.loads(state_file.read_text())
+    state["files"][name] = {"bytes": (ckpt / name).stat().st_size, "sha256": file_sha256(ckpt / name)}
+    state_file.write_text(json.dumps(state))

@@ -10,7 +10,7 @@ import torch
 from data_prep.loaders import ZarrTileDataset, collate_views
 from data_prep.manifest import load_manifest
 from data_prep.readers import open_city
-from tests.fixtures_train import run_train, tiny_args
+from tests.fixtures_train import refresh_saved_hash, run_train, tiny_args
 from train.config import FinetuneConfig
 from train.data import CityStandardizer, PreparedData
 
@@ -225,6 +225,7 @@ def test_partial_adaptation_leaves_out_the_classes_the_source_model_hardly_predi
     # a resumed run keeps the stored classes (here edited to tell them apart from a new estimate)
     saved["target_classes"] = expected[:1]
     torch.save(saved, weights)
+    refresh_saved_hash(weights.parent, "weights.pt")
     run_train([*tiny_args("finetune", tiny_prepared, run, "deepspeed.zero_stage=0", "steps=3", "checkpoint_every=1",
                           "finetune.eval_every=3", f"init_from={finetuned_tiny}",
                           f"finetune.target_class_min_share={cut}"), "--resume", "auto"])

@@ -17,8 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from c2seg.io import file_sha256
-from tests.fixtures_train import ROOT, free_port, run_train, tiny_args, train_env
+from tests.fixtures_train import ROOT, free_port, refresh_saved_hash, run_train, tiny_args, train_env
 from train.checkpoint import (CheckpointError, checkpoint_problem, latest_checkpoint, load_weights, resolve_resume,
                               unpickling_problem)
 
@@ -35,15 +34,6 @@ class ShellPayload:
 
     def __reduce__(self):
         return os.system, (f"touch {self.marker}",)
-
-
-def refresh_saved_hash(ckpt: Path, name: str) -> None:
-    """Record ``name``'s current size and sha256 in the checkpoint's train state, as whoever replaced the file
-    could: the weights-only check, not the hash, must then stop it."""
-    state_file = ckpt / "train_state.json"
-    state = json.loads(state_file.read_text())
-    state["files"][name] = {"bytes": (ckpt / name).stat().st_size, "sha256": file_sha256(ckpt / name)}
-    state_file.write_text(json.dumps(state))
 
 
 def truncate(file: Path) -> None:

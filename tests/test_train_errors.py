@@ -10,8 +10,7 @@ import torch
 
 from c2seg.spec import load_spec
 from tests.fixtures_prep import TINY_PREP
-from tests.fixtures_train import FINETUNE_TINY, ROOT, run_train, tiny_args
-from tests.test_integrity_train import refresh_saved_hash
+from tests.fixtures_train import FINETUNE_TINY, ROOT, refresh_saved_hash, run_train, tiny_args
 from train.checkpoint import CheckpointError, load_weights
 
 

@@ -55,7 +55,6 @@ def register(stages: argparse._SubParsersAction) -> None:
 
 def _run_training(args: argparse.Namespace) -> int:
     from c2seg.config import parse_override
-    from train.checkpoint import check_same_model, resolve_resume
     from train.config import load_train_config
     from train.data import PreparedData
     from train.finetune import FinetuneTask
@@ -64,12 +63,9 @@ def _run_training(args: argparse.Namespace) -> int:
 
     overrides = dict(parse_override(o) for o in args.overrides)
     cfg = load_train_config(args.config, overrides)
-    ckpt = resolve_resume(args.resume, cfg.output_dir)  # auto: the newest intact checkpoint, found once
-    if ckpt is not None:
-        check_same_model(ckpt, cfg.model)
     data = PreparedData(cfg.data.prep_dir, cfg.data.spec, cfg.data.normalization)
     task = PretrainTask if args.task == "pretrain" else FinetuneTask
-    return run_training(cfg, task, data, resume=ckpt and str(ckpt), config_path=str(args.config))
+    return run_training(cfg, task, data, resume=args.resume, config_path=str(args.config))
 
 
 def _export(args: argparse.Namespace) -> int:

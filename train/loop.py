@@ -28,8 +28,8 @@ from tqdm import tqdm
 from c2seg.config import to_dict
 from c2seg.distributed import mean_over_ranks, world_size
 from c2seg.spec import DatasetSpec
-from train.checkpoint import (StopRequest, load_checkpoint, load_weights, resolve_resume, save_checkpoint,
-                              saved_state)
+from train.checkpoint import (StopRequest, check_same_model, load_checkpoint, load_weights, resolve_resume,
+                              save_checkpoint, saved_state)
 from train.config import ModelConfig, TrainConfig, load_model_config
 from train.determinism import data_wait_seconds, seed_micro_batch
 from train.engine import create_engine, init_distributed
@@ -68,6 +68,8 @@ def run_training(cfg: TrainConfig, make_task, data, resume: str | None = None,
     model_cfg: ModelConfig = load_model_config(cfg.model)
     out = Path(cfg.output_dir)
     ckpt = resolve_resume(resume, out)  # checked before the (slow) distributed start
+    if ckpt is not None:
+        check_same_model(ckpt, cfg.model)  # another model in the run dir: one clear line, no engine started
     if ckpt is not None and (out / "COMPLETED").is_file():
         done = saved_state(ckpt)["step"]
         if done >= cfg.steps:  # nothing to train: no engine, so no optimizer state to fit

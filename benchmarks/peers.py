@@ -42,9 +42,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from c2seg.spec import DatasetSpec  # noqa: E402  (after the path insert)
+from train.models.critic import SOURCE, TARGET, OutputCritic, domain_loss  # noqa: E402
 
 ARMS = ("unet", "unet_adv")
-SOURCE, TARGET = 1.0, 0.0  # the discriminator's labels
 
 
 class DoubleConv(nn.Sequential):
@@ -97,22 +97,6 @@ class StackedUNet(nn.Module):
         return self.unet(torch.cat(stacked, 1))
 
 
-class OutputDiscriminator(nn.Sequential):
-    """AdaptSegNet's fully convolutional discriminator: four 4x4 stride-2 convs (``width`` x 1, 2, 4, 8)
-    with leaky ReLU (0.2), then a 4x4 stride-2 conv to one source-vs-target logit per output cell."""
-
-    def __init__(self, num_classes: int, width: int = 64) -> None:
-        chans = [num_classes, width, 2 * width, 4 * width, 8 * width]
-        layers: list[nn.Module] = []
-        for cin, cout in zip(chans, chans[1:]):
-            layers += [nn.Conv2d(cin, cout, 4, stride=2, padding=1), nn.LeakyReLU(0.2, inplace=True)]
-        super().__init__(*layers, nn.Conv2d(chans[-1], 1, 4, stride=2, padding=1))
-
-
-def _bce(logits: torch.Tensor, label: float) -> torch.Tensor:
-    return F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, label))
-
-
 @dataclass
 class Peer:
     """A peer model with its optimisers: the segmenter, and for unet_adv the discriminator (over the softmax
@@ -123,7 +107,7 @@ class Peer:
     scored: torch.Tensor
     ignore_id: int
     grad_clip: float
-    discriminator: OutputDiscriminator | None = None
+    discriminator: OutputCritic | None = None
     disc_optimizer: torch.optim.Optimizer | None = None
     lambda_adv: float = 0.0
 
@@ -138,7 +122,7 @@ class Peer:
         logs = {"loss_source": float(loss.detach())}
         if self.discriminator is not None:
             target_logits = self.model(_inputs(target, self.model))
-            fooled = _bce(self.discriminator(self._softmax(target_logits)), SOURCE)
+            fooled = domain_loss(self.discriminator(self._softmax(target_logits)), SOURCE)
             loss = loss + self.lambda_adv * fooled
             logs["loss_adv"] = float(fooled.detach())
         self.optimizer.zero_grad(set_to_none=True)
@@ -155,8 +139,8 @@ class Peer:
 
     def _discriminator_step(self, source_logits: torch.Tensor, target_logits: torch.Tensor) -> float:
         self.disc_optimizer.zero_grad(set_to_none=True)
-        loss = 0.5 * (_bce(self.discriminator(self._softmax(source_logits)), SOURCE)
-                      + _bce(self.discriminator(self._softmax(target_logits)), TARGET))
+        loss = 0.5 * (domain_loss(self.discriminator(self._softmax(source_logits)), SOURCE)
+                      + domain_loss(self.discriminator(self._softmax(target_logits)), TARGET))
         loss.backward()
         self.disc_optimizer.step()
         return float(loss.detach())
@@ -182,7 +166,7 @@ def build_peer(arm: str, spec: DatasetSpec, cfg, width: int = 32, lambda_adv: fl
                                   betas=tuple(params["betas"]), eps=params["eps"], weight_decay=params["weight_decay"])
     peer = Peer(model, optimizer, torch.tensor(spec.scored_class_ids), spec.ignore_id, cfg.optim.grad_clip)
     if arm == "unet_adv":
-        peer.discriminator = OutputDiscriminator(len(spec.scored_class_ids))
+        peer.discriminator = OutputCritic(len(spec.scored_class_ids))
         peer.disc_optimizer = torch.optim.Adam(peer.discriminator.parameters(), lr=1e-4, betas=(0.9, 0.99))
         peer.lambda_adv = lambda_adv
     return peer

@@ -112,7 +112,9 @@ def collective_device() -> torch.device:
     """Where the default group reduces: CPU if it declares a CPU backend, else the current CUDA device."""
     if not distributed() or "cpu" in backend_devices(dist.get_backend_config()):
         return torch.device("cpu")
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cuda")
+    if not torch.cuda.is_available():
+        return torch.device("cuda")  # a CUDA-only group without CUDA: torch's own error comes at the copy
+    return torch.device("cuda", torch.cuda.current_device())
 
 
 def reduce_tensor(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:

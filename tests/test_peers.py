@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.peers import OutputDiscriminator, StackedUNet, UNet, build_peer
+from benchmarks.peers import StackedUNet, UNet, build_peer
 from c2seg.spec import load_spec
 from data_prep.synth import CitySynth
 from data_prep.synth.domain import SHIFT_PROFILES, city_style, prior_absent_classes
 from tests.fixtures_data import CONFIGS
 from train.config import DataConfig, TrainConfig
+from train.models.critic import OutputCritic
 
 # sha256 of every city's rendered arrays (40 x 56 px, seed 3), recorded at 95437d4 before shift profiles existed
 DEFAULT_HASHES = {
@@ -63,7 +64,7 @@ def test_unet_gives_logits_at_input_size(spec):
 
 
 def test_discriminator_scores_cells_of_softmax_maps():
-    assert OutputDiscriminator(13, width=8)(torch.randn(2, 13, 64, 64).softmax(1)).shape == (2, 1, 2, 2)
+    assert OutputCritic(13, width=8)(torch.randn(2, 13, 64, 64).softmax(1)).shape == (2, 1, 2, 2)
 
 
 def _source_loss(peer, batch) -> float:

@@ -16,7 +16,8 @@ import pytest
 import torch
 import zarr
 
-from tests.fixtures_train import ROOT, assert_same_weights, losses, run_train, tiny_args, train_cmd, train_env
+from tests.fixtures_train import (ROOT, assert_same_weights, checkpoint_tensors, losses, run_train, tiny_args,
+                                 train_cmd, train_env)
 
 pytestmark = pytest.mark.slow
 
@@ -39,7 +40,8 @@ def test_pretrain_two_ranks_zero2_checkpoints_every_rank(pretrained_tiny):
     assert (pretrained_tiny / "COMPLETED").is_file()
 
 
-def test_finetune_two_ranks_zero3_from_pretrained_validates_on_target(finetuned_tiny, pretrained_tiny, tiny_prepared):
+def test_finetune_two_ranks_zero3_from_pretrained_validates_on_target(finetuned_tiny, pretrained_tiny,
+                                                                    tiny_prepared):
     records = [json.loads(x) for x in (finetuned_tiny / "val_metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [3, 6]
     # every labelled pixel of the target val tiles counted once (the ranks' padding forwards are not counted)
@@ -107,9 +109,10 @@ def test_kill_9_then_resume_auto_is_bit_exact(tiny_prepared, tmp_path, command, 
     """Same world size and thread count: the resumed run's losses and final weights (EMA teacher included)
     equal the uninterrupted run's exactly. The checkpoint at step 3 lies mid-epoch (4 batches per epoch),
     and finetune validates right after it, so neither a loader re-created mid-epoch nor validation may
-    shift a random draw. Partial adaptation is on, so its class estimate runs on both ranks."""
+    shift a random draw. Partial adaptation is on, so its class estimate runs on both ranks, and so is the
+    adversarial critic (its weights and Adam state are checkpointed, its gradients averaged over the ranks)."""
     sets = [f"deepspeed.zero_stage={zero}", "steps=8", "checkpoint_every=3", "finetune.eval_every=3",
-            "finetune.target_class_min_share=0.05"]
+            "finetune.target_class_min_share=0.05", "finetune.adversarial_weight=0.01"]
     straight = tmp_path / "straight"
     run_train(tiny_args(command, tiny_prepared, straight, *sets), nproc=2)
     killed = tmp_path / "killed"
@@ -127,6 +130,11 @@ def test_kill_9_then_resume_auto_is_bit_exact(tiny_prepared, tmp_path, command, 
     assert sorted(resumed) == list(range(1, 9))
     assert resumed == expected
     assert_same_weights(straight, killed)
+    if command == "finetune":
+        last = json.loads((killed / "metrics.jsonl").read_text().splitlines()[-1])
+        assert last["loss_adversarial"] > 0
+        _, tensors = checkpoint_tensors(killed)
+        assert {k.split(".")[1] for k in tensors if k.startswith("critic.")} == {"model", "optim"}
 
 
 def test_sigusr1_checkpoints_at_the_step_boundary_and_exits_75(tiny_prepared, tmp_path):

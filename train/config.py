@@ -179,6 +179,11 @@ class FinetuneConfig:
     # target (None: every class is kept)
     target_class_min_share: float | None = bounded(None, ge=0, lt=1)
     adapt_weight: float = bounded(1.0, ge=0)
+    # output-space adversarial alignment (train/models/critic.py): a critic learns to tell the student's source
+    # softmax maps from its target ones (Adam at critic_lr, gradients averaged over ranks), and the student is
+    # trained to fool it on target tiles with this weight (0: off; AdaptSegNet uses 0.001)
+    adversarial_weight: float = bounded(0.0, ge=0)
+    critic_lr: float = bounded(1e-4, gt=0)
     adapt_warmup_steps: int = bounded(0, ge=0)  # no target loss before this step
     mix: Literal["classmix", "none"] = "classmix"
     eval_every: int = bounded(50, ge=1)

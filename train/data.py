@@ -95,8 +95,8 @@ class PreparedData:
         seed = [kwargs.get("seed", 0), kwargs.get("epoch", 0), kwargs.get("rank", 0), 1]
         return _Batches(loader, jitter, seed, self.standardizer)
 
-    def each_tile_once(self, split: str, cities: Iterable[str], batch_size: int, rank: int = 0, world_size: int = 1,
-                       max_batches: int | None = None,
+    def each_tile_once(self, split: str, cities: Iterable[str], batch_size: int, rank: int = 0,
+                       world_size: int = 1, max_batches: int | None = None,
                        equal_batches: bool = False) -> Iterator[dict[str, torch.Tensor]]:
         """Batches holding every tile of ``split`` in ``cities`` exactly once over all ranks (rank r reads
         tiles r, r + W, ...: random access to the Zarr store), normalised as in training; for validation,

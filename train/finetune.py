@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from c2seg.distributed import rank, reduce_tensor
+from c2seg.distributed import rank, reduce_tensor, world_size
 from c2seg.metrics import confusion_matrix, scores_from_confusion
 from c2seg.spec import DatasetSpec
 from train.config import ModelConfig, TrainConfig
@@ -29,6 +29,7 @@ from train.determinism import rng_isolated
 from train.engine import engine_dtype, iter_full_state
 from train.export import FORMAT as EXPORT_FORMAT
 from train.models import FusionSegmenter
+from train.models.critic import SOURCE, TARGET, OutputCritic, domain_loss
 from train.pretrain import load_backbone
 from train.plots import confusion_figure, preview_figure
 
@@ -135,6 +136,14 @@ class FinetuneTask:
         self.class_weights = weights
         self.teacher: FusionSegmenter | None = None
         self.target_classes: torch.Tensor | None = None  # the classes kept while adapting (None: all scored)
+        self.critic: OutputCritic | None = None
+        if self.ft.adapt and self.ft.adversarial_weight > 0:
+            with torch.random.fork_rng(devices=[]):  # the same initial critic on every rank, no draw consumed
+                torch.manual_seed(cfg.seed)
+                self.critic = OutputCritic(len(spec.scored_class_ids))
+        self.critic_opt: torch.optim.Optimizer | None = None
+        self._critic_saved: dict[str, Any] | None = None  # from a resumed checkpoint, applied in start()
+        self._critic_batches: list[tuple[torch.Tensor, torch.Tensor]] = []  # this step's (source, target) maps
 
     def init_from(self, weights: dict[str, Any]) -> None:
         """The backbone of a pretrain run, or the whole segmenter (decoder too) of a finetune run or an
@@ -172,6 +181,12 @@ class FinetuneTask:
             self.teacher.to(self.device)
         if self.target_classes is not None:
             self.target_classes = self.target_classes.to(self.device)
+        if self.critic is not None:
+            self.critic.to(self.device)
+            self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=self.ft.critic_lr, betas=(0.9, 0.99))
+            if self._critic_saved is not None:
+                self.critic.load_state_dict(self._critic_saved["model"])
+                self.critic_opt.load_state_dict(self._critic_saved["optim"])
 
     def _classes_in_target(self, engine) -> torch.Tensor:
         """The scored classes the teacher predicts, as adaptation starts, on at least ``target_class_min_share``
@@ -236,20 +251,50 @@ class FinetuneTask:
             mixed_in, mixed_label = tgt_in, pseudo
         if self.ft.pseudo_class_balance > 0:
             weight = weight * class_balance(mixed_label, ignore, self.ft.pseudo_class_balance)
-        both = {k: torch.cat([src_in[k], mixed_in[k]]) for k in src_in if k in mixed_in}
-        logits = engine(both)
+        views = [src_in, mixed_in] + ([tgt_in] if self.critic is not None else [])  # the critic: pure target
+        logits = engine({k: torch.cat([v[k] for v in views]) for k in src_in if k in mixed_in})
         n = src_label.shape[0]
         sup = segmentation_loss(logits[:n], src_label, ignore, self.ft.dice_weight, self._cw())
-        adapt = weighted_pseudo_loss(logits[n:], mixed_label, weight, ignore, self._cw())
-        confident = float(sure.float().mean())
-        return sup + self.ft.adapt_weight * adapt, {"loss_source": float(sup.detach()),
-                                                    "loss_target": float(adapt.detach()),
-                                                    "pseudo_confident": confident}
+        adapt = weighted_pseudo_loss(logits[n:2 * n], mixed_label, weight, ignore, self._cw())
+        loss = sup + self.ft.adapt_weight * adapt
+        logs = {"loss_source": float(sup.detach()), "loss_target": float(adapt.detach()),
+                "pseudo_confident": float(sure.float().mean())}
+        if self.critic is not None:
+            fool = self._fool_critic(logits[:n], logits[2 * n:])
+            loss = loss + self.ft.adversarial_weight * fool
+            logs["loss_adversarial"] = float(fool.detach())
+        return loss, logs
+
+    def _fool_critic(self, src_logits: torch.Tensor, tgt_logits: torch.Tensor) -> torch.Tensor:
+        """The student's adversarial loss: the critic (frozen here) should take its target maps for source maps;
+        both maps are kept, detached, for the critic's own update after the optimizer step."""
+        src_map, tgt_map = (x[:, self.scored].float().softmax(1) for x in (src_logits, tgt_logits))
+        self.critic.requires_grad_(False)
+        fool = domain_loss(self.critic(tgt_map), SOURCE)
+        self.critic.requires_grad_(True)
+        self._critic_batches.append((src_map.detach(), tgt_map.detach()))
+        return fool
+
+    def _train_critic(self) -> None:
+        """One Adam step of the critic on this step's maps (source -> SOURCE, target -> TARGET), its gradients
+        averaged over the ranks so that every rank keeps the same critic."""
+        self.critic_opt.zero_grad(set_to_none=False)
+        for src_map, tgt_map in self._critic_batches:
+            loss = domain_loss(self.critic(src_map), SOURCE) + domain_loss(self.critic(tgt_map), TARGET)
+            (loss / (2 * len(self._critic_batches))).backward()
+        self._critic_batches.clear()
+        params = list(self.critic.parameters())
+        flat = reduce_tensor(torch.cat([p.grad.flatten() for p in params])) / world_size()
+        for p, g in zip(params, flat.split([p.numel() for p in params])):
+            p.grad.copy_(g.view_as(p))
+        self.critic_opt.step()
 
     def _cw(self) -> torch.Tensor | None:
         return None if self.class_weights is None else self.class_weights.to(self.device)
 
     def after_step(self, engine, step: int) -> None:
+        if self._critic_batches:
+            self._train_critic()
         if self.teacher is None:
             return
         decay = min(1 - 1 / (step + 1), self.ft.ema_decay)
@@ -319,6 +364,9 @@ class FinetuneTask:
             out["ema"] = {k: v.detach().cpu().clone() for k, v in self.teacher.state_dict().items()}
         if self.target_classes is not None:
             out["target_classes"] = self.target_classes.tolist()
+        if self.critic is not None and rank() == 0:
+            out["critic"] = {"model": {k: v.detach().cpu().clone() for k, v in self.critic.state_dict().items()},
+                             "optim": self.critic_opt.state_dict()}
         return out
 
     def load_extra(self, weights: dict[str, Any]) -> None:
@@ -328,3 +376,5 @@ class FinetuneTask:
             self.teacher.eval().requires_grad_(False)
         if self.ft.adapt and "target_classes" in weights:
             self.target_classes = torch.tensor(weights["target_classes"])
+        if self.critic is not None and "critic" in weights:
+            self._critic_saved = weights["critic"]

@@ -45,8 +45,9 @@ class ConvStem(nn.Module):
         self.levels = nn.ModuleList([double_conv(stem_dim, chans[0])] +
                                     [double_conv(a, b, stride=2) for a, b in zip(chans, chans[1:])])
 
-    def forward(self, inputs: dict[str, torch.Tensor], names: list[str], drop: str | None = None) -> list[torch.Tensor]:
-        """``drop``: a modality left out (still computed, zero-weighted, so every rank uses every parameter)."""
+    def forward(self, inputs: dict[str, torch.Tensor], names: list[str],
+                drop: str | None = None) -> list[torch.Tensor]:
+        """``drop``: a modality left out (computed, zero-weighted: every rank uses every parameter)."""
         x = sum(self.spectral[m](inputs[m]) * (0.0 if m == drop else 1.0) for m in names)
         skips = []
         for level in self.levels:
@@ -61,13 +62,15 @@ class SkipDecoder(nn.Module):
     has ``decoder_dim`` channels, or twice its skip's where that is fewer (a U-Net's narrow full-resolution
     end: with ``large``'s 256 decoder channels the full-resolution convolutions run at 64)."""
 
-    def __init__(self, embed_dim: int, decoder_dim: int, stem_dim: int, patch_size: int, num_logits: int) -> None:
+    def __init__(self, embed_dim: int, decoder_dim: int, stem_dim: int, patch_size: int,
+                 num_logits: int) -> None:
         super().__init__()
         self.proj = nn.Sequential(nn.Conv2d(embed_dim, decoder_dim, 1), group_norm(decoder_dim), nn.GELU())
         self.up = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False)
-        widths = [min(decoder_dim, 2 * c) for c in reversed(skip_channels(stem_dim, patch_size))]
-        self.fuse = nn.ModuleList([double_conv(c_in + skip, c_out) for c_in, skip, c_out in
-                                   zip([decoder_dim, *widths], reversed(skip_channels(stem_dim, patch_size)), widths)])
+        skips = list(reversed(skip_channels(stem_dim, patch_size)))  # coarsest first
+        widths = [min(decoder_dim, 2 * c) for c in skips]
+        self.fuse = nn.ModuleList([double_conv(c_in + skip, c_out)
+                                   for c_in, skip, c_out in zip([decoder_dim, *widths], skips, widths)])
         self.classifier = nn.Conv2d(widths[-1], num_logits, 1)
 
     def forward(self, features: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:

@@ -25,7 +25,25 @@ class ConfigError(ValueError):
 
 
 class _SafeLoader(yaml.SafeLoader):
-    """The safe loader, reading floats as YAML 1.2 does: ``3e-4`` is a number (YAML 1.1 wants ``3.0e-4``)."""
+    """The safe loader, reading floats as YAML 1.2 does: ``3e-4`` is a number (YAML 1.1 wants ``3.0e-4``), and
+    refusing a key given twice in one mapping as YAML 1.2 does (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    duplicate = key in seen
+                    seen.add(key)
+                except TypeError:  # unhashable: the base class reports it
+                    continue
+                if duplicate:
+                    raise yaml.constructor.ConstructorError("while constructing a mapping", node.start_mark,
+                                                            f"found duplicate key {key!r}", key_node.start_mark)
+        return super().construct_mapping(node, deep)
 
 
 _SafeLoader.add_implicit_resolver(
@@ -103,6 +121,8 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: config file not found")
     try:
         data = safe_load(path.read_text())
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not valid YAML: not UTF-8 text (byte {exc.start}: {exc.reason})") from exc
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {yaml_problem(exc)}") from exc
     if data is None:
@@ -167,7 +187,7 @@ def from_dict(cls: type[T], data: Any, source: str = "<config>", path: str = "")
         raise ConfigError(f"{where}: expected a mapping for {cls.__name__}, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted(set(data) - set(fields), key=str)  # a YAML key may be a number, null, ...
     if unknown:
         key = f"{path}.{unknown[0]}" if path else unknown[0]
         raise ConfigError(

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from c2seg.spec import DatasetSpec, spec_from_dict
-from train.checkpoint import CheckpointError, load_weights, save_weights_file, verify_tensors
+from train.checkpoint import CheckpointError, _first_line, load_weights, save_weights_file, verify_tensors
 from train.config import ModelConfig, model_config_from_dict
 from train.models import FusionSegmenter
 
@@ -86,9 +86,13 @@ def load_exported(path: str | Path, map_location: str | torch.device = "cpu") ->
     try:
         data = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001
-        raise CheckpointError(f"{path}: not a readable model file ({exc})") from exc
+        raise CheckpointError(f"{path}: not a readable model file ({_first_line(exc)})") from exc
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a c2seg exported model (format {FORMAT} expected)")
+    missing = [k for k in ("model_config", "spec", "state_dict", "normalization", "modalities", "tile_size")
+               if k not in data]
+    if missing:
+        raise CheckpointError(f"{path}: not a complete c2seg exported model (no {', '.join(missing)})")
     verify_tensors(data, path)
     spec = spec_from_dict(data["spec"], source=str(path))
     cfg = model_config_from_dict(data["model_config"], source=str(path))

@@ -11,6 +11,8 @@ Coarser modalities (BW's 30 m HSI) are stored at their resolution and brought on
 
 from __future__ import annotations
 
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +22,98 @@ from data_prep.readers.base import SceneError, require_file
 from data_prep.readers.grid import GridScene, grid_factor, mat_transform
 
 LABEL_KEY = "label"
+
+# MATLAB v5 element types scipy reads numeric data as: it looks the type of a data element up in a C table
+# without checking it, so a file corrupted there crashes the process (segfault) instead of raising
+_MI_NUMERIC = {1, 2, 3, 4, 5, 6, 7, 9, 12, 13, 16, 17, 18}
+_MI_UINT32, _MI_INT32, _MI_INT8, _MI_MATRIX, _MI_COMPRESSED = 6, 5, 1, 14, 15
+_MX_NUMERIC = set(range(6, 16))  # double, single, int8 .. uint64 (logical arrays are uint8 with a flag)
+
+
+class _V5Stream:
+    """Sequential bytes of a v5 file, or the inflated bytes of one of its compressed elements."""
+
+    def __init__(self, f, order: str, compressed_bytes: int | None = None) -> None:
+        self._f, self.order, self._left = f, order, compressed_bytes or 0
+        self._z = zlib.decompressobj() if compressed_bytes is not None else None
+        self._buf = self._tail = b""
+
+    def read(self, n: int) -> bytes:
+        if self._z is None:
+            data = self._f.read(n)
+        else:
+            data = b""
+            while len(data) < n:
+                if not self._buf:
+                    if not self._tail and self._left:
+                        self._tail = self._f.read(min(self._left, 1 << 20))
+                        self._left = self._left - len(self._tail) if self._tail else 0
+                    if not self._tail:
+                        break
+                    self._buf, self._tail = self._z.decompress(self._tail, 1 << 20), self._z.unconsumed_tail
+                data, self._buf = data + self._buf[:n - len(data)], self._buf[n - len(data):]
+        if len(data) < n:
+            raise EOFError("ends inside a data element")
+        return data
+
+    def skip(self, n: int) -> None:
+        while n > 0:
+            n -= len(self.read(min(n, 1 << 20)))
+
+    def tag(self) -> tuple[int, int, bytes | None]:
+        """The next data element's type, byte count and, for a small element, its bytes (else still unread)."""
+        mdtype, nbytes = struct.unpack(self.order + "II", self.read(8))
+        if mdtype >> 16:  # small element: the size in the upper half of the type word, the bytes in the next
+            return mdtype & 0xFFFF, mdtype >> 16, nbytes.to_bytes(4, "little" if self.order == "<" else "big")
+        return mdtype, nbytes, None
+
+    def element(self, expect: int) -> bytes:
+        mdtype, nbytes, small = self.tag()
+        if mdtype != expect:
+            raise ValueError(f"data element of type {mdtype} where type {expect} belongs")
+        if small is not None:
+            return small[:nbytes]
+        data = self.read(nbytes)
+        self.skip(-nbytes % 8)
+        return data
+
+
+def _check_mat_v5(path: Path, needed: set[str]) -> list[str]:
+    """Walk a v5 file's variables before scipy reads them: a ValueError for what scipy would crash on (a data
+    element of an unknown type in a ``needed`` variable) or read past the file's end; the variables' names."""
+    names = []
+    end = path.stat().st_size
+    with open(path, "rb") as f:
+        header = f.read(128)
+        if len(header) < 128 or header[126:128] not in (b"IM", b"MI"):
+            raise ValueError("no MATLAB v5 header")
+        order = "<" if header[126:128] == b"IM" else ">"
+        while f.tell() < end:
+            mdtype, nbytes, _ = _V5Stream(f, order).tag()
+            start = f.tell()
+            if start + nbytes > end:
+                raise ValueError(f"a variable of {nbytes} bytes at byte {start - 8} runs past the end of the file")
+            stream = _V5Stream(f, order, nbytes if mdtype == _MI_COMPRESSED else None)
+            if mdtype == _MI_COMPRESSED:
+                mdtype, _, _ = stream.tag()
+            if mdtype != _MI_MATRIX:
+                raise ValueError(f"data element of type {mdtype} at byte {start - 8} is not a variable")
+            flags = struct.unpack(order + "II", stream.element(_MI_UINT32))[0]
+            stream.element(_MI_INT32)  # dimensions
+            name = stream.element(_MI_INT8).decode("latin1")
+            names.append(name)
+            if name in needed:
+                if flags & 0xFF not in _MX_NUMERIC:
+                    raise ValueError(f"variable '{name}' is of MATLAB class {flags & 0xFF}, not a numeric array")
+                complex_ = bool(flags & 0x800)
+                for part in ("real", "imaginary")[:1 + complex_]:
+                    mi, size, small = stream.tag()
+                    if mi not in _MI_NUMERIC:
+                        raise ValueError(f"variable '{name}': its {part} part has unknown data element type {mi}")
+                    if complex_ and part == "real" and small is None:
+                        stream.skip(size + -size % 8)
+            f.seek(start + nbytes)
+    return names
 
 
 def _grid_size(spec: DatasetSpec, shapes: dict[str, tuple[int, int]], path: Path) -> tuple[int, int]:
@@ -37,16 +131,19 @@ class MatV5Scene(GridScene):
 
     def __init__(self, spec: DatasetSpec, city: City, path: Path) -> None:
         from scipy.io import loadmat
+        from scipy.io.matlab import matfile_version
 
         require_file(path, "a MATLAB v5 .mat file")
+        needed = {m.key_in_mat for m in spec.modalities} | ({LABEL_KEY} if city.labelled else set())
         try:
-            data = loadmat(path)
+            names = _check_mat_v5(path, needed) if matfile_version(path)[0] == 1 else None
+            data = loadmat(path, variable_names=sorted(needed))  # scipy parses only what _check_mat_v5 checked
         except NotImplementedError as exc:
             raise SceneError(f"{path}: is a MATLAB v7.3 (HDF5) file; set format: mat_v73 for city '{city.name}'") \
                 from exc
         except Exception as exc:  # scipy raises many types on damaged files
             raise SceneError(f"{path}: cannot be read as a MATLAB v5 file (corrupt or truncated?): {exc}") from exc
-        keys = sorted(k for k in data if not k.startswith("__"))
+        keys = sorted(k for k in (data if names is None else names) if k and not k.startswith("__"))
         self._arrays: dict[str, np.ndarray] = {}
         for m in spec.modalities:
             if m.key_in_mat not in data:
@@ -99,6 +196,7 @@ class MatV73Scene(GridScene):
         self._h5 = {"scene": self._open(path)}
         self._paths = {"scene": path}
         self._datasets = {}
+        where = path  # the file h5py reads from, for a damaged one's message
         try:
             scene = self._h5["scene"]
             for m in spec.modalities:
@@ -109,6 +207,7 @@ class MatV73Scene(GridScene):
             if label_path is not None and city.labelled:
                 self._h5["label"] = self._open(label_path)
                 self._paths["label"] = label_path
+                where = label_path
                 if LABEL_KEY not in self._h5["label"]:
                     raise SceneError(f"{label_path}: no variable '{LABEL_KEY}' (holds {sorted(self._h5['label'])})")
                 self._datasets[LABEL_KEY] = self._h5["label"][LABEL_KEY]
@@ -117,10 +216,12 @@ class MatV73Scene(GridScene):
                                  "(add files.label or set labelled: false)")
             shapes = {}
             for key, ds in self._datasets.items():
+                where = self.file_of(key)
                 if ds.ndim not in ((2,) if key == LABEL_KEY else (2, 3)):
                     raise SceneError(f"{self.file_of(key)}: variable for '{key}' has shape {ds.shape}")
                 # MATLAB H x W (x C) is seen by h5py as (C x) W x H
                 shapes[key] = (ds.shape[-1], ds.shape[-2])
+            where = path
             height, width = _grid_size(spec, shapes, path)
             super().__init__(spec, city, city.name, path, height, width, transform=mat_transform(spec, city),
                              crs=city.crs)
@@ -129,6 +230,10 @@ class MatV73Scene(GridScene):
                 self._check_modality(m.name, path, ds.shape[0] if ds.ndim == 3 else 1, *shapes[m.name])
             if LABEL_KEY in shapes:
                 self._check_label_shape(self._paths["label"], *shapes[LABEL_KEY])
+        except (KeyError, RuntimeError) as exc:  # h5py's words for damaged HDF5 metadata (groups, object headers)
+            self.close()
+            detail = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+            raise SceneError(f"{where}: HDF5 structure is damaged (corrupt or truncated?): {detail}") from exc
         except BaseException:
             self.close()
             raise

@@ -331,7 +331,10 @@ def read_spec_yaml(path: str | Path) -> dict:
         return data
     if not isinstance(base, str):
         raise ConfigError(f"{path}: extends must be a file name, got {base!r}")
-    merged = read_spec_yaml(path.parent / base)
+    try:
+        merged = read_spec_yaml(path.parent / base)
+    except ConfigError as exc:  # named from the file the user gave, which names the base
+        raise ConfigError(f"{path}: extends {base!r}: {exc}") from exc
     merged.update(data)
     return merged
 

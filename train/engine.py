@@ -122,21 +122,18 @@ def iter_full_state(engine) -> Iterator[tuple[str, torch.Tensor]]:
     the parameters of one module at a time are gathered, only while its entries are yielded, so no rank
     ever holds the whole model at once (collective: every rank must consume it all)."""
     module = engine.module
-    names = list(module.state_dict(keep_vars=True))
+    if engine.zero_optimization_stage() != 3:  # whole parameters on every rank already: no gather
+        yield from module.state_dict().items()
+        return
+    import deepspeed
+
     owners: dict[str, list[str]] = {}
-    for name in names:
+    for name in module.state_dict(keep_vars=True):
         owners.setdefault(name.rpartition(".")[0], []).append(name)
-    zero3 = engine.zero_optimization_stage() == 3
     for prefix, keys in owners.items():
         owner = module.get_submodule(prefix) if prefix else module
-        params = list(owner.parameters(recurse=False))
-        if zero3 and params:
-            import deepspeed
-
-            gather = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-        else:
-            gather = contextlib.nullcontext()
-        with gather:
+        params = list(owner.parameters(recurse=False))  # a module of buffers only has nothing to gather
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None) if params else contextlib.nullcontext():
             own = dict(owner.named_parameters(recurse=False)) | dict(owner.named_buffers(recurse=False))
             for key in keys:
                 yield key, own[key.rpartition(".")[2]]

@@ -315,10 +315,11 @@ class FinetuneTask:
         """Scores of the student on the target val split (every rank a share; confusion summed)."""
         if not self.val_cities:
             return {}
-        model = engine.module  # evaluated in place: under ZeRO-3 its forward gathers layer by layer
+        model = engine.module  # in place; under ZeRO-3 its forward gathers layer by layer
         model.eval()
         loader = self.data.each_tile_once("val", self.val_cities, self.cfg.data.batch_size, engine.global_rank,
-                                          engine.world_size, self.ft.eval_batches, equal_batches=True)
+                                          engine.world_size, self.ft.eval_batches,
+                                          equal_batches=engine.zero_optimization_stage() == 3)
         ids = self.spec.scored_class_ids
         cm = np.zeros((len(ids), len(ids) + 1), dtype=np.int64)
         previews = []

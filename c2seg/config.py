@@ -152,10 +152,15 @@ def load_json_record(path: str | Path, fmt: str, missing: str) -> dict[str, Any]
 
 def load_config(cls: type[T], path: str | Path, overrides: dict[str, Any] | None = None) -> T:
     """Load a YAML file into dataclass ``cls``; ``overrides`` (dotted keys) are applied first."""
+    return from_dict(cls, load_overridden(path, overrides), source=str(path))
+
+
+def load_overridden(path: str | Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The YAML mapping of ``path`` with ``overrides`` (dotted keys) applied."""
     data = load_yaml(path)
     for dotted, value in (overrides or {}).items():
         set_dotted(data, dotted, value)
-    return from_dict(cls, data, source=str(path))
+    return data
 
 
 def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:

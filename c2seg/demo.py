@@ -1,11 +1,12 @@
 """``c2seg demo``: the whole pipeline on generated cities, on this machine, through the stage CLIs.
 
-generate -> inspect -> prep -> pretrain -> finetune on the source labels (from the pretrained encoder) ->
-adapt that model to the target city (mean teacher) -> export -> infer on the target city -> evaluate, then a
-table of target-city metrics, source-only against adapted.
-Generation, prep, training and export are skipped when their outputs exist and training resumes, so an
-interrupted demo continues where it stopped; inference and scoring run again. The same CLIs are what
-the SLURM job scripts call.
+generate -> inspect -> then the stages of :mod:`c2seg.pipeline`: prep -> pretrain -> source_only (fine-tuned on
+the source labels, from the pretrained encoder) -> adapted (that model adapted to the target city, mean teacher)
+-> export -> infer on the target city -> evaluate, the last three for source_only too; then a table of
+target-city metrics, source-only against adapted.
+Generation, prep, training and export are skipped when their done markers exist and training resumes, so an
+interrupted demo continues where it stopped; inference and scoring run again. The same command lines
+(:func:`c2seg.pipeline.command_line`) are what the SLURM job scripts call.
 """
 
 from __future__ import annotations
@@ -18,12 +19,15 @@ import shlex
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from c2seg.config import load_config
+from c2seg.pipeline import (PREP, SCORED_RUN, STAGE_NAMES, TRAINING_STAGES, RunLayout, StageInputs, command_line,
+                            scoring_stages)
 
 log = logging.getLogger("c2seg.demo")
+COMPARED_RUNS = ("source_only", SCORED_RUN)  # the models the demo scores, for its table
 
 
 @dataclass(frozen=True)
@@ -87,46 +91,39 @@ def run_demo(args: argparse.Namespace) -> int:
 
     spec = load_spec(cfg.spec, data_root=cfg.data_root)
     target = spec.cities_with_role("target")[0].name
-    prep_dir, models_dir, pred_dir = out / "prep", out / "models", out / "predictions"
+    layout = RunLayout(out)
+    spec_args = ("--spec", cfg.spec, *(("--data-root", cfg.data_root) if cfg.data_root else ()))
+    configs = {"prep": cfg.prep_config, "pretrain": cfg.pretrain_config, "source_only": cfg.source_only_config,
+               "adapted": cfg.finetune_config}
+    inputs = StageInputs(layout, spec_args, target, layout.model(SCORED_RUN), configs, frozenset(STAGE_NAMES))
     run = _Runner()
     t0 = time.perf_counter()
-    spec_args = ["--spec", cfg.spec, *(["--data-root", cfg.data_root] if cfg.data_root else [])]
     h, w = cfg.size
     run.step("generate", ["data", "generate", *spec_args, "--size", f"{h}x{w}", "--seed", str(cfg.seed)],
              done=spec.resolve(spec.city(target), next(iter(spec.city(target).files))))
     run.step("inspect", ["data", "inspect", *spec_args, "--out", str(out / "inspect")],
              done=out / "inspect")
-    run.step("prep", ["data", "prep", *spec_args, "--config", cfg.prep_config, "--out", str(prep_dir),
-                      "--workers", "2"], done=prep_dir / "manifest.json")
-    run.step("verify", ["data", "verify", "--out", str(prep_dir)])
-    runs = {  # name: (config, command, init_from)
-        "pretrain": (cfg.pretrain_config, ["train", "pretrain"], None),
-        "source_only": (cfg.source_only_config, ["train", "finetune"], out / "train" / "pretrain"),
-        "adapted": (cfg.finetune_config, ["train", "finetune"], out / "train" / "source_only"),
-    }
-    for name, (config, command, init_from) in runs.items():
-        overrides = ["--set", f"data.prep_dir={prep_dir}", "--set", f"output_dir={out / 'train' / name}",
-                     "--set", f"tracking.run_name={name}", "--set", f"init_from={init_from or 'null'}"]
-        run.step(name, [*command, "--config", config, "--resume", "auto", *overrides],
-                 done=out / "train" / name / "COMPLETED")
-    metrics = {}
-    for name in ("source_only", "adapted"):
-        model = models_dir / f"{name}.pt"
-        run.step(f"export {name}", ["train", "export", "--run-dir", str(out / "train" / name), "--out", str(model)],
-                 done=model)
-        city_out = pred_dir / name
-        run.step(f"infer {name}", ["infer", "run", "--model", str(model), *spec_args, "--city", target,
-                                   "--out", str(city_out), "--window", str(cfg.infer_window),
-                                   "--overlap", str(cfg.infer_overlap)])
-        metrics_path = city_out / target / "metrics.json"
-        run.step(f"evaluate {name}", ["infer", "evaluate", "--pred", str(city_out / target), *spec_args,
-                                      "--city", target, "--out", str(metrics_path)])
-        metrics[name] = json.loads(metrics_path.read_text())
-    _report(out, target, metrics, pred_dir, time.perf_counter() - t0, run.timings)
+    run.step(PREP.name, [*command_line(PREP, inputs), "--workers", "2"], done=layout.done(PREP))
+    run.step("verify", ["data", "verify", "--out", str(layout.prep)])
+    for stage in TRAINING_STAGES:
+        run.step(stage.name, command_line(stage, inputs), done=layout.done(stage))
+    metrics = {name: _score(run, inputs, name, cfg) for name in COMPARED_RUNS}
+    _report(out, target, metrics, layout, time.perf_counter() - t0, run.timings)
     return 0
 
 
-def _report(out: Path, target: str, metrics: dict, pred_dir: Path, total: float,
+def _score(run: _Runner, inputs: StageInputs, name: str, cfg: DemoConfig) -> dict:
+    """Export training run ``name``, predict the target city with its model and score it; the metrics."""
+    inputs = replace(inputs, model=inputs.layout.model(name))
+    export, infer, evaluate = scoring_stages(name)
+    run.step(f"export {name}", command_line(export, inputs), done=inputs.layout.done(export))
+    run.step(f"infer {name}", [*command_line(infer, inputs), "--window", str(cfg.infer_window),
+                               "--overlap", str(cfg.infer_overlap)])
+    run.step(f"evaluate {name}", command_line(evaluate, inputs))
+    return json.loads((inputs.layout.predictions(inputs.model, inputs.city) / "metrics.json").read_text())
+
+
+def _report(out: Path, target: str, metrics: dict, layout: RunLayout, total: float,
             timings: list[tuple[str, float]]) -> None:
     print(f"\nDemo finished in {total / 60:.1f} min. Step times: "
           + ", ".join(f"{n} {t:.0f}s" for n, t in timings))
@@ -136,7 +133,7 @@ def _report(out: Path, target: str, metrics: dict, pred_dir: Path, total: float,
     for name, m in metrics.items():
         print(f"  {name:<{width}}{100 * m['miou']:>7.1f}%{100 * m['oa']:>7.1f}%{100 * m['macro_f1']:>9.1f}%"
               f"{m['kappa']:>8.3f}")
-    adapted = pred_dir / "adapted" / target
+    adapted = layout.predictions(layout.model(SCORED_RUN), target)
     print("\nOutputs:")
     for path in sorted(adapted.glob("*.tif")):
         print(f"  {'class map (COG)':<18}{path}")

@@ -8,15 +8,19 @@ DeepSpeed initialise the same way whatever launched the job. Also the project's 
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import subprocess
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+log = logging.getLogger("c2seg.distributed")
 
 
 @dataclass(frozen=True)
@@ -42,8 +46,20 @@ def _first_host(nodelist: str) -> str:
         return nodelist.split(",")[0].split("[")[0] or "127.0.0.1"
 
 
+def slurm_master(env: Mapping[str, str]) -> tuple[str, int]:
+    """MASTER_ADDR and MASTER_PORT of the SLURM job described by ``env``; the one place they are derived.
+
+    The address is the first host of SLURM_JOB_NODELIST. The port, in 20000..59999, comes from SLURM_JOB_ID and
+    SLURM_RESTART_COUNT: two jobs sharing a node get different ports, and a requeued job a fresh one (its
+    previous store's port may still be held in TIME_WAIT)."""
+    job_id, restarts = int(env.get("SLURM_JOB_ID", "0")), int(env.get("SLURM_RESTART_COUNT", "0"))
+    port = 20000 + (job_id * 7 + restarts) % 40000
+    return _first_host(env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", ""))), port
+
+
 def detect_env(default_port: int = 29500) -> DistEnv:
-    """Work out the rank layout and export RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT."""
+    """Work out the rank layout and export RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT (under srun
+    from :func:`slurm_master`, unless already set; else ``default_port`` on 127.0.0.1 where unset)."""
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:
         launcher = "torchrun"
@@ -52,11 +68,10 @@ def detect_env(default_port: int = 29500) -> DistEnv:
         launcher = "slurm"
         rank, world = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
         local = int(env.get("SLURM_LOCALID", 0))
-        if "MASTER_ADDR" not in env:
-            env["MASTER_ADDR"] = _first_host(env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "")))
-        if "MASTER_PORT" not in env:
-            # a port derived from the job id so that two jobs on one node do not collide
-            env["MASTER_PORT"] = str(default_port + int(env.get("SLURM_JOB_ID", "0")) % 10000)
+        if "MASTER_ADDR" not in env or "MASTER_PORT" not in env:
+            addr, port = slurm_master(env)
+            env.setdefault("MASTER_ADDR", addr)
+            env.setdefault("MASTER_PORT", str(port))
     else:
         return DistEnv(0, 1, 0, "single")
     env.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -182,6 +197,8 @@ def init_process_group(env: DistEnv, backend: str, timeout_s: float = 600.0) -> 
     # under torchrun its agent already serves the store on MASTER_PORT: every rank is a client
     serve = env.rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
     listen = _listening_socket(addr, port) if serve else None
+    if serve and env.world_size > 1:
+        log.info("rendezvous on %s:%d for %d ranks", addr, port, env.world_size)
     store = dist.TCPStore(addr, port, env.world_size, is_master=serve, timeout=timeout,
                           master_listen_fd=listen.fileno() if listen else None)
     dist.init_process_group(backend, store=store, rank=env.rank, world_size=env.world_size, timeout=timeout)

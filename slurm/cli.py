@@ -8,13 +8,15 @@ import sys
 from pathlib import Path
 
 SUBMIT_HELP = """\
-Render one job script per stage of the config into RUN_DIR/scripts, submit them with sbatch, chained
-with --dependency=afterok: prep (array) -> prep_finalize -> pretrain -> finetune + export (multi-node,
-one task per GPU through srun, requeued with --resume auto on USR1 / time limit) -> infer (array over
-scenes) -> evaluate. Prints the job ids, writes RUN_DIR/chain.json, and creates one MLflow parent run
-with a child run per stage (jobs get C2SEG_MLFLOW_PARENT_RUN_ID and C2SEG_MLFLOW_RUN_ID).
+Render one job script per stage of the config into RUN_DIR/scripts, submit them with sbatch, each held
+with --dependency=afterok until the stages it needs completed (the stages of c2seg.pipeline, which
+`c2seg demo` runs): prep (array) -> prep_finalize -> pretrain -> source_only -> adapted (training:
+multi-node, one task per GPU through srun, requeued with --resume auto on USR1 / time limit) -> export
+-> infer (array over scenes) -> evaluate. Prints the job ids, writes RUN_DIR/chain.json, and creates one
+MLflow parent run with a child run per stage (jobs get C2SEG_MLFLOW_PARENT_RUN_ID and C2SEG_MLFLOW_RUN_ID).
 
 examples:
+  c2seg slurm submit --config configs/slurm/demo.yaml --wait    # the README's chain, on the demo cities
   c2seg slurm submit --config configs/slurm/local.yaml --wait
   c2seg slurm submit --config configs/slurm/cluster_example.yaml --dry-run
   c2seg slurm submit --config configs/slurm/local.yaml --set stages='[infer, evaluate]' --set model=m.pt"""

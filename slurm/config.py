@@ -7,12 +7,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from c2seg.config import load_config
+from c2seg.config import ConfigError, from_dict, load_overridden
+from c2seg.pipeline import STAGE_NAMES, StageName, stage
 
-StageName = Literal["prep", "pretrain", "finetune", "infer", "evaluate"]
-STAGE_ORDER: tuple[str, ...] = ("prep", "pretrain", "finetune", "infer", "evaluate")
+FINETUNE_SPLIT = (
+    "the stage 'finetune' was split in two: source_only (fine-tuning on the source city's labels, from pretrain) "
+    "and adapted (that model adapted to the target city, from source_only), followed by export; the stages are "
+    f"{', '.join(STAGE_NAMES)}. Move the `finetune:` section to `adapted:`, add a `source_only:` one with its "
+    "configs/train/*.yaml, and name both in `stages` (docs/slurm.md)")
 
 
 @dataclass(frozen=True)
@@ -60,8 +64,8 @@ DEFAULT_RESOURCES = Resources(time="01:00:00", nodes=1, gpus_per_node=0, tasks_p
 class StageConfig:
     """One stage of the chain: the stage's own config file, overrides of it and of the resources."""
 
-    config: str | None = None  # prep: configs/prep/*.yaml; pretrain / finetune: configs/train/*.yaml;
-    # infer: configs/infer/*.yaml; evaluate: none
+    config: str | None = None  # prep: configs/prep/*.yaml; pretrain, source_only, adapted: configs/train/*.yaml;
+    # infer: configs/infer/*.yaml; export, evaluate: none
     set: tuple[str, ...] = ()  # --set key=value overrides of that config (prep and train only)
     args: tuple[str, ...] = ()  # further command-line arguments of the stage command
     array_tasks: int = 1  # prep and infer: tasks of the array job
@@ -90,10 +94,10 @@ class SubmitConfig:
 
     run_dir: str  # scripts, logs, chain.json and every stage's outputs go here
     spec: str  # dataset spec YAML
-    stages: tuple[StageName, ...] = STAGE_ORDER
+    stages: tuple[StageName, ...] = STAGE_NAMES
     data_root: str | None = None
     city: str | None = None  # city to predict and score; default: the spec's first target city
-    model: str | None = None  # exported model for infer when finetune is not among the stages
+    model: str | None = None  # model file export writes and infer predicts with; default RUN_DIR/models/adapted.pt
     python: str | None = None  # interpreter with c2seg installed, as seen from the compute nodes;
     # default: the one running `c2seg slurm submit`
     workdir: str | None = None  # jobs' working directory; default: the repository root
@@ -102,7 +106,9 @@ class SubmitConfig:
     resources: Resources = field(default_factory=Resources)
     prep: StageConfig = field(default_factory=StageConfig)
     pretrain: StageConfig = field(default_factory=StageConfig)
-    finetune: StageConfig = field(default_factory=StageConfig)
+    source_only: StageConfig = field(default_factory=StageConfig)
+    adapted: StageConfig = field(default_factory=StageConfig)
+    export: StageConfig = field(default_factory=StageConfig)
     infer: StageConfig = field(default_factory=StageConfig)
     evaluate: StageConfig = field(default_factory=StageConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
@@ -112,19 +118,11 @@ class SubmitConfig:
             raise ValueError("stages must name at least one stage")
         if len(set(self.stages)) != len(self.stages):
             raise ValueError(f"stages lists a stage twice: {list(self.stages)}")
-        order = [STAGE_ORDER.index(s) for s in self.stages]
+        order = [STAGE_NAMES.index(s) for s in self.stages]
         if order != sorted(order):
-            raise ValueError(f"stages must follow the pipeline order {list(STAGE_ORDER)}, got {list(self.stages)}")
-        for name in ("pretrain", "finetune"):
-            if name in self.stages and not self.stage(name).config:
-                raise ValueError(f"{name}.config (a configs/train/*.yaml) is required when stage {name} runs")
-        for name in ("infer", "evaluate"):  # their commands take no --set: say so rather than drop it
-            if self.stage(name).set:
-                raise ValueError(f"{name}.set is not supported (`c2seg infer` takes no --set): put the settings in "
-                                 f"{name}.config or {name}.args")
-        if self.evaluate.config:
-            raise ValueError("evaluate.config is not supported (`c2seg infer evaluate` has no config file); use "
-                             "evaluate.args")
+            raise ValueError(f"stages must follow the pipeline order {list(STAGE_NAMES)}, got {list(self.stages)}")
+        for name in STAGE_NAMES:
+            _check_stage_config(name, self.stage(name), name in self.stages)
 
     def stage(self, name: str) -> StageConfig:
         return getattr(self, name)
@@ -134,6 +132,25 @@ class SubmitConfig:
         return DEFAULT_RESOURCES.merged(self.resources).merged(self.stage(name).resources)
 
 
+def _check_stage_config(name: str, sc: StageConfig, runs: bool) -> None:
+    """Refuse what the stage's command cannot take, rather than drop it, and a training stage without config."""
+    st = stage(name)
+    command = f"`c2seg {' '.join(st.command)}`"
+    if st.trains and runs and not sc.config:
+        raise ValueError(f"{name}.config (a configs/train/*.yaml) is required when stage {name} runs")
+    if sc.config and not st.takes_config:
+        raise ValueError(f"{name}.config is not supported ({command} has no config file); use {name}.args")
+    if sc.set and not st.takes_set:
+        where = f"{name}.config or {name}.args" if st.takes_config else f"{name}.args"
+        raise ValueError(f"{name}.set is not supported ({command} takes no --set): put the settings in {where}")
+
+
 def load_submit_config(path: str | Path, overrides: dict[str, Any] | None = None) -> SubmitConfig:
-    """Load ``configs/slurm/*.yaml`` (``overrides``: dotted keys, applied first)."""
-    return load_config(SubmitConfig, path, overrides)
+    """Load ``configs/slurm/*.yaml`` (``overrides``: dotted keys, applied first). A config of the old chain, with
+    a ``finetune`` stage, is refused with :data:`FINETUNE_SPLIT` rather than mapped: its one run from pretrain
+    is not what source_only -> adapted trains."""
+    data = load_overridden(path, overrides)
+    stages = data.get("stages")
+    if "finetune" in data or (isinstance(stages, list) and "finetune" in stages):
+        raise ConfigError(f"{path}: {FINETUNE_SPLIT}")
+    return from_dict(SubmitConfig, data, source=str(path))

@@ -1,8 +1,9 @@
 """Render the job scripts of a submission from ``slurm/templates/*.sbatch``.
 
 Templates hold ``{{name}}`` placeholders; every one must be filled, so a template and this module cannot
-drift apart silently. The chain of jobs for the stages of a :class:`~slurm.config.SubmitConfig`:
-prep (array) -> prep_finalize -> pretrain -> finetune (+ export) -> infer (array) -> evaluate.
+drift apart silently. Every job calls its stage's command line from :mod:`c2seg.pipeline` (the one ``c2seg demo``
+runs), for the stages of a :class:`~slurm.config.SubmitConfig`:
+prep (array) -> prep_finalize -> pretrain -> source_only -> adapted -> export -> infer (array) -> evaluate.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from c2seg.pipeline import (SCORED_RUN, STAGE_NAMES, STAGES, RunLayout, Stage, StageInputs, command_line,
+                            set_flags)
 from c2seg.spec import DatasetSpec, load_spec
 from slurm.config import Resources, SubmitConfig
 
@@ -25,11 +28,12 @@ _PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
 class Job:
     """One sbatch job of the chain."""
 
-    name: str  # prep, prep_finalize, pretrain, finetune, infer, evaluate
+    name: str  # the stage's name, or prep_finalize
     stage: str  # the stage of the config it belongs to
     script: Path
     array_tasks: int = 0  # 0: not an array job
     job_id: str | None = None
+    after: tuple[str, ...] = ()  # names of the jobs it waits for (afterok)
 
     def log_path(self, run_dir: Path, task: int | None = None) -> Path:
         """The job's (or array task's) SLURM output file, once the job id is known."""
@@ -74,8 +78,8 @@ def _q(value: str | Path) -> str:
     return shlex.quote(str(value))
 
 
-def _sets(items: list[str]) -> str:
-    return " ".join(f"--set {_q(s)}" for s in items)
+def _sets(items: tuple[str, ...]) -> str:
+    return shlex.join(set_flags(list(items)))
 
 
 def default_city(cfg: SubmitConfig, spec: DatasetSpec) -> str:
@@ -89,71 +93,82 @@ def default_city(cfg: SubmitConfig, spec: DatasetSpec) -> str:
     return targets[0].name
 
 
+def workdir_of(cfg: SubmitConfig) -> Path:
+    """The jobs' working directory, which relative paths of the config are taken from."""
+    return Path(cfg.workdir or REPO_ROOT).resolve()
+
+
+def stage_inputs(cfg: SubmitConfig, run_dir: Path) -> StageInputs:
+    """What the stage commands of the chain are given: absolute paths, as the compute nodes see them."""
+    workdir = workdir_of(cfg)
+    spec_path = (workdir / cfg.spec).resolve()
+    data_root = workdir / cfg.data_root if cfg.data_root else None
+    spec = load_spec(spec_path, data_root=data_root)
+    layout = RunLayout(run_dir)
+    model = (workdir / cfg.model).resolve() if cfg.model else layout.model(SCORED_RUN)
+    configs = {name: str(workdir / cfg.stage(name).config) for name in STAGE_NAMES if cfg.stage(name).config}
+    spec_args = ("--spec", str(spec_path), *(("--data-root", str(data_root)) if data_root else ()))
+    return StageInputs(layout, spec_args, default_city(cfg, spec), model, configs, frozenset(cfg.stages))
+
+
+class _ChainWriter:
+    """Writes the job scripts of one chain into ``run_dir/scripts``, in submission order."""
+
+    def __init__(self, cfg: SubmitConfig, run_dir: Path, exports: dict[str, str]) -> None:
+        self.cfg, self.run_dir = cfg, run_dir
+        self.inputs = stage_inputs(cfg, run_dir)
+        self.jobs: list[Job] = []
+        self.common = {
+            "run_dir": _q(run_dir), "workdir": _q(workdir_of(cfg)), "python": _q(cfg.python or sys.executable),
+            "setup": "\n".join(cfg.setup), "exports": "\n".join(f"export {k}={_q(v)}" for k, v in exports.items()),
+        }
+
+    def add(self, name: str, stage: Stage, template: str, after: tuple[str, ...], array_tasks: int = 0,
+            distributed: bool = False, **values: str) -> Job:
+        """Render ``template`` as job ``name`` of ``stage``, held until the jobs ``after`` complete."""
+        sc = self.cfg.stage(stage.name)
+        filled = {**self.common, "stage": name, "cli": shlex.join(command_line(stage, self.inputs)),
+                  "args": shlex.join(sc.args), **values}
+        filled["preamble"] = fill((TEMPLATES / "_preamble.sh").read_text(), filled, "_preamble.sh")
+        filled["sbatch_header"] = sbatch_header(name, self.run_dir, self.cfg.resources_for(stage.name),
+                                                array_tasks, distributed)
+        script = self.run_dir / "scripts" / f"{len(self.jobs):02d}-{name}.sbatch"
+        script.write_text(fill((TEMPLATES / template).read_text(), filled, template))
+        script.chmod(0o755)
+        self.jobs.append(Job(name, stage.name, script, array_tasks, after=after))
+        return self.jobs[-1]
+
+    def stage_jobs(self, stage: Stage, after: tuple[str, ...]) -> Job:
+        """The job(s) of ``stage``; returns the last, the one the stages needing it wait for."""
+        sc = self.cfg.stage(stage.name)
+        if stage.name == "prep":
+            prep = self.add("prep", stage, "prep.sbatch", after, array_tasks=sc.array_tasks, set_args=_sets(sc.set))
+            return self.add("prep_finalize", stage, "prep_finalize.sbatch", (prep.name,),
+                            prep_dir=_q(self.inputs.layout.prep))
+        if stage.trains:
+            res = self.cfg.resources_for(stage.name)
+            per_node = res.gpus_per_node or res.tasks_per_node
+            return self.add(stage.name, stage, "train.sbatch", after, distributed=True,
+                            ntasks=str(res.nodes * per_node), tasks_per_node=str(per_node),
+                            signal_seconds=str(res.signal_seconds), set_args=_sets(sc.set))
+        if stage.name == "infer":
+            return self.add("infer", stage, "infer.sbatch", after, array_tasks=sc.array_tasks)
+        if stage.name == "export":
+            return self.add("export", stage, "export.sbatch", after, model=_q(self.inputs.model))
+        return self.add("evaluate", stage, "evaluate.sbatch", after)
+
+
 def render_chain(cfg: SubmitConfig, run_dir: Path, exports: dict[str, str] | None = None) -> list[Job]:
-    """Write the scripts of the chain into ``run_dir/scripts``; returns the jobs in submission order."""
+    """Write the scripts of the chain into ``run_dir/scripts``; returns the jobs in submission order, each
+    naming the jobs it waits for: the last job of every stage it needs (:data:`c2seg.pipeline.STAGES`) that
+    this chain runs."""
     run_dir = Path(run_dir).resolve()
     for sub in ("scripts", "logs", "status"):
         (run_dir / sub).mkdir(parents=True, exist_ok=True)
-    workdir = Path(cfg.workdir or REPO_ROOT).resolve()
-    spec_path = (workdir / cfg.spec).resolve()
-    spec = load_spec(spec_path, data_root=(workdir / cfg.data_root) if cfg.data_root else None)
-    city = default_city(cfg, spec)
-    model = (workdir / cfg.model).resolve() if cfg.model else run_dir / "models" / "model.pt"
-    env = {**cfg.env, **(exports or {})}
-    common = {
-        "run_dir": _q(run_dir), "workdir": _q(workdir), "python": _q(cfg.python or sys.executable),
-        "spec": _q(spec_path), "city": city, "model": _q(model),
-        "data_root_args": f"--data-root {_q(workdir / cfg.data_root)}" if cfg.data_root else "",
-        "setup": "\n".join(cfg.setup),
-        "exports": "\n".join(f"export {k}={_q(v)}" for k, v in env.items()),
-    }
-
-    def config_args(stage: str) -> str:
-        path = cfg.stage(stage).config
-        return f"--config {_q(workdir / path)}" if path else ""
-
-    jobs: list[Job] = []
-
-    def add(name: str, stage: str, template: str, array_tasks: int = 0, distributed: bool = False,
-            **values: str) -> None:
-        res = cfg.resources_for(stage)
-        sc = cfg.stage(stage)
-        filled = {**common, "stage": name, "args": " ".join(_q(a) for a in sc.args), "after": "",
-                  "config_args": config_args(stage), "set_args": _sets(list(sc.set)), **values}
-        filled["preamble"] = fill((TEMPLATES / "_preamble.sh").read_text(), filled, "_preamble.sh")
-        filled["sbatch_header"] = sbatch_header(name, run_dir, res, array_tasks, distributed)
-        text = fill((TEMPLATES / template).read_text(), filled, template)
-        script = run_dir / "scripts" / f"{len(jobs):02d}-{name}.sbatch"
-        script.write_text(text)
-        script.chmod(0o755)
-        jobs.append(Job(name, stage, script, array_tasks))
-
-    prep_dir = run_dir / "prep"
-    if "prep" in cfg.stages:
-        add("prep", "prep", "prep.sbatch", array_tasks=cfg.prep.array_tasks)
-        add("prep_finalize", "prep", "prep_finalize.sbatch")
-    for stage in ("pretrain", "finetune"):
-        if stage not in cfg.stages:
-            continue
-        res = cfg.resources_for(stage)
-        per_node = res.gpus_per_node or res.tasks_per_node
-        sets = [f"output_dir={run_dir / 'train' / stage}"]
-        if "prep" in cfg.stages:
-            sets.append(f"data.prep_dir={prep_dir}")
-        if stage == "finetune" and "pretrain" in cfg.stages:
-            sets.append(f"init_from={run_dir / 'train' / 'pretrain'}")
-        after = ""
-        if stage == "finetune":
-            after = (f"$C2SEG train export --run-dir {_q(run_dir / 'train' / 'finetune')} --out {_q(model)}\n"
-                     f"echo \"[c2seg-slurm] exported {model}\"")
-        add(stage, stage, "train.sbatch", distributed=True, command=stage,
-            config=_q(workdir / cfg.stage(stage).config), ntasks=str(res.nodes * per_node),
-            tasks_per_node=str(per_node), signal_seconds=str(res.signal_seconds),
-            set_args=_sets(sets + list(cfg.stage(stage).set)), after=after)
-    if "infer" in cfg.stages:
-        add("infer", "infer", "infer.sbatch", array_tasks=cfg.infer.array_tasks)
-    if "evaluate" in cfg.stages:
-        add("evaluate", "evaluate", "evaluate.sbatch",
-            after=f"echo 0 > \"$STATUS_FILE\"  # scored: close the chain's MLflow runs with this outcome\n"
-                  f"{common['python']} -m slurm.tracking close {_q(run_dir)}")
-    return jobs
+    writer = _ChainWriter(cfg, run_dir, {**cfg.env, **(exports or {})})
+    last_job: dict[str, str] = {}  # stage -> the name of its last job
+    for stage in STAGES:
+        if stage.name in cfg.stages:
+            after = tuple(last_job[need] for need in stage.needs if need in last_job)
+            last_job[stage.name] = writer.stage_jobs(stage, after).name
+    return writer.jobs

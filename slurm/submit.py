@@ -1,5 +1,6 @@
-"""Submit a chain of stage jobs: render the scripts, sbatch them with ``--dependency=afterok``, record the
-job ids in ``RUN_DIR/chain.json`` and tie the stages together in one MLflow parent run."""
+"""Submit a chain of stage jobs: render the scripts, sbatch each with ``--dependency=afterok`` on the jobs of
+the stages it needs, record the job ids in ``RUN_DIR/chain.json`` and tie the stages together in one MLflow
+parent run."""
 
 from __future__ import annotations
 
@@ -45,11 +46,12 @@ def submit_chain(cfg: SubmitConfig, dry_run: bool = False, config_path: str = ""
         if runs:
             exports["C2SEG_MLFLOW_PARENT_RUN_ID"] = runs["parent"]
     jobs = render_chain(cfg, run_dir, exports)
-    previous: Job | None = None
+    job_ids: dict[str, str] = {}  # job name -> id
     for job in jobs:
         extra = {"C2SEG_MLFLOW_RUN_ID": runs[job.stage]} if runs else None
+        dependency = "afterok:" + ":".join(job_ids[name] for name in job.after) if job.after else None
         try:
-            job.job_id = sbatch(job.script, f"afterok:{previous.job_id}" if previous else None, extra)
+            job.job_id = job_ids[job.name] = sbatch(job.script, dependency, extra)
         except SlurmError as exc:
             cancelled = [j.job_id for j in jobs if j.job_id]
             _withdraw(cancelled, uri, runs)
@@ -58,7 +60,6 @@ def submit_chain(cfg: SubmitConfig, dry_run: bool = False, config_path: str = ""
                              "again") from exc
         log.info("submitted %-14s job %s%s", job.name, job.job_id,
                  f" (array of {job.array_tasks})" if job.array_tasks else "")
-        previous = job
     record = {
         "format": CHAIN_FORMAT,
         "submitted": time.strftime("%Y-%m-%dT%H:%M:%S"),

@@ -3,16 +3,20 @@ outputs exist and the metrics table is printed (the adapted model continues from
 starts from the pretrained encoder); a rerun skips the finished steps (generation, prep, every
 training and export) and predicts and scores again."""
 
+import argparse
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import rasterio
 
+from c2seg import demo
+from c2seg.pipeline import STAGE_NAMES, stage
 
-@pytest.mark.slow
-def test_demo_runs_the_whole_pipeline(tmp_path):
+
+def _write_config(tmp_path: Path) -> Path:
     config = tmp_path / "demo.yaml"
     config.write_text(f"""
 spec: configs/datasets/demo_tiny.yaml
@@ -25,6 +29,41 @@ finetune_config: configs/train/finetune_tiny.yaml
 source_only_config: configs/train/finetune_tiny.yaml
 infer_window: 64
 """)
+    return config
+
+
+def test_demo_runs_the_pipeline_stages(tmp_path, monkeypatch):
+    """The demo's steps are c2seg.pipeline's stages (the ones `c2seg slurm submit` chains), with their commands,
+    in their order; export, infer and evaluate also for source_only, for the table."""
+    steps: list[tuple[str, list[str]]] = []
+
+    def record(self, name, args, done=None):
+        steps.append((name, args))
+        if args[:2] == ["infer", "evaluate"]:
+            metrics = Path(args[args.index("--out") + 1])
+            metrics.parent.mkdir(parents=True, exist_ok=True)
+            metrics.write_text(json.dumps({"miou": 0.5, "oa": 0.5, "macro_f1": 0.5, "kappa": 0.5}))
+
+    monkeypatch.setattr(demo._Runner, "step", record)
+    assert demo.run_demo(argparse.Namespace(config=_write_config(tmp_path), out=None)) == 0
+    names = [name for name, _ in steps]
+    assert names == ["generate", "inspect", "prep", "verify", "pretrain", "source_only", "adapted",
+                     "export source_only", "infer source_only", "evaluate source_only",
+                     "export adapted", "infer adapted", "evaluate adapted"]
+    for name, args in steps:
+        if name.split()[0] in STAGE_NAMES:
+            assert tuple(args[:2]) == stage(name.split()[0]).command, name
+    train = tmp_path / "out" / "train"
+    by_name = dict(steps)
+    assert f"init_from={train / 'pretrain'}" in by_name["source_only"]
+    assert f"init_from={train / 'source_only'}" in by_name["adapted"]
+    assert by_name["export adapted"][-4:] == ["--run-dir", str(train / "adapted"), "--out",
+                                              str(tmp_path / "out" / "models" / "adapted.pt")]
+
+
+@pytest.mark.slow
+def test_demo_runs_the_whole_pipeline(tmp_path):
+    config = _write_config(tmp_path)
     env_cmd = [sys.executable, "-m", "c2seg.cli", "demo", "--config", str(config)]
     run = subprocess.run(env_cmd, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]

@@ -2,7 +2,7 @@
 
 import pytest
 
-from c2seg.distributed import array_task, detect_env
+from c2seg.distributed import array_task, detect_env, slurm_master
 
 
 @pytest.mark.parametrize("env, given, expected", [
@@ -38,4 +38,17 @@ def test_srun_variables_become_torch_ones(monkeypatch):
     assert (env.rank, env.world_size, env.local_rank, env.launcher) == (3, 4, 1, "slurm")
 
     assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("3", "4", "1")
-    assert os.environ["MASTER_PORT"] == str(29500 + 1234)
+    assert os.environ["MASTER_PORT"] == "28638"  # slurm_master: 20000 + (1234 * 7 + 0) % 40000
+
+
+@pytest.mark.parametrize("job_id, restarts, port", [
+    ("1234", None, 28638),  # no SLURM_RESTART_COUNT: a job that was never requeued
+    ("1234", "1", 28639),  # requeued: a fresh port, the old store's may linger in TIME_WAIT
+    ("123456", "2", 44194),  # 20000 + (864192 + 2) % 40000
+    ("5714", "2", 20000),  # the formula wraps at 40000 ports
+])
+def test_slurm_master_port_comes_from_job_id_and_requeue_count(job_id, restarts, port):
+    env = {"SLURM_JOB_ID": job_id, "SLURM_JOB_NODELIST": "node7"}
+    if restarts is not None:
+        env["SLURM_RESTART_COUNT"] = restarts
+    assert slurm_master(env) == ("node7", port)

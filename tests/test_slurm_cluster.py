@@ -1,7 +1,8 @@
 """The pipeline on a real SLURM cluster (slurm/local_cluster.sh up; scripts/run_tests.sh starts it).
 
-One chain prep -> pretrain -> finetune -> infer -> evaluate is submitted through the tool (2 tasks in the
-training stages) and reused: its prepared data feed the requeue test, its model the inference-array test.
+One chain prep -> pretrain -> source_only -> adapted -> export -> infer -> evaluate is submitted through the
+tool (2 tasks in the training stages) and reused: its prepared data feed the requeue test, its model the
+inference-array test.
 """
 
 from __future__ import annotations
@@ -58,16 +59,21 @@ def chain(cluster, tiny_spec, tmp_path_factory) -> Path:
 
 
 def test_whole_chain_completes_with_two_training_tasks(chain, tiny_spec):
-    metrics = json.loads((chain / "predictions" / "synth_target" / "metrics.json").read_text())
+    predictions = chain / "predictions" / "adapted" / "synth_target"
+    metrics = json.loads((predictions / "metrics.json").read_text())
     assert 0.0 <= metrics["miou"] <= 1.0 and metrics["oa"] > 0
-    assert (chain / "predictions" / "synth_target" / "synth_target.tif").is_file()
-    assert (chain / "models" / "model.pt").is_file()
-    for stage in ("pretrain", "finetune"):
+    assert (predictions / "synth_target.tif").is_file()
+    assert (chain / "models" / "adapted.pt").is_file()
+    for stage in ("pretrain", "source_only", "adapted"):
         log = next((chain / "logs").glob(f"{stage}-*.log")).read_text()
         assert "2 tasks" in log and "x 2 ranks" in log, log[-2000:]
+        assert re.search(r"rendezvous on \S+:\d+ for 2 ranks", log), log[-2000:]  # slurm_master's port
+    for stage, init_from in (("source_only", "pretrain"), ("adapted", "source_only")):
+        log = next((chain / "logs").glob(f"{stage}-*.log")).read_text()
+        assert f"initialised from {chain / 'train' / init_from}" in log, log[-2000:]
     status = subprocess.run([sys.executable, "-m", "c2seg.cli", "slurm", "status", str(chain)],
                             capture_output=True, text=True, env=slurm_env())
-    assert status.returncode == 0 and status.stdout.count("COMPLETED") == 6, status.stdout + status.stderr
+    assert status.returncode == 0 and status.stdout.count("COMPLETED") == 8, status.stdout + status.stderr
 
     from mlflow.tracking import MlflowClient
 
@@ -78,7 +84,7 @@ def test_whole_chain_completes_with_two_training_tasks(chain, tiny_spec):
     assert len(parent) == 1 and parent[0].info.status == "FINISHED"
     children = {r.data.tags["c2seg.stage"]: r for r in runs
                 if r.data.tags.get("mlflow.parentRunId") == parent[0].info.run_id and "c2seg.stage" in r.data.tags}
-    assert set(children) == {"prep", "pretrain", "finetune", "infer", "evaluate"}
+    assert set(children) == {"prep", "pretrain", "source_only", "adapted", "export", "infer", "evaluate"}
     assert all(r.info.status == "FINISHED" for r in children.values())
     assert any(k.endswith("miou") for k in children["evaluate"].data.metrics), children["evaluate"].data.metrics
 
@@ -137,7 +143,7 @@ def test_inference_array_over_three_scenes_equals_local_run(chain, tiny_spec, tm
     spec_file = tmp_path / "tiles_spec.yaml"
     spec_file.write_text(yaml.safe_dump(spec.to_dict()))
     assert len(open_city(spec, "synth_target")) == 3
-    model = chain / "models" / "model.pt"
+    model = chain / "models" / "adapted.pt"
     infer_args = list(load_submit_config(LOCAL).infer.args)  # what the chain's infer job passes
     rc = main(["slurm", "submit", "--config", str(LOCAL), "--set", f"run_dir={tmp_path / 'array'}",
                "--set", "stages=[infer]", "--set", f"spec={spec_file}", "--set", f"data_root={data}",
@@ -153,12 +159,12 @@ def test_inference_array_over_three_scenes_equals_local_run(chain, tiny_spec, tm
                     str(spec_file), "--data-root", str(data), "--city", "synth_target", "--out", str(local),
                     *infer_args], check=True, cwd=ROOT, capture_output=True,
                    env={k: v for k, v in os.environ.items() if not k.startswith("SLURM_")})
-    got = sorted(p.relative_to(tmp_path / "array" / "predictions")
-                 for p in (tmp_path / "array" / "predictions").rglob("*.tif"))
+    predictions = tmp_path / "array" / "predictions" / model.stem
+    got = sorted(p.relative_to(predictions) for p in predictions.rglob("*.tif"))
     want = sorted(p.relative_to(local) for p in local.rglob("*.tif"))
     assert got == want and len([p for p in got if "submission" in str(p)]) == 3
     for rel in want:
-        with rasterio.open(local / rel) as a, rasterio.open(tmp_path / "array" / "predictions" / rel) as b:
+        with rasterio.open(local / rel) as a, rasterio.open(predictions / rel) as b:
             assert np.array_equal(a.read(), b.read()), rel
             assert a.transform == b.transform
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass, field, replace
 from functools import cached_property
@@ -65,6 +66,9 @@ class Modality:
             raise ValueError(f"modalities.{self.name}.bands must be >= 1, got {self.bands}")
         if self.resolution_m <= 0:
             raise ValueError(f"modalities.{self.name}.resolution_m must be > 0, got {self.resolution_m}")
+        if self.nodata is not None and not math.isfinite(self.nodata):
+            raise ValueError(f"modalities.{self.name}.nodata must be a finite number (non-finite values are "
+                             f"nodata anyway), got {self.nodata}")
         if self.spectral_range_nm is not None:
             if self.wavelengths_nm is not None:
                 raise ValueError(f"modalities.{self.name}: give wavelengths_nm or spectral_range_nm, not both")
@@ -135,14 +139,21 @@ class ClassDef:
 
 @dataclass(frozen=True)
 class LabelRemap:
-    """Raw label codes of some releases and the class id each maps onto.
+    """Raw label codes of a release and the class id each maps onto.
 
-    When a label raster holds values outside the class set that all lie in ``codes``, readers remap
-    them and log that they did. ``nodata_codes`` map onto the spec's ``ignore_id``.
+    A spec that has a ``label_remap`` declares that every label raster of every city stores raw codes:
+    readers map ``codes`` onto class ids and ``nodata_codes`` onto the spec's ``ignore_id``, in every scene
+    alike, and refuse a value that is neither. A spec without one declares that labels store class ids
+    (an extending spec whose labels hold class ids sets ``label_remap: null``).
     """
 
     codes: dict[int, int]
     nodata_codes: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        both = sorted(set(self.codes) & set(self.nodata_codes))
+        if both:
+            raise ValueError(f"label_remap: raw code(s) {both} are in both codes and nodata_codes")
 
 
 @dataclass(frozen=True)
@@ -206,6 +217,8 @@ class DatasetSpec:
         _unique("modalities", [m.name for m in self.modalities])
         _unique("classes (ids)", [c.id for c in self.classes])
         _unique("cities", [c.name for c in self.cities])
+        if not 0 <= self.ignore_id <= 255:
+            raise ValueError(f"ignore_id {self.ignore_id} must be in 0..255 (uint8 labels)")
         if not [c for c in self.classes if c.id != self.ignore_id]:
             raise ValueError("classes: at least one class besides ignore_id is needed")
         if not any(c.role == "source" for c in self.cities):
@@ -228,6 +241,12 @@ class DatasetSpec:
     def scored_class_ids(self) -> tuple[int, ...]:
         """Class ids that are trained and scored (every class but ``ignore_id``)."""
         return tuple(c.id for c in self.classes if c.id != self.ignore_id)
+
+    @property
+    def output_nodata(self) -> int:
+        """The class-map value inference writes, and declares as nodata, where no modality has data: the
+        ``ignore_id``, which is never predicted (so a real class 0 is never mistaken for nodata)."""
+        return self.ignore_id
 
     @property
     def num_logits(self) -> int:

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 
 from data_prep.manifest import Manifest, ShardInfo, load_manifest
 from data_prep.shards import decode_npy, iter_samples
+from data_prep.stats import fill_as
 
 Piece = tuple[int, int, int]  # (shard index, first sample, stop)
 
@@ -90,6 +91,22 @@ def _move(x: np.ndarray, k: int, flip: bool) -> np.ndarray:
     """``x`` rotated by ``k`` x 90 degrees and optionally flipped left-right, as a view."""
     x = np.rot90(x, k, axes=(-2, -1)) if k else x
     return x[..., ::-1] if flip else x
+
+
+# stored dtypes torch has no rot90 / flip kernels for (store_dtypes uint16), moved as the signed type of the
+# same width: a move only copies bits
+_MOVED_AS = {torch.uint16: torch.int16}
+
+
+def _move_tensor(x: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
+    """``x`` rotated by ``k`` x 90 degrees and optionally flipped left-right (a copy when moved), any dtype."""
+    if not k and not flip:
+        return x
+    same_width = _MOVED_AS.get(x.dtype, x.dtype)
+    y = x.view(same_width)
+    y = torch.rot90(y, k, (-2, -1)) if k else y
+    y = y.flip(-1) if flip else y
+    return y.view(x.dtype)
 
 
 @contextmanager
@@ -192,13 +209,11 @@ class BatchAssembler:
         src = torch.from_numpy(values)
         step = max(1, self.CHUNK_BYTES // (4 * values.shape[-1] * values.shape[-2]))
         for c0 in range(0, values.shape[0], step):
-            part, x = dest[c0:c0 + step], src[c0:c0 + step]
-            if k:
-                x = torch.rot90(x, k, (-2, -1))
-            part.copy_(x.flip(-1) if flip else x)
+            part = dest[c0:c0 + step]
+            part.copy_(_move_tensor(src[c0:c0 + step], k, flip))
             part.mul_(scale[c0:c0 + step]).add_(shift[c0:c0 + step])
-        fill = np.asarray(self.fill[modality], values.dtype)
-        if (values[0] == fill).any():  # cheap first-band test before the full nodata check
+        fill = fill_as(self.fill[modality], values.dtype)
+        if fill is not None and (values[0] == fill).any():  # cheap first-band test before the full nodata check
             nodata = np.all(values == fill, axis=0)
             if nodata.any():
                 dest[:, torch.from_numpy(np.ascontiguousarray(_move(nodata, k, flip)))] = 0.0

@@ -18,7 +18,8 @@ class PrepConfig:
 
     ``store_dtypes`` maps a modality to its stored dtype: ``float16`` (default; relative error
     <= 2**-11, the measured maximum is written to the manifest), ``uint16`` (lossless for
-    reflectance x 1e4 integers; non-integer or out-of-range values are refused) or ``float32``.
+    reflectance x 1e4 integers; non-integer or out-of-range values are refused, so a negative ``nodata`` in
+    a kept tile is too) or ``float32``. Each one trains (with augmentation) and verifies alike.
     """
 
     tile_size: int | None = None

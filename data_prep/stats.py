@@ -23,9 +23,24 @@ def fill_value(modality: Modality) -> float:
     return 0.0 if modality.nodata is None else float(modality.nodata)
 
 
+def fill_as(fill: float, dtype: np.dtype) -> np.ndarray | None:
+    """``fill`` as a value of ``dtype`` (rounded as a stored value is), or None when ``dtype`` cannot hold it:
+    then no value of that dtype is nodata (a fill of -32768 in tiles stored as uint16)."""
+    dtype = np.dtype(dtype)
+    if dtype.kind in "ui":
+        limits = np.iinfo(dtype)
+        return np.asarray(fill, dtype) if limits.min <= fill <= limits.max and fill == round(fill) else None
+    with np.errstate(over="ignore"):
+        stored = np.asarray(fill, dtype)
+    return stored if np.isfinite(stored) else None
+
+
 def nodata_mask(values: np.ndarray, fill: float) -> np.ndarray:
     """``(h, w)`` True where every band of ``values`` ``(C, h, w)`` equals ``fill``."""
-    return np.all(values == np.asarray(fill, dtype=values.dtype), axis=0)
+    stored = fill_as(fill, values.dtype)
+    if stored is None:
+        return np.zeros(values.shape[1:], bool)
+    return np.all(values == stored, axis=0)
 
 
 def count_out_of_bounds(values: np.ndarray, modality: Modality) -> int:

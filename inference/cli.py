@@ -20,8 +20,8 @@ Launch several ranks with torchrun or srun (RANK / WORLD_SIZE): they split the b
 the outputs. SLURM array tasks split the scenes (SLURM_ARRAY_TASK_ID or --task-index/--num-tasks).
 
 Outputs under DIR/<city>/: <scene>.tif (uint8 class-map COG with colour table and class names,
-nodata 0), <scene>.png (quicklook), <scene>.probs.tif (--save-probs) and, for tile-folder cities,
-submission/N.tif (one per input tile, the challenge format).
+nodata: the spec's ignore_id), <scene>.png (quicklook), <scene>.probs.tif (--save-probs) and, for
+tile-folder cities, submission/N.tif (one per input tile, the challenge format).
 
 example: c2seg infer run --model model.pt --spec configs/datasets/c2seg_ab.yaml --city berlin \\
            --out preds --window 128 --overlap 0.5 --tta flips"""

@@ -45,11 +45,12 @@ def class_tags(spec: DatasetSpec) -> dict[str, str]:
 def write_class_cog(path: Path, height: int, width: int, crs: str | None, transform,
                     blocks: Iterable[Window], read_block: Callable[[Window], np.ndarray], spec: DatasetSpec,
                     blocksize: int = 512) -> Path:
-    """Write the class map given by ``read_block(block)`` (uint8) as a COG at ``path``."""
+    """Write the class map given by ``read_block(block)`` (uint8) as a COG at ``path``, nodata the spec's
+    ``output_nodata``."""
     path = Path(path)
     stage = partial_path(path, ".stage.tif")  # the tiled GeoTIFF the COG driver copies
     profile = {"driver": "GTiff", "height": height, "width": width, "count": 1, "dtype": "uint8",
-               "crs": crs, "transform": transform, "nodata": 0, "tiled": True, "blockxsize": 256,
+               "crs": crs, "transform": transform, "nodata": spec.output_nodata, "tiled": True, "blockxsize": 256,
                "blockysize": 256, "compress": "deflate", "BIGTIFF": "IF_SAFER"}
     try:
         with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB), rasterio.open(stage, "w", **profile) as dst:

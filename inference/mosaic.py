@@ -1,6 +1,7 @@
 """Scene outputs made from a finished :class:`~inference.accumulator.BlockStore`: the class-map COG,
 the optional per-class probability GeoTIFF, the quicklook PNG and, for tile-folder cities, the
-challenge submission tile (one uint8 ``N.tif`` per input tile, nodata 0)."""
+challenge submission tile (one uint8 ``N.tif`` per input tile). Every class map declares the spec's
+``output_nodata`` (its ignore id) as nodata."""
 
 from __future__ import annotations
 
@@ -57,12 +58,14 @@ def write_quicklook(store: BlockStore, scene: Scene, spec: DatasetSpec, path: Pa
     return path
 
 
-def write_submission_tile(store: BlockStore, scene: Scene, folder: Path) -> Path:
-    """``folder/<tile name>.tif``: the tile's class map, uint8, nodata 0, the tile's georeferencing."""
+def write_submission_tile(store: BlockStore, scene: Scene, spec: DatasetSpec, folder: Path) -> Path:
+    """``folder/<tile name>.tif``: the tile's class map, uint8, nodata the spec's ``output_nodata``, the tile's
+    georeferencing."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{scene.name}.tif"
     profile = {"driver": "GTiff", "height": scene.height, "width": scene.width, "count": 1, "dtype": "uint8",
-               "crs": scene.crs, "transform": scene.transform, "nodata": 0, "compress": "deflate"}
+               "crs": scene.crs, "transform": scene.transform, "nodata": spec.output_nodata,
+               "compress": "deflate"}
     with rasterio.open(path, "w", **profile) as dst:
         dst.write(store.classes[:, :][None])
     return path

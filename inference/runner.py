@@ -103,7 +103,7 @@ def infer_scene(scene: Scene, predict: PredictFn, normalize: Normalize, modaliti
     if cfg.save_probs:
         outputs.probabilities = write_probabilities(store, scene, spec, out_dir / f"{scene.name}.probs.tif")
     if tiles:
-        outputs.submission = write_submission_tile(store, scene, out_dir / "submission")
+        outputs.submission = write_submission_tile(store, scene, spec, out_dir / "submission")
     outputs.seconds = time.perf_counter() - t0
     log.info("scene %s: %d x %d px, %d blocks (%d here), %d windows in %.1f s -> %s", scene.name, scene.height,
              scene.width, len(blocks), len(todo), windows, outputs.seconds, outputs.class_map)

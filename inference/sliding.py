@@ -25,7 +25,7 @@ PredictFn = Callable[[dict[str, np.ndarray]], np.ndarray]
 
 @dataclass
 class BlockResult:
-    classes: np.ndarray  # (h, w) uint8, 0 where every modality is nodata
+    classes: np.ndarray  # (h, w) uint8, the spec's output_nodata where every modality is nodata
     probs: np.ndarray  # (K, h, w) float32
     windows: int  # windows predicted for this block
 
@@ -70,7 +70,7 @@ def predict_block(scene: Scene, block: Window, grid: list[Window], window: int, 
                 _accumulate(acc, wsum, block, w, p, weights)
     acc /= wsum[None]  # in place: the block's blended probabilities
     classes = np.asarray(class_ids, np.uint8)[np.argmax(acc, axis=0)]
-    classes[~valid] = 0
+    classes[~valid] = scene.spec.output_nodata
     return BlockResult(classes, acc, len(touching))
 
 

@@ -3,6 +3,7 @@ of a per-pixel model, nodata and missing modalities, TTA, the COG writer and val
 
 from __future__ import annotations
 
+import copy
 import shutil
 
 import numpy as np
@@ -149,3 +150,44 @@ def test_class_cog_is_valid_with_overviews_colours_and_names(tiny_spec, tmp_path
         ds.write(cmap[None])
     errors, warnings = validate_cog(plain)
     assert "the main image is not tiled" in errors and warnings
+
+
+def test_nodata_is_the_ignore_id_where_class_0_is_a_real_class(setup, tmp_path):
+    """With ignore_id 255, class 0 is predicted like any class, and nodata pixels (every modality at its fill) are
+    written as 255, which the class-map COG and the submission tile declare as their nodata value."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from inference.mosaic import write_submission_tile
+
+    spec, norm, model = setup
+    root = tmp_path / "data"
+    shutil.copytree(spec.data_root, root)
+    spec = replace(spec.with_data_root(root), ignore_id=255)
+    assert 0 in spec.scored_class_ids
+    city = spec.city("synth_target")
+    for m in spec.modality_names:  # every modality nodata (fill 0) in rows 10:30, cols 20:60
+        with rasterio.open(spec.resolve(city, m), "r+") as ds:
+            ds.write(np.zeros((ds.count, 20, 40), ds.dtypes[0]), window=RioWindow(20, 10, 40, 20))
+    scene = open_city(spec, "synth_target")[0]
+    model = copy.deepcopy(model)
+    with torch.no_grad():  # class 0 takes over where the most frequent class wins with a positive logit
+        winners = whole_scene_probs(spec, scene, norm, model, spec.modality_names).argmax(0)
+        common = np.bincount(winners.ravel()).argmax()
+        for w in model.w.values():
+            w[0] = 1.05 * w[spec.scored_class_ids[common]]
+    out = run(spec, scene, norm, model, tmp_path / "out", window=32, overlap=0.5, block=48)
+    with rasterio.open(out.class_map) as ds:
+        classes, nodata = ds.read(1), ds.nodata
+    assert nodata == 255 and (classes[10:30, 20:60] == 255).all()
+    valid = np.ones(classes.shape, bool)
+    valid[10:30, 20:60] = False
+    expected = whole_scene_probs(spec, scene, norm, model, spec.modality_names)
+    decided = np.sort(expected, axis=0)
+    clear = valid & (decided[-1] - decided[-2] > 1e-4)
+    predicted = np.asarray(spec.scored_class_ids)[expected.argmax(0)]
+    assert np.array_equal(classes[clear], predicted[clear]) and (classes[valid] != 255).all()
+    assert (predicted[valid] == 0).any() and (classes[clear] == 0).any()  # a real class 0 is kept, not nodata
+    tile = write_submission_tile(SimpleNamespace(classes=classes), scene, spec, tmp_path / "submission")
+    with rasterio.open(tile) as ds:
+        assert ds.nodata == 255 and np.array_equal(ds.read(1), classes)

@@ -200,3 +200,99 @@ def test_each_tile_once_with_equal_batches_pads_the_ranks_that_have_fewer(tiny_p
     counted = [b for batches in per_rank for b in batches if not b.get("padding")]
     padded = [b for batches in per_rank for b in batches if b.get("padding")]
     assert len(counted) == n and len(padded) == world * -(-n // world) - n
+
+
+# ---- every documented storage dtype (PrepConfig.store_dtypes) trains with augmentation and verifies --------
+def _moved(x: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
+    x = torch.rot90(x, k, dims=(-2, -1))
+    return x.flip(-1) if flip else x
+
+
+@pytest.fixture(scope="module")
+def prepared_by_msi_dtype(tiny_spec, tmp_path_factory):
+    """``dtype -> prep folder`` of the tiny cities with MSI rounded to integers (reflectance x 1e4 as sensors
+    deliver it, which uint16 stores losslessly) and stored as ``dtype``; each prepared once."""
+    import shutil
+    from dataclasses import replace
+
+    import rasterio
+
+    from data_prep.manifest import finalize
+    from data_prep.prep import run_prep
+    from tests.fixtures_prep import TINY_PREP
+
+    root = tmp_path_factory.mktemp("integer_msi")
+    shutil.copytree(tiny_spec.data_root, root / "data")
+    spec = tiny_spec.with_data_root(root / "data")
+    for city in spec.cities:
+        with rasterio.open(spec.resolve(city, "msi"), "r+") as ds:
+            ds.write(np.round(ds.read()))
+    done: dict[str, Path] = {}
+
+    def prepared(dtype: str) -> Path:
+        if dtype not in done:
+            done[dtype] = root / dtype
+            run_prep(spec, replace(TINY_PREP, store_dtypes={"msi": dtype}), done[dtype])
+            finalize(done[dtype])
+        return done[dtype]
+
+    return prepared
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "uint16"])
+def test_every_store_dtype_trains_with_augmentation_and_verifies(prepared_by_msi_dtype, dtype):
+    from typing import get_args
+
+    import zarr
+
+    from data_prep.loaders import collate_views
+    from data_prep.prep_config import StoreDtype
+    from data_prep.verify import verify
+
+    assert dtype in get_args(StoreDtype) and len(get_args(StoreDtype)) == 3  # every documented dtype is tested
+    out, reference = prepared_by_msi_dtype(dtype), prepared_by_msi_dtype("float32")
+    assert verify(out) == []
+    m = load_manifest(out)
+    split = m.cities["synth_source"]["splits"]["train"]
+    assert zarr.open_group(out / split["zarr"], mode="r")["msi"].dtype == np.dtype(dtype)
+    kwargs = dict(batch_size=4, batches_per_epoch=3, seed=1)
+    plain = list(make_wds_loader(out, "train", **kwargs))
+    moved = list(make_wds_loader(out, "train", augment=True, **kwargs))
+    # the same normalised MSI as stored in float32: exactly for uint16, within float16's 2**-11 of |raw| < 1e4
+    atol = 0.0 if dtype != "float16" else 1e4 * 2**-11 / min(m.stats["msi"]["std"])
+    for p, r in zip(plain, make_wds_loader(reference, "train", **kwargs), strict=True):
+        assert p["msi"].dtype == torch.float32
+        torch.testing.assert_close(p["msi"], r["msi"], rtol=0.0, atol=atol)
+    transforms = [(k, f) for k in range(4) for f in (False, True)]
+    used = set()
+    for p, a in zip(plain, moved, strict=True):
+        for i in range(len(p["msi"])):
+            match = [t for t in transforms if torch.equal(_moved(p["msi"][i], *t), a["msi"][i])]
+            assert match, "augmented MSI is not a rot90 / flip of the same tile"
+            assert torch.equal(_moved(p["label"][i], *match[0]), a["label"][i])
+            used.add(match[0])
+    assert len(used) > 1
+    items = ZarrTileDataset(out, "train", augment=True)
+    batch = collate_views(items.__getitems__(list(range(4))))
+    assert batch["msi"].shape == (4, 4, m.tile_size, m.tile_size) and torch.isfinite(batch["msi"]).all()
+
+
+def test_a_fill_value_the_stored_dtype_cannot_hold_marks_no_pixel_nodata(tiny_prepared):
+    """A spec nodata of -32768 (EnMAP's) with MSI stored as uint16: no stored value can be it, so batches are
+    normalised with no nodata pixel instead of failing on the cast."""
+    from data_prep.loaders import BatchAssembler
+    from data_prep.stats import fill_as, nodata_mask
+
+    assert fill_as(-32768, np.uint16) is None and fill_as(0.5, np.uint16) is None and fill_as(1e6, np.float16) is None
+    assert fill_as(0, np.uint16) == 0 and fill_as(-9999, np.float16) == np.float16(-10000)
+    assert not nodata_mask(np.zeros((2, 3, 3), np.uint16), -32768.0).any()
+    m = load_manifest(tiny_prepared)
+    assemble = BatchAssembler(m)
+    assemble.fill = {**assemble.fill, "msi": -32768.0}
+    t = m.tile_size
+    arrays = {mod.name: np.full((mod.bands, t, t), 7, np.uint16 if mod.name == "msi" else np.float16)
+              for mod in m.spec.modalities}
+    batch = assemble([(arrays, None, 0)], np.random.default_rng(0))
+    stats = m.stats["msi"]
+    expected = (7 - np.array(stats["mean"], np.float32)) / np.array(stats["std"], np.float32)
+    np.testing.assert_allclose(batch["msi"][0, :, 0, 0].numpy(), expected, rtol=1e-6)

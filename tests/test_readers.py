@@ -156,21 +156,36 @@ def test_misaligned_grids(tiny_copy, change):
         open_city(tiny_copy, "synth_source")
 
 
-def test_nonfinite_values_counted_and_filled(tiny_copy, caplog):
+def test_nonfinite_values_make_their_pixels_nodata(tiny_copy, caplog):
+    """A NaN / inf in one band of a SAR pixel makes the whole pixel nodata (every band at the fill value), so
+    the nodata mask prep uses counts it and the statistics leave it out; it is never 0 dB beside a valid band."""
+    from data_prep.stats import BandStats, fill_value, nodata_mask
+
     path = tiny_copy.resolve(tiny_copy.cities[0], "sar")
     data = _read_raw(path)
+    clean = data.copy()
     data[0, 3, 4], data[1, 10, 10], data[0, 50, 60] = np.nan, np.inf, -np.inf
     _rewrite(path, data)
     scene = open_city(tiny_copy, "synth_source")[0]
     with caplog.at_level(logging.WARNING):
         sar = scene.read("sar")
     assert scene.nonfinite_counts["sar"] == 3 and scene.nonfinite_counts.get("hsi", 0) == 0
-    assert np.isfinite(sar).all() and sar[0, 3, 4] == 0 and sar[1, 10, 10] == 0
-    assert str(path) in caplog.text and "3 non-finite" in caplog.text
-    # with a nodata value in the spec, non-finite values become nodata
+    bad = [(3, 4), (10, 10), (50, 60)]
+    for r, c in bad:
+        assert sar[:, r, c].tolist() == [0.0, 0.0]  # both bands, the finite one too
+    assert np.isfinite(sar).all() and str(path) in caplog.text and "3 non-finite" in caplog.text
+    mask = nodata_mask(sar, fill_value(tiny_copy.modality("sar")))
+    assert sorted(zip(*np.nonzero(mask))) == bad
+    stats = BandStats.empty(2)
+    stats.add(sar, ~mask, np.random.default_rng(0), keep=0)
+    keep = np.ones(sar.shape[1:], bool)
+    keep[tuple(np.array(bad).T)] = False
+    assert stats.count.tolist() == [keep.sum()] * 2
+    np.testing.assert_allclose(stats.mean, clean[:, keep].astype(np.float64).mean(axis=1), rtol=1e-6)
+    # with a nodata value in the spec, the pixel holds it in every band
     mods = tuple(replace(m, nodata=-99.0) if m.name == "sar" else m for m in tiny_copy.modalities)
     scene = open_city(replace(tiny_copy, modalities=mods), "synth_source")[0]
-    assert scene.read("sar", Window(0, 0, 8, 8))[0, 3, 4] == -99.0
+    assert scene.read("sar", Window(0, 0, 8, 8))[:, 3, 4].tolist() == [-99.0, -99.0]
     assert scene.nonfinite_counts["sar"] == 1
 
 
@@ -197,8 +212,14 @@ def test_label_values_outside_class_set(tiny_copy):
         scene.read_label(Window(40, 40, 8, 8))
 
 
-def test_raw_label_codes_remapped(tmp_path, caplog):
-    spec = generate_dataset(load_spec(CONFIGS / "demo_bw.yaml", data_root=tmp_path), 30, 36, fmt="geotiff")
+@pytest.fixture
+def raw_coded(tmp_path):
+    """demo_bw (a spec with a label_remap) generated as 30 x 36 px GeoTIFF cities: labels hold raw codes."""
+    return generate_dataset(load_spec(CONFIGS / "demo_bw.yaml", data_root=tmp_path), 30, 36, fmt="geotiff")
+
+
+def test_raw_label_codes_remapped(raw_coded, caplog):
+    spec = raw_coded
     path = spec.resolve(spec.cities[0], "label")
     raw = _read_raw(path)
     remap = spec.label_remap
@@ -208,9 +229,51 @@ def test_raw_label_codes_remapped(tmp_path, caplog):
         got = open_city(spec, "synth_source")[0].read_label()
     np.testing.assert_array_equal(got, expected)
     assert "raw codes" in caplog.text and str(path) in caplog.text
-    raw[0, 0, 0] = 77  # neither a class id nor a raw code
+
+
+def test_declared_raw_codes_are_remapped_in_every_scene_even_when_they_look_like_class_ids(raw_coded):
+    """A label holding only raw codes that are class ids too (5, 6, 11, 12, 13) and no nodata code (-1), which a
+    guess from its values would read as class ids, is remapped like any other: 5 -> 1, 6 -> 2, 11 -> 3, 12 -> 4,
+    13 -> 5."""
+    path = raw_coded.resolve(raw_coded.cities[0], "label")
+    raw = np.array([5, 6, 11, 12, 13, 13], np.int16)[np.arange(30 * 36) % 6].reshape(1, 30, 36)
     _rewrite(path, raw)
-    with pytest.raises(SceneError, match=r"label values \[77\] are neither class ids"):
+    got = open_city(raw_coded, "synth_source")[0].read_label()
+    np.testing.assert_array_equal(got, np.array([1, 2, 3, 4, 5, 5], np.uint8)[np.arange(30 * 36) % 6].reshape(30, 36))
+    raw[0, :2, :3] = -1  # the nodata code -> ignore_id
+    _rewrite(path, raw)
+    got = open_city(raw_coded, "synth_source")[0].read_label()
+    assert (got[:2, :3] == raw_coded.ignore_id).all() and got[2, 0] == 1
+
+
+@pytest.mark.parametrize("values", [[77], [0, 3], [0]])
+def test_values_that_are_neither_raw_codes_nor_nodata_codes_fail_naming_file_and_values(raw_coded, values):
+    """Class ids 0 and 3 are not raw codes of demo_bw: a label that holds them is refused, not read as class ids."""
+    path = raw_coded.resolve(raw_coded.cities[0], "label")
+    raw = _read_raw(path)
+    raw[0, 0, :len(values)] = values
+    _rewrite(path, raw)
+    with pytest.raises(SceneError) as err:
+        open_city(raw_coded, "synth_source")[0].read_label(Window(10, 10, 4, 4))
+    message = str(err.value)
+    assert message.startswith(f"{path}: label values {values} are neither raw codes [5, 6, 11, 12, 13, 14, 21, ")
+    assert message.endswith("nodata codes [-1] of the label_remap of spec 'demo_bw' (labels that hold class ids "
+                            "need label_remap: null)") and "\n" not in message
+
+
+def test_label_remap_null_declares_class_ids(raw_coded, tmp_path):
+    """A spec extending one with a label_remap reads class ids once it sets label_remap: null, and then refuses
+    raw codes beyond the class set."""
+    spec_file = tmp_path / "class_ids.yaml"
+    spec_file.write_text(f"extends: {CONFIGS / 'demo_bw.yaml'}\nname: demo_bw_ids\nlabel_remap: null\n")
+    assert load_spec(spec_file).label_remap is None
+    spec = replace(raw_coded, name="demo_bw_ids", label_remap=None)  # the generated GeoTIFF cities, read as class ids
+    path = spec.resolve(spec.cities[0], "label")
+    ids = (np.arange(30 * 36) % 14).astype(np.uint8).reshape(1, 30, 36)
+    _rewrite(path, ids)
+    np.testing.assert_array_equal(open_city(spec, "synth_source")[0].read_label(), ids[0])
+    _rewrite(path, np.full((1, 30, 36), 41, np.int16))
+    with pytest.raises(SceneError, match=rf"{path}: label values outside the class set of spec 'demo_bw_ids': \[41\]"):
         open_city(spec, "synth_source")[0].read_label()
 
 

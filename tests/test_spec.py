@@ -56,6 +56,9 @@ cities: [{name: a, role: source, format: geotiff, files: {msi: a.tif}}]
     ("classes: [{id: 0, name: bg, colour: blue}]", "must look like #rrggbb"),
     ("cities: [{name: a, role: target, format: geotiff, files: {}}]", "role 'source'"),
     ("cities: [{name: a, role: source, format: mat_v73, files: {}}]", "needs key(s) ['scene']"),
+    ("label_remap: {codes: {5: 1, -1: 1}, nodata_codes: [-1]}", "raw code(s) [-1] are in both codes and nodata_codes"),
+    ("ignore_id: 256", "ignore_id 256 must be in 0..255"),
+    ("modalities: [{name: msi, bands: 4, resolution_m: 10, nodata: .nan}]", "nodata must be a finite number"),
     ("cities: [{name: a, role: sauce, format: geotiff, files: {}}]", "'sauce' is not one of"),
     ("grid_resolution_m: ten", "expected a number"),
 ])
@@ -99,3 +102,14 @@ def test_spec_survives_the_json_records(path):
     spec = load_spec(path)
     again = spec_from_dict(json.loads(json.dumps(spec.to_dict())), source="manifest.json")
     assert again.to_dict() == spec.to_dict() and again.spec_hash == spec.spec_hash
+
+
+def test_output_nodata_is_the_ignore_id():
+    """Class maps declare the ignore id as nodata: 0 for the shipped specs, 255 for a spec whose class 0 is real."""
+    import yaml
+
+    from c2seg.spec import spec_from_dict
+
+    assert load_spec("configs/datasets/c2seg_ab.yaml").output_nodata == 0
+    real_zero = spec_from_dict({**yaml.safe_load(BASE), "ignore_id": 255})
+    assert real_zero.output_nodata == 255 and real_zero.scored_class_ids == (0, 1)

@@ -1,9 +1,10 @@
 """The scene interface every reader implements: co-registered modalities and an optional label on
 one grid, read by windows.
 
-Arrays are channel-first ``(C, h, w)`` float32 for images and ``(h, w)`` uint8 for labels (class ids
-after any remapping from the spec's ``label_remap``). Non-finite image values are replaced by the
-modality's ``nodata`` (0 when the spec gives none) and counted in :attr:`Scene.nonfinite_counts`.
+Arrays are channel-first ``(C, h, w)`` float32 for images and ``(h, w)`` uint8 for labels (class ids,
+remapped from raw codes when the spec declares a ``label_remap``). A pixel with a non-finite value in any
+band is nodata: every band holds the modality's fill value (its ``nodata``, 0 when the spec gives none);
+the non-finite values are counted in :attr:`Scene.nonfinite_counts`.
 """
 
 from __future__ import annotations

@@ -1,20 +1,24 @@
 """What every reader shares: modalities stored as arrays on the scene grid (or on an integer-coarser
-grid, like BW's 30 m HSI), the checks against the spec, non-finite filling and label remapping.
+grid, like BW's 30 m HSI), the checks against the spec, non-finite values as nodata and label remapping.
 
 A concrete reader implements :meth:`GridScene._read_native` and :meth:`GridScene._read_label_native`,
 which return the stored values of a block of rows / columns of its native grid; this class brings
-coarse modalities onto the grid by block replication (nearest neighbour), converts to float32, fills
-non-finite values and checks / remaps labels.
+coarse modalities onto the grid by block replication (nearest neighbour), converts to float32, makes
+pixels with non-finite values nodata and checks / remaps labels.
 
 Rules (documented in docs/demo-data.md):
 
-- Non-finite image values (NaN, +-inf) are replaced by the modality's ``nodata`` from the spec, or 0
-  when it has none, counted per modality in ``scene.nonfinite_counts`` (accumulated over the reads made
-  through the scene object) and logged once per modality and scene.
-- Labels: every value must be a class id of the spec (or its ``ignore_id``). When some values are not
-  and the spec has a ``label_remap`` whose raw codes (plus nodata codes) cover every value in the
-  label, the label is remapped onto class ids (nodata codes onto ``ignore_id``) and a log line says
-  so. The decision is taken once per scene from the values of the whole label, read by blocks.
+- Non-finite image values (NaN, +-inf) make their pixel nodata: every band of a pixel with a non-finite
+  value in any band is set to the modality's fill value (its ``nodata`` from the spec, or 0 when it has
+  none), so prep counts the pixel in its nodata mask and leaves it out of the statistics, and the loaders
+  feed it as 0 in normalised units (the band mean). The non-finite values are counted per modality in
+  ``scene.nonfinite_counts`` (accumulated over the reads made through the scene object) and logged once
+  per modality and scene.
+- Labels follow the convention the spec declares, in every scene alike: without a ``label_remap`` they
+  store class ids, and every value must be a class id of the spec (or its ``ignore_id``); with one they
+  store raw codes, and every value must be one of its raw codes (mapped onto their class ids) or nodata
+  codes (mapped onto ``ignore_id``). No scene is read by guessing from its values. The check is made
+  once per scene on the values of the whole label, read by blocks.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import numpy as np
 
 from c2seg.spec import City, DatasetSpec, Modality
 from data_prep.readers.base import Scene, SceneError, Window, iter_windows
+from data_prep.stats import fill_value
 
 log = logging.getLogger("c2seg.readers")
 
@@ -122,18 +127,17 @@ class GridScene(Scene, abc.ABC):
         return self._fill_nonfinite(modality, values)
 
     def _fill_nonfinite(self, modality: str, values: np.ndarray) -> np.ndarray:
+        """``values`` with every band of each pixel holding a non-finite value set to the fill value (nodata)."""
         bad = ~np.isfinite(values)
-        count = int(bad.sum())
+        count = int(np.count_nonzero(bad))
+        self.nonfinite_counts[modality] = self.nonfinite_counts.get(modality, 0) + count
         if count:
-            fill = self.spec.modality(modality).nodata
-            values[bad] = 0.0 if fill is None else fill
-            self.nonfinite_counts[modality] = self.nonfinite_counts.get(modality, 0) + count
+            fill = fill_value(self.spec.modality(modality))
+            values[:, bad.any(axis=0)] = fill
             if modality not in self._warned_nonfinite:
                 self._warned_nonfinite.add(modality)
-                log.warning("%s: modality '%s' holds %d non-finite value(s) (NaN/inf) in this read; filled with %s",
-                            self.file_of(modality), modality, count, 0.0 if fill is None else fill)
-        else:
-            self.nonfinite_counts.setdefault(modality, 0)
+                log.warning("%s: modality '%s' holds %d non-finite value(s) (NaN/inf) in this read; their pixels are "
+                            "nodata (every band set to %s)", self.file_of(modality), modality, count, fill)
         return values
 
     def read_label(self, window: Window | None = None) -> np.ndarray:
@@ -159,33 +163,41 @@ class GridScene(Scene, abc.ABC):
         return np.array(sorted(seen), dtype=np.int64)
 
     def _label_mapping(self) -> tuple[int, np.ndarray]:
-        """(offset, lookup table) turning raw label values into class ids; decided once per scene."""
+        """(offset, lookup table) turning stored label values into class ids, by the convention the spec
+        declares (raw codes when it has a ``label_remap``, else class ids); checked once per scene."""
         if self._label_lut is not None:
             return self._label_lut
-        values = self.label_values()
-        allowed = set(self.spec.class_ids) | {self.spec.ignore_id}
-        outside = sorted(set(values.tolist()) - allowed)
-        path = self.file_of("label")
-        remap = self.spec.label_remap
-        mapping = {v: v for v in values.tolist()}
-        if outside:
-            if remap is None:
-                raise SceneError(f"{path}: label values outside the class set of spec '{self.spec.name}': {outside} "
-                                 f"(class ids: {sorted(allowed)})")
-            raw_codes = set(remap.codes) | set(remap.nodata_codes)
-            unknown = sorted(set(values.tolist()) - raw_codes - {self.spec.ignore_id})
-            if unknown:
-                raise SceneError(f"{path}: label values {unknown} are neither class ids of spec '{self.spec.name}' "
-                                 f"nor raw codes of its label_remap ({sorted(raw_codes)})")
-            mapping = {v: remap.codes.get(v, self.spec.ignore_id) for v in values.tolist()}
-            log.info("%s: label holds raw codes %s; remapped onto class ids with the spec's label_remap "
-                     "(nodata codes %s -> %d)", path, values.tolist(), list(remap.nodata_codes), self.spec.ignore_id)
-        offset = int(values.min()) if len(values) else 0
-        lut = np.full(int(values.max()) - offset + 1 if len(values) else 1, self.spec.ignore_id, dtype=np.uint8)
-        for raw, cid in mapping.items():
-            lut[raw - offset] = cid
+        values = self.label_values().tolist()
+        mapping = self._raw_code_mapping(values) if self.spec.label_remap else self._class_id_mapping(values)
+        offset = min(values) if values else 0
+        lut = np.full(max(values) - offset + 1 if values else 1, self.spec.ignore_id, dtype=np.uint8)
+        for stored, class_id in mapping.items():
+            lut[stored - offset] = class_id
         self._label_lut = (offset, lut)
         return self._label_lut
+
+    def _class_id_mapping(self, values: list[int]) -> dict[int, int]:
+        """Identity on ``values``, refused unless each is a class id (or the ignore id) of the spec."""
+        allowed = set(self.spec.class_ids) | {self.spec.ignore_id}
+        outside = sorted(set(values) - allowed)
+        if outside:
+            raise SceneError(f"{self.file_of('label')}: label values outside the class set of spec "
+                             f"'{self.spec.name}': {outside} (class ids: {sorted(allowed)})")
+        return {v: v for v in values}
+
+    def _raw_code_mapping(self, values: list[int]) -> dict[int, int]:
+        """The class id of each raw code in ``values`` (nodata codes: the ignore id), refused unless each is
+        a raw code or nodata code of the spec's ``label_remap``."""
+        remap = self.spec.label_remap
+        path = self.file_of("label")
+        unknown = sorted(set(values) - set(remap.codes) - set(remap.nodata_codes))
+        if unknown:
+            raise SceneError(f"{path}: label values {unknown} are neither raw codes {sorted(remap.codes)} nor "
+                             f"nodata codes {list(remap.nodata_codes)} of the label_remap of spec "
+                             f"'{self.spec.name}' (labels that hold class ids need label_remap: null)")
+        log.info("%s: label raw codes %s remapped onto class ids with the spec's label_remap (nodata codes %s -> %d)",
+                 path, values, list(remap.nodata_codes), self.spec.ignore_id)
+        return {v: remap.codes.get(v, self.spec.ignore_id) for v in values}
 
 
 def mat_transform(spec: DatasetSpec, city: City):

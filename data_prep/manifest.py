@@ -24,7 +24,7 @@ from c2seg.config import load_json_record
 from c2seg.io import write_text_atomic
 from c2seg.spec import DatasetSpec, spec_from_dict
 from data_prep.prep import Job, load_job
-from data_prep.stats import BandStats, bounds_problem, fill_as, fill_value
+from data_prep.stats import BandStats, bounds_problem, fill_value, nodata_mask
 from data_prep.tiling import CityPlan
 from data_prep.zarr_store import STORE, write_kept
 
@@ -158,8 +158,7 @@ class Normalizer:
     def __call__(self, modality: str, values: np.ndarray) -> np.ndarray:
         """Normalise ``(C, H, W)`` or ``(B, C, H, W)`` values of ``modality`` to float32."""
         values = np.asarray(values)
-        fill = fill_as(self.fill[modality], values.dtype)
-        nodata = np.zeros(1, bool) if fill is None else np.all(values == fill, axis=-3, keepdims=True)
+        nodata = np.expand_dims(nodata_mask(values, self.fill[modality]), -3)
         shape = (-1, 1, 1)
         out = (values.astype(np.float32) - self.mean[modality].reshape(shape)) / self.std[modality].reshape(shape)
         return np.where(nodata, np.float32(0.0), out)

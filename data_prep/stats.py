@@ -36,11 +36,12 @@ def fill_as(fill: float, dtype: np.dtype) -> np.ndarray | None:
 
 
 def nodata_mask(values: np.ndarray, fill: float) -> np.ndarray:
-    """``(h, w)`` True where every band of ``values`` ``(C, h, w)`` equals ``fill``."""
+    """``(h, w)`` True where every band of ``values`` ``(C, h, w)`` equals ``fill`` (``(B, h, w)`` for
+    ``(B, C, h, w)``: the bands are axis -3)."""
     stored = fill_as(fill, values.dtype)
     if stored is None:
-        return np.zeros(values.shape[1:], bool)
-    return np.all(values == stored, axis=0)
+        return np.zeros(values.shape[:-3] + values.shape[-2:], bool)
+    return np.all(values == stored, axis=-3)
 
 
 def count_out_of_bounds(values: np.ndarray, modality: Modality) -> int:

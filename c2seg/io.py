@@ -8,11 +8,12 @@ folder next) deletes the temp files of processes that no longer run.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import os
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
@@ -94,6 +95,44 @@ def file_problem(path: str | Path, expected: str) -> str | None:
     if not path.is_file():
         return "file not found"
     return None
+
+
+def similar_files(root: str | Path, name: str, skip: Collection[Path] = (), depth: int = 2) -> list[str]:
+    """Entries of ``root`` and its sub-folders (``depth`` levels below it) whose name is most like ``name``, as
+    sorted POSIX paths relative to ``root``: those of the same name; else those whose stem extends the other
+    after a separator (``augsburg`` / ``augsburg_multimodal``); else close spellings (difflib ratio >= 0.8).
+    The suffix must match (case aside); entries whose resolved path is in ``skip`` are left out. For messages
+    about a file that is not where a config says."""
+    root, wanted = Path(root), Path(name)
+    ranked: dict[int, list[str]] = {}
+    for path in _entries(root, depth):
+        rank = _likeness(path.stem.lower(), wanted.stem.lower())
+        if rank is not None and path.suffix.lower() == wanted.suffix.lower() and path.resolve() not in skip:
+            ranked.setdefault(rank, []).append(path.relative_to(root).as_posix())
+    return sorted(ranked[min(ranked)]) if ranked else []
+
+
+def _likeness(stem: str, wanted: str) -> int | None:
+    """0 for the same stem, 1 when one extends the other after a separator, 2 for a close spelling, else None."""
+    if stem == wanted:
+        return 0
+    short, long = sorted((stem, wanted), key=len)
+    if long.startswith(short) and not long[len(short)].isalnum():
+        return 1
+    return 2 if difflib.SequenceMatcher(None, stem, wanted).ratio() >= 0.8 else None
+
+
+def _entries(folder: Path, depth: int) -> Iterator[Path]:
+    """Everything in ``folder`` and, ``depth`` levels down, its sub-folders (hidden ones and unreadable ones
+    left out)."""
+    try:
+        children = sorted(folder.iterdir())
+    except OSError:
+        return
+    for path in children:
+        yield path
+        if depth > 0 and path.is_dir() and not path.name.startswith("."):
+            yield from _entries(path, depth - 1)
 
 
 def _alive(pid: int) -> bool:

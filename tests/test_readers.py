@@ -298,8 +298,52 @@ def test_missing_and_mislabelled_files(tmp_path):
     with pytest.raises(SceneError, match="set format: mat_v73"):
         open_city(as_v5, "synth_source")
     scene_path.unlink()
-    with pytest.raises(SceneError, match=f"{scene_path}: file not found"):
+    with pytest.raises(SceneError) as err:
         open_city(spec, "synth_source")
+    assert str(err.value) == f"{scene_path}: file not found"  # the .mat files the spec names are no hint
+
+
+def test_shipped_c2seg_specs_name_the_release_files(tmp_path):
+    """c2seg_ab.yaml and c2seg_bw.yaml read the release as the organisers' baseline loads it: AB in data1/, BW
+    in data2/, under one data root; stand-ins written at those names open."""
+    for name, size in (("c2seg_ab.yaml", (16, 16)), ("c2seg_bw.yaml", (48, 48))):
+        spec = generate_dataset(load_spec(CONFIGS / name, data_root=tmp_path), *size)
+        assert [len(open_city(spec, c.name)) for c in spec.cities] == [1, 1]
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.mat")) == [
+        "data1/augsburg_multimodal.mat", "data1/berlin_multimodal.mat", "data2/beijing.mat",
+        "data2/beijing_label.mat", "data2/wuhan.mat", "data2/wuhan_label.mat"]
+
+
+AUGSBURG_HINT = "data1/augsburg_multimodal.mat: set cities.augsburg.files.scene: data1/augsburg_multimodal.mat"
+
+
+@pytest.mark.parametrize("named, copy, hint", [
+    ("augsburg.mat", None, AUGSBURG_HINT),  # the release's name extends the one given
+    ("data1/augsburg_multimodal_v2.mat", None, AUGSBURG_HINT),  # the name given extends the release's
+    ("Augsbrug_multimodal.MAT", None, AUGSBURG_HINT),  # a close spelling, case aside
+    ("augsburg_multimodal.mat", None, AUGSBURG_HINT),  # the same name in a sub-folder
+    ("augsburg.mat", "old/augsburg-2023.mat", "data1/augsburg_multimodal.mat, old/augsburg-2023.mat: set "
+                                              "cities.augsburg.files.scene to the right one"),
+    ("augsburg.tif", None, None),  # another suffix is no hint
+    ("multimodal.mat", None, None),  # nor is a shared word
+])
+def test_a_missing_file_names_the_similar_files_under_the_data_root(tmp_path, named, copy, hint):
+    generate_dataset(load_spec(CONFIGS / "c2seg_ab.yaml", data_root=tmp_path), 16, 16)  # data1/<city>_multimodal.mat
+    if copy:
+        (tmp_path / copy).parent.mkdir()
+        shutil.copy(tmp_path / "data1/augsburg_multimodal.mat", tmp_path / copy)
+    spec_file = tmp_path / "renamed.yaml"
+    spec_file.write_text(f"extends: {CONFIGS / 'c2seg_ab.yaml'}\ncities:\n"
+                         f"  - {{name: augsburg, role: source, format: mat_v5, files: {{scene: {named}}}}}\n"
+                         "  - {name: berlin, role: target, format: mat_v5, files: {scene: berlin.mat}}\n")
+    with pytest.raises(SceneError) as err:
+        open_city(load_spec(spec_file, data_root=tmp_path), "augsburg")
+    missing = f"{tmp_path / named}: file not found"
+    assert str(err.value) == (f"{missing}; the data root {tmp_path} holds {hint} in {spec_file}" if hint else missing)
+    with pytest.raises(SceneError) as err:
+        open_city(load_spec(spec_file, data_root=tmp_path / "absent"), "augsburg")
+    assert str(err.value) == (f"{tmp_path / 'absent' / named}: file not found, and the data root {tmp_path / 'absent'} "
+                              f"does not exist (set data_root in {spec_file} or pass --data-root)")
 
 
 def test_tile_folders_must_match(tmp_path):

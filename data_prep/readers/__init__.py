@@ -6,7 +6,10 @@ MATLAB v5, MATLAB v7.3 / HDF5), one per tile for the challenge tile folders.
 
 from __future__ import annotations
 
-from c2seg.spec import DatasetSpec
+from pathlib import Path
+
+from c2seg.io import similar_files
+from c2seg.spec import City, DatasetSpec
 from data_prep.readers.base import Scene, SceneError, Window, iter_windows
 from data_prep.readers.geotiff import GeoTiffScene, open_geotiff_city
 from data_prep.readers.mat import MatV5Scene, MatV73Scene, open_mat_v5_city, open_mat_v73_city
@@ -23,7 +26,32 @@ OPENERS = {
 def open_city(spec: DatasetSpec, city_name: str) -> list[Scene]:
     """Open every scene of city ``city_name``, checked against ``spec``; raises :class:`SceneError`."""
     city = spec.city(city_name)
+    for key in city.files:
+        if key != "label" or city.labelled:  # an unlabelled city's label file is never read
+            _require_entry(spec, city, key)
     return OPENERS[city.format](spec, city)
+
+
+def _require_entry(spec: DatasetSpec, city: City, key: str) -> None:
+    """Raise :class:`SceneError` when the file (or tile folder) of ``city.files[key]`` does not exist, naming
+    the similarly named files under the data root (:func:`c2seg.io.similar_files`) that no entry of the spec
+    names: the file the entry may have meant."""
+    path = spec.resolve(city, key)
+    if path.exists():
+        return
+    root = Path(spec.data_root).resolve()
+    what = "folder" if city.format == "tiles" else "file"
+    if not root.is_dir():
+        raise SceneError(f"{path}: {what} not found, and the data root {root} does not exist (set data_root in "
+                         f"{spec.source_file or 'the spec'} or pass --data-root)")
+    named = {spec.resolve(c, k) for c in spec.cities for k in c.files}  # files other entries already name
+    found = similar_files(root, path.name, skip=named)[:3]
+    if not found:
+        raise SceneError(f"{path}: {what} not found")
+    setting = f"cities.{city.name}.files.{key}"
+    fix = f"set {setting}: {found[0]}" if len(found) == 1 else f"set {setting} to the right one"
+    raise SceneError(f"{path}: {what} not found; the data root {root} holds {', '.join(found)}: {fix}"
+                     f"{f' in {spec.source_file}' if spec.source_file else ''}")
 
 
 __all__ = ["GeoTiffScene", "MatV5Scene", "MatV73Scene", "Scene", "SceneError", "Window", "iter_windows",

@@ -53,13 +53,15 @@ def _check_city_stats(out: Path, job: Job, city: str, acc: dict[str, BandStats])
                              f"a wrong unit; delete {out} and rerun the prep)")
 
 
-def _no_tiles_reason(job: Job, plan: CityPlan, acc: dict[str, BandStats], splits: dict) -> str:
-    """Why a city kept no tile: every tile dropped as nodata (naming the modality with the most nodata
-    pixels), or none planned."""
-    planned = sum(sp["planned"] for sp in splits.values())
-    if not planned:
-        return (f"no tile was planned ({plan.small_scenes_skipped} scene(s) smaller than the {job.cfg.tile_size} px "
-                f"tile, {plan.straddling_dropped} tile(s) straddling the val blocks)")
+def empty_splits(splits: dict[str, dict]) -> list[str]:
+    """The splits of a city's manifest record that hold no tile but should: train always (a source city's labels,
+    a target city's tiles to adapt on), val when tiles were planned for it (validation blocks were held out)."""
+    return [s for s, rec in splits.items() if not rec["tiles"] and (s == "train" or rec["planned"])]
+
+
+def _nodata_reason(job: Job, plan: CityPlan, acc: dict[str, BandStats], planned: int) -> str:
+    """Why a split kept none of its ``planned`` tiles: all were dropped as nodata (naming the modality with the
+    most nodata pixels); the plan gave every split that should have tiles some (:func:`data_prep.tiling.plan_city`)."""
     pixels = sum(h * w for _, h, w in plan.scenes)
     nodata = {m.name: 1 - int(acc[m.name].count[0]) / pixels for m in job.spec.modalities}
     worst = max(nodata, key=nodata.get)
@@ -69,8 +71,8 @@ def _no_tiles_reason(job: Job, plan: CityPlan, acc: dict[str, BandStats], splits
 
 
 def finalize(out: Path) -> Path:
-    """Join the parts of every task into ``out/manifest.json``; fails naming the missing units, a city
-    without tiles, or statistics outside a modality's value bounds."""
+    """Join the parts of every task into ``out/manifest.json``; fails naming the missing units, a city split
+    that kept no tiles but should (:func:`empty_splits`), or statistics outside a modality's value bounds."""
     out = Path(out)
     job = load_job(out)
     units = job.units()
@@ -107,8 +109,10 @@ def finalize(out: Path) -> Path:
                 "zarr": f"{STORE}/{city}/{split}",
                 "shards": [r["shard"] for r in records],
             }
-        if not any(sp["tiles"] for sp in splits.values()):
-            raise ValueError(f"{out}: city '{city}' has no tiles: {_no_tiles_reason(job, plan, acc, splits)}")
+        empty = empty_splits(splits)
+        if empty:
+            raise ValueError(f"{out}: city '{city}' kept no {empty[0]} tiles: "
+                             f"{_nodata_reason(job, plan, acc, splits[empty[0]]['planned'])}")
         cities[city] = {"id": plan.city_id, "role": plan.role, "scenes": [s[0] for s in plan.scenes],
                         "dropped_straddling": plan.straddling_dropped,
                         "scenes_smaller_than_tile": plan.small_scenes_skipped,

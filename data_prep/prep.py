@@ -113,18 +113,31 @@ def load_job(out: Path, opener: SceneOpener = default_opener) -> Job:
     return Job(Path(out), spec, cfg, {c: _plan_from_dict(p) for c, p in rec["plans"].items()}, opener)
 
 
-def open_job(spec: DatasetSpec, cfg: PrepConfig, out: Path, opener: SceneOpener = default_opener) -> Job:
-    """Plan the job and record it in ``out`` (first task), or check it against the record (later tasks)."""
-    out = Path(out)
-    cfg = cfg.resolved(spec)
+def _plan(spec: DatasetSpec, cfg: PrepConfig, opener: SceneOpener) -> tuple[PrepConfig, dict[str, CityPlan]]:
+    """The resolved config and every city's plan. Tile-folder cities are opened first (their scenes hold no
+    file handles), as the side of their smallest tile may set the tile size (:class:`PrepConfig`)."""
+    tiled = {c.name: opener(spec, c.name) for c in spec.cities if c.format == "tiles"}
+    sides = {name: min(min(s.height, s.width) for s in scenes) for name, scenes in tiled.items()}
+    resolved = cfg.resolved(spec, sides)
+    if resolved.tile_size < spec.tiling.size and cfg.tile_size is None:
+        city = min(sides, key=sides.get)
+        log.info("tile size %d px, stride %d: the smallest tile of city '%s' (the spec's tiling.size %d is larger)",
+                 resolved.tile_size, resolved.stride, city, spec.tiling.size)
     plans = {}
     for city in spec.cities:
-        scenes = opener(spec, city.name)
+        scenes = tiled.pop(city.name, None) or opener(spec, city.name)
         try:
-            plans[city.name] = plan_city(spec, city, scenes, cfg)
+            plans[city.name] = plan_city(spec, city, scenes, resolved)
         finally:
             for s in scenes:
                 s.close()
+    return resolved, plans
+
+
+def open_job(spec: DatasetSpec, cfg: PrepConfig, out: Path, opener: SceneOpener = default_opener) -> Job:
+    """Plan the job and record it in ``out`` (first task), or check it against the record (later tasks)."""
+    out = Path(out)
+    cfg, plans = _plan(spec, cfg, opener)
     job = Job(out, spec, cfg, plans, opener)
     record = _job_record(job)
     with file_lock(out / ".prep.lock"):

@@ -14,7 +14,16 @@ StoreDtype = Literal["float32", "float16", "uint16"]
 
 @dataclass(frozen=True)
 class PrepConfig:
-    """How cities become tiles. ``tile_size`` / ``stride`` default to the spec's ``tiling``.
+    """How cities become tiles. ``tile_size`` / ``stride`` default to the spec's ``tiling``, except that a
+    tile-folder city (``format: tiles``) whose tiles are smaller than the spec's tile size sets the tile size
+    of the whole job to the side of its smallest tile (the release is cut already, and one tile size is
+    trained on), the stride scaled in the spec's proportion: 64 px tiles under ``tiling: {size: 128, stride:
+    64}`` give 64 / 32. A ``tile_size`` set here is kept, and a city with no scene or tile that large fails
+    prep naming the city, both sizes and this setting.
+
+    Every city must get train tiles (a source city's labels, a target city's tiles to adapt on), and a city
+    that holds out validation blocks must get val tiles; else prep fails naming the city, the split and why.
+    An unlabelled city holds out no blocks: its val split could score nothing.
 
     ``store_dtypes`` maps a modality to its stored dtype: ``float16`` (default; relative error
     <= 2**-11, the measured maximum is written to the manifest), ``uint16`` (lossless for
@@ -26,7 +35,7 @@ class PrepConfig:
     stride: int | None = None
     max_nodata_fraction: float = 0.5  # tiles with more nodata pixels are dropped (and counted)
     val_block_size: int | None = None  # side of the validation blocks in px; default 4 x tile size
-    val_fraction: float = 0.2  # share of blocks held out for validation (in cities that are not sources)
+    val_fraction: float = 0.2  # share of blocks held out for validation (in labelled cities that are not sources)
     # share of a *source* city's blocks held out. Source labels are what a cross-city model learns from: a
     # held-out block, and every tile straddling one, is lost to training (0.25 of the demo's 128 px blocks hid
     # a third of its source pixels and 56-71 % of its urban, industrial and mine pixels), and training scores
@@ -58,10 +67,10 @@ class PrepConfig:
         if not 1 <= self.zarr_clevel <= 22:
             raise ValueError(f"zarr_clevel must be in 1..22, got {self.zarr_clevel}")
 
-    def resolved(self, spec: DatasetSpec) -> PrepConfig:
-        """This config with tile size, stride, validation block and store dtypes filled in from ``spec``."""
-        size = self.tile_size or spec.tiling.size
-        stride = self.stride or (spec.tiling.stride if self.tile_size is None else size // 2)
+    def resolved(self, spec: DatasetSpec, tile_sides: dict[str, int] | None = None) -> PrepConfig:
+        """This config with tile size, stride, validation block and store dtypes filled in from ``spec`` and
+        ``tile_sides``, the side of the smallest tile of each tile-folder city (see the class doc)."""
+        size, stride = self._tiling(spec, tile_sides or {})
         if stride > size:
             raise ValueError(f"stride {stride} is larger than tile_size {size}")
         unknown = sorted(set(self.store_dtypes) - set(spec.modality_names))
@@ -70,6 +79,16 @@ class PrepConfig:
         dtypes = {m: self.store_dtypes.get(m, "float16") for m in spec.modality_names}
         return PrepConfig(**{**self.__dict__, "tile_size": size, "stride": stride,
                              "val_block_size": self.val_block_size or 4 * size, "store_dtypes": dtypes})
+
+    def _tiling(self, spec: DatasetSpec, tile_sides: dict[str, int]) -> tuple[int, int]:
+        """Tile size and stride: this config's, else the spec's shrunk to the smallest tile of a tile folder."""
+        if self.tile_size is not None:
+            return self.tile_size, self.stride or self.tile_size // 2
+        size, stride = spec.tiling.size, spec.tiling.stride
+        smallest = min(tile_sides.values(), default=size)
+        if smallest < size:
+            size, stride = smallest, max(1, smallest * stride // size)
+        return size, self.stride or stride
 
 
 def load_prep_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> PrepConfig:

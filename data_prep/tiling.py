@@ -6,7 +6,8 @@ task computes the same plan and writes only its own units.
 
 Validation split: the city is cut into square blocks of ``val_block_size`` px (in the city frame:
 scene pixels, or for a multi-scene city the scenes placed by their georeferencing); a seeded
-``val_fraction`` of the blocks (``source_val_fraction`` in source cities) is held out. A tile lying wholly in held-out blocks is ``val``, one
+``val_fraction`` of the blocks (``source_val_fraction`` in source cities, none in unlabelled cities, whose
+val split could score nothing) is held out. A tile lying wholly in held-out blocks is ``val``, one
 touching none is ``train``, one straddling both is dropped (counted), so no pixel is in both splits.
 A multi-scene city without georeferencing (all transforms equal) is split by whole scenes.
 """
@@ -95,16 +96,16 @@ def plan_city(spec: DatasetSpec, city: City, scenes: list[Scene], cfg: PrepConfi
     offsets = _scene_offsets(scenes)
     per_split: dict[str, list[tuple[int, int, int]]] = {s: [] for s in SPLITS}
     straddling = small = 0
-    fraction = cfg.val_fraction
-    if city.role == "source" and cfg.source_val_fraction is not None:
-        fraction = cfg.source_val_fraction
+    fraction = getattr(cfg, val_fraction_key(city, cfg)) if city.labelled else 0.0
     if offsets is None:  # scenes without georeferencing: hold out whole scenes
         val_scenes = _pick(len(scenes), fraction, rng)
+        held_out = "scenes (no georeferencing)" if val_scenes else ""
     else:
         extent_r = max(o[0] + s.height for o, s in zip(offsets, scenes))
         extent_c = max(o[1] + s.width for o, s in zip(offsets, scenes))
         nbr, nbc = math.ceil(extent_r / block), math.ceil(extent_c / block)
         val_blocks = _pick(nbr * nbc, fraction, rng)
+        held_out = f"blocks of {block} px" if val_blocks else ""
     for i, scene in enumerate(scenes):
         rows, cols = tile_origins(scene.height, size, stride), tile_origins(scene.width, size, stride)
         if not rows or not cols:
@@ -130,9 +131,42 @@ def plan_city(spec: DatasetSpec, city: City, scenes: list[Scene], cfg: PrepConfi
         plan = SplitPlan(city.name, split, labelled, np.array(tiles, dtype=np.int64).reshape(-1, 3))
         plan.units = _units(len(tiles), _samples_per_shard(spec, cfg, labelled, len(tiles)))
         splits[split] = plan
-    return CityPlan(city.name, spec.cities.index(city), city.role,
+    plan = CityPlan(city.name, spec.cities.index(city), city.role,
                     [(s.name, s.height, s.width) for s in scenes], splits, straddling, small,
                     _stats_units(scenes, cfg))
+    _require_tiles(spec, city, cfg, plan, held_out)
+    return plan
+
+
+def val_fraction_key(city: City, cfg: PrepConfig) -> str:
+    """The prep setting that gives the share of ``city``'s blocks held out for validation (in a labelled city;
+    an unlabelled one holds out none, :class:`~data_prep.prep_config.PrepConfig`)."""
+    return "source_val_fraction" if city.role == "source" and cfg.source_val_fraction is not None else "val_fraction"
+
+
+def _require_tiles(spec: DatasetSpec, city: City, cfg: PrepConfig, plan: CityPlan, held_out: str) -> None:
+    """Refuse a plan in which a split that should have tiles has none: train always (a source city's labels,
+    a target city's tiles to adapt on), val when ``held_out`` names the validation blocks (or scenes) held out."""
+    for split, sp in plan.splits.items():
+        if not len(sp.tiles) and (split == "train" or held_out):
+            raise ValueError(f"{spec.source_file or spec.name}: city '{city.name}' gets no {split} tiles: "
+                             f"{_no_tiles_reason(city, cfg, plan, split, held_out)}")
+
+
+def _no_tiles_reason(city: City, cfg: PrepConfig, plan: CityPlan, split: str, held_out: str) -> str:
+    """Why ``split`` of ``plan`` has no tile, and the setting to change."""
+    size, n = cfg.tile_size, len(plan.scenes)
+    if plan.small_scenes_skipped == n:
+        h, w = max(((h, w) for _, h, w in plan.scenes), key=min)
+        scenes = (f"its scene is {h} x {w} px, smaller than the {size} px tile size" if n == 1 else
+                  f"its {n} scenes are all smaller than the {size} px tile size (the largest is {h} x {w} px)")
+        return f"{scenes}: set tile_size: {min(h, w)} (or less) in the prep config, or --set tile_size={min(h, w)}"
+    key = val_fraction_key(city, cfg)
+    tiles = sum(len(sp.tiles) for sp in plan.splits.values()) + plan.straddling_dropped
+    return (f"none of its {tiles} tiles lies wholly {'outside' if split == 'train' else 'inside'} the held-out "
+            f"validation {held_out} ({plan.straddling_dropped} straddle them and are dropped; "
+            f"{plan.small_scenes_skipped} of its {n} scenes are smaller than the {size} px tile): change "
+            f"val_block_size or {key} ({getattr(cfg, key):g})")
 
 
 def sample_bytes(spec: DatasetSpec, cfg: PrepConfig, labelled: bool) -> int:

@@ -1,6 +1,7 @@
 """``c2seg data verify``: check a prepared dataset against its manifest and say exactly what is wrong.
 
-Checks: every shard exists with the recorded size and sha256 and holds the recorded sample count
+Checks: every city has the tiles it should (train tiles, and val tiles where validation blocks were held
+out); every shard exists with the recorded size and sha256 and holds the recorded sample count
 with keys of kept slots only; each split's zarr arrays exist with the planned shape and ``kept``
 matches the shards; for a sample of tiles per shard (every tile with ``all_chunks``) the tar entries equal
 the zarr tiles bit for bit. Zarr tiles are read through :func:`data_prep.zarr_store.read_tiles`, so a chunk
@@ -19,7 +20,7 @@ import zarr
 from tqdm import tqdm
 
 from c2seg.io import file_sha256
-from data_prep.manifest import load_manifest
+from data_prep.manifest import MANIFEST, empty_splits, load_manifest
 from data_prep.shards import decode_npy, iter_samples, sample_key
 from data_prep.zarr_store import ChunkError, has_checksums, read_tiles
 
@@ -33,7 +34,7 @@ def verify(prep_dir: str | Path, samples_per_shard: int = 2, all_chunks: bool = 
     root = Path(prep_dir)
     manifest = load_manifest(root)
     modalities = manifest.spec.modality_names
-    problems: list[str] = []
+    problems = _missing_tiles(root, manifest.cities)
     work = [(c, s, rec) for c, v in manifest.cities.items() for s, rec in v["splits"].items()]
     for city, split, rec in tqdm(work, desc="verify", unit="split"):
         where = f"{city}/{split}"
@@ -73,6 +74,12 @@ def verify(prep_dir: str | Path, samples_per_shard: int = 2, all_chunks: bool = 
                             f"in shards not in zarr {extra[:10]}")
     log.info("verify %s: %s", root, "OK" if not problems else f"{len(problems)} problem(s)")
     return problems
+
+
+def _missing_tiles(root: Path, cities: dict[str, dict]) -> list[str]:
+    """A problem for each city split that holds no tile but should (:func:`data_prep.manifest.empty_splits`)."""
+    return [f"{root / MANIFEST}: city '{city}' has no {split} tiles, so training cannot use it (rerun `c2seg data "
+            f"prep`, which says why)" for city, rec in cities.items() for split in empty_splits(rec["splits"])]
 
 
 def _warn_without_checksums(group_dir: Path, g, names: tuple[str, ...]) -> None:

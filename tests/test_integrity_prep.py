@@ -72,11 +72,39 @@ def test_city_whose_tiles_are_all_nodata_fails_prep_naming_city_modality_and_rea
     code = main(["data", "prep", "--spec", str(SPEC), "--data-root", str(data_copy), "--out", str(out), *PREP_SETS])
     assert code == 2
     (line,) = _error_lines(capsys.readouterr().err)
-    assert line.startswith(f"c2seg data: error: {out}: city 'synth_target' has no tiles: all ")
+    assert line.startswith(f"c2seg data: error: {out}: city 'synth_target' kept no train tiles: all ")
     assert line.endswith(" tiles were dropped as nodata (over max_nodata_fraction 0.5 of their pixels): modality "
                          "'sar' is nodata in 100.0% of the city's pixels (fill value 0; NaN and inf are read as "
                          "nodata)")
     assert not (out / "manifest.json").exists() and len(list((out / "parts" / "units").glob("*.json"))) > 0
+
+
+def test_a_tile_size_larger_than_every_scene_fails_prep_before_any_work(tiny_spec, tmp_path, capsys):
+    """The one line names the city, the split, both sizes and the setting; nothing is tiled first."""
+    out = tmp_path / "prep"
+    code = main(["data", "prep", "--spec", str(SPEC), "--data-root", str(tiny_spec.data_root), "--out", str(out),
+                 "--set", "tile_size=128"])
+    (line,) = _error_lines(capsys.readouterr().err)
+    assert (code, line) == (2, f"c2seg data: error: {SPEC}: city 'synth_source' gets no train tiles: its scene is 96 x "
+                               "128 px, smaller than the 128 px tile size: set tile_size: 96 (or less) in the prep "
+                               "config, or --set tile_size=96")
+    assert not (out / "job.json").exists()
+
+
+def test_verify_refuses_a_store_where_a_city_has_no_train_tiles(tiny_prepared, tmp_path):
+    """A store whose city kept no train tile, as prep wrote one before it refused them, is not OK."""
+    from data_prep.zarr_store import write_kept
+
+    out = Path(shutil.copytree(tiny_prepared, tmp_path / "prep"))
+    manifest = json.loads((out / "manifest.json").read_text())
+    train = manifest["cities"]["synth_target"]["splits"]["train"]
+    for shard in train["shards"]:
+        (out / shard["path"]).unlink()
+    train.update(tiles=0, dropped_nodata=train["planned"], class_histogram={}, shards=[])
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    write_kept(out, "synth_target", "train", [])
+    assert verify(out) == [f"{out / 'manifest.json'}: city 'synth_target' has no train tiles, so training cannot "
+                           "use it (rerun `c2seg data prep`, which says why)"]
 
 
 # ---- 14: values far outside the modality's unit ---------------------------------------------------------

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -16,13 +17,16 @@ import pytest
 import zarr
 
 from c2seg.config import ConfigError
+from c2seg.spec import load_spec
 from data_prep.manifest import finalize, load_manifest
 from data_prep.prep import run_prep
 from data_prep.prep_config import PrepConfig, load_prep_config
 from data_prep.readers import open_city
 from data_prep.shards import decode_npy, read_shard
-from data_prep.tiling import tile_origins
+from data_prep.synth import generate_dataset, with_format
+from data_prep.tiling import plan_city, tile_origins
 from data_prep.verify import verify
+from tests.fixtures_data import CONFIGS
 from tests.fixtures_prep import TINY_PREP
 
 ROOT = Path(__file__).parents[1]
@@ -270,3 +274,50 @@ def test_source_cities_train_whole_by_default(tiny_spec):
     held = plan_city(tiny_spec, tiny_spec.city("synth_source"), open_city(tiny_spec, "synth_source"),
                      PrepConfig(tile_size=32, stride=16, val_block_size=48, source_val_fraction=None).resolved(tiny_spec))
     assert len(held.splits["train"].tiles) < 35  # the old behaviour: source blocks held out like the target's
+
+
+def test_tile_folders_smaller_than_the_spec_tile_set_the_tile_size(tmp_path):
+    """32 px tile folders under a spec whose tiling is 64 / 32: prep without a tile_size cuts 32 px tiles with
+    stride 16 (the spec's proportion), so every tile of the release is one tile of the store."""
+    generate_dataset(load_spec(CONFIGS / "demo_tiny.yaml", data_root=tmp_path), 96, 128, fmt="tiles")  # 32 px
+    spec_file = tmp_path / "tiles64.yaml"
+    spec_file.write_text(f"extends: {CONFIGS / 'demo_tiny.yaml'}\ntiling: {{size: 64, stride: 32}}\n")
+    spec = with_format(load_spec(spec_file, data_root=tmp_path), "tiles")
+    out = tmp_path / "prep"
+    run_prep(spec, PrepConfig(), out)
+    finalize(out)
+    m = load_manifest(out)
+    assert (m.tile_size, m.data["config"]["stride"]) == (32, 16)
+    tiles = {c: len(list((tmp_path / c / "hsi").glob("*.tiff"))) for c in m.cities}
+    assert tiles == {"synth_source": 35, "synth_target": 12}
+    assert {c: rec["splits"]["train"]["tiles"] for c, rec in m.cities.items()} == tiles
+    assert verify(out) == []
+
+
+def _plan_target(spec, **cfg):
+    city = spec.city("synth_target")
+    return plan_city(spec, city, open_city(spec, city.name), PrepConfig(tile_size=32, stride=16, **cfg).resolved(spec))
+
+
+def test_an_unlabelled_city_holds_out_no_validation_blocks(tiny_spec):
+    """Its val split could score nothing: every candidate tile of it is a train tile, to adapt on."""
+    def counts(plan) -> tuple[int, int, int]:
+        return len(plan.splits["train"].tiles), len(plan.splits["val"].tiles), plan.straddling_dropped
+
+    unlabelled = replace(tiny_spec, cities=(tiny_spec.cities[0], replace(tiny_spec.cities[1], labelled=False)))
+    assert counts(_plan_target(unlabelled, val_fraction=0.9, val_block_size=24)) == (35, 0, 0)
+    assert counts(_plan_target(tiny_spec, val_fraction=0.5, val_block_size=48)) == (11, 16, 8)  # labelled
+
+
+@pytest.mark.parametrize("fraction, block, split, where, straddling", [
+    (0.9, 24, "train", "outside", 11),  # the blocks left to train hold no whole tile
+    (0.2, 16, "val", "inside", 19),  # the held-out blocks hold no whole tile
+])
+def test_a_split_left_without_tiles_by_the_validation_blocks_fails_naming_city_split_and_settings(
+        tiny_spec, fraction, block, split, where, straddling):
+    with pytest.raises(ValueError) as err:
+        _plan_target(tiny_spec, val_fraction=fraction, val_block_size=block)
+    assert str(err.value) == (
+        f"{tiny_spec.source_file}: city 'synth_target' gets no {split} tiles: none of its 35 tiles lies wholly "
+        f"{where} the held-out validation blocks of {block} px ({straddling} straddle them and are dropped; 0 of its "
+        f"1 scenes are smaller than the 32 px tile): change val_block_size or val_fraction ({fraction:g})")

@@ -29,7 +29,9 @@ example: c2seg infer run --model model.pt --spec configs/datasets/c2seg_ab.yaml 
 EVAL_HELP = """\
 Score a prediction against labels: confusion matrix over labelled pixels (classes 1..K), per-class IoU
 and F1, mIoU, OA, macro-F1, Cohen's kappa. Writes a JSON file and a confusion-matrix PNG next to it,
-and logs both to an MLflow run when --mlflow-run is given. A missing, empty or truncated raster, a
+and logs both to an MLflow run when --mlflow-run is given. Predictions pair with the labels by scene: one
+label scene and one prediction raster whatever their names, else by name (a labelled scene without a
+prediction stops it, naming the scenes that did not pair). A missing, empty or truncated raster, a
 prediction that is not one band of integer class ids, values outside the spec's classes, or a prediction
 grid (size, CRS, transform) unlike the labels' stops it with one line naming the file (exit 2).
 

@@ -4,12 +4,17 @@ confusion-matrix plot and, when a run is given, MLflow metrics and artifacts.
 
 Truth comes from a city's readers (``--city``: label remapping included) or from a label raster /
 folder of label tiles (``--truth``). The prediction is a class-map raster (single-scene city) or a
-folder holding ``<scene>.tif`` (``N.tif`` per tile, as ``c2seg infer run`` writes them).
+folder holding ``<scene>.tif`` (``N.tif`` per tile, as ``c2seg infer run`` writes them, also under
+``submission/``; ``*.probs.tif`` left out). Predictions pair with the labels by scene: one label scene and
+one prediction pair whatever their names; otherwise by name, and a labelled scene without a prediction
+fails naming the scenes that did not pair on either side (predictions without labels are named and left
+out of the scores).
 
 Nothing on disk is trusted: rasters open through the readers' checks (missing, empty or corrupt files),
 a read that fails names the file and window, a raster must have one band (a prediction: of integer
-class ids) and a prediction must lie on the truth's grid (size, CRS, transform); values outside the
-spec's classes are refused. Each problem is a :class:`~data_prep.readers.SceneError` naming the file.
+class ids) and a prediction must lie on the truth's grid (size, CRS, transform: one line naming both files
+and every difference); values outside the spec's classes are refused. Each problem is a
+:class:`~data_prep.readers.SceneError` naming the file.
 """
 
 from __future__ import annotations
@@ -57,7 +62,7 @@ def truth_from_city(spec: DatasetSpec, city: str) -> Iterator[Truth]:
     if not spec.city(city).labelled:
         raise ValueError(f"city '{city}' has no labels in spec {spec.source_file or spec.name}")
     for scene in open_city(spec, city):
-        yield Truth(scene.name, scene.path, scene.height, scene.width, scene.transform, scene.crs,
+        yield Truth(scene.name, scene.file_of("label"), scene.height, scene.width, scene.transform, scene.crs,
                     scene.read_label)
 
 
@@ -96,10 +101,17 @@ def _raster_reader(path: Path) -> Callable[[Window], np.ndarray]:
     return read
 
 
+def class_rasters(folder: Path) -> dict[str, Path]:
+    """The ``*.tif[f]`` rasters of ``folder`` by stem, in name order (``*.probs.tif`` probabilities left out);
+    none when it is no folder."""
+    files = sorted(folder.iterdir()) if folder.is_dir() else []
+    return {p.stem: p for p in files if p.suffix.lower() in SUFFIXES and not p.stem.endswith(".probs")}
+
+
 def truth_from_rasters(path: Path) -> Iterator[Truth]:
     """Labels from one raster (scene named by its stem) or a folder of ``N.tif[f]`` label tiles."""
     path = Path(path)
-    files = sorted(p for p in path.iterdir() if p.suffix.lower() in SUFFIXES) if path.is_dir() else [path]
+    files = list(class_rasters(path).values()) if path.is_dir() else [path]
     if not files:
         raise FileNotFoundError(f"{path}: no label rasters (*.tif, *.tiff)")
     for f in files:
@@ -110,35 +122,54 @@ def truth_from_rasters(path: Path) -> Iterator[Truth]:
             yield Truth(f.stem, f, ds.height, ds.width, ds.transform, crs, _raster_reader(f))
 
 
-def find_prediction(pred: Path, name: str, single: bool) -> Path:
-    """The prediction raster of scene ``name``: ``pred`` itself (a file, single scene) or
-    ``pred/<name>.tif[f]`` or ``pred/submission/<name>.tif``."""
+def prediction_rasters(pred: Path) -> dict[str, Path]:
+    """Prediction rasters by scene name: ``pred`` itself (a file, or a path that is no folder: opening it
+    says what is wrong), or the class maps of folder ``pred``, with those of ``pred/submission`` for names
+    not in it."""
     pred = Path(pred)
-    if pred.is_file():
-        if not single:
-            raise ValueError(f"{pred}: one prediction file given for a city of several scenes; give the folder")
-        return pred
-    for folder in (pred, pred / "submission"):
-        for suffix in SUFFIXES:
-            if (folder / f"{name}{suffix}").is_file():
-                return folder / f"{name}{suffix}"
-    raise FileNotFoundError(f"{pred}: no prediction for scene '{name}' ({name}.tif)")
+    if not pred.is_dir():
+        return {pred.stem: pred}
+    found = class_rasters(pred / "submission") | class_rasters(pred)
+    if not found:
+        raise FileNotFoundError(f"{pred}: no prediction rasters (*.tif, *.tiff) here or in {pred / 'submission'}")
+    return found
 
 
-def check_size(path: Path, ds, truth: Truth) -> None:
+def pair_scenes(truths: list[Truth], preds: dict[str, Path], pred: Path) -> list[tuple[Truth, Path]]:
+    """Each labelled scene with its prediction: a single one with a single one whatever their names, else by
+    scene name. A labelled scene without a prediction fails naming what did not pair on both sides; predictions
+    without labels are named in a warning and not scored."""
+    if len(truths) == 1 and len(preds) == 1:
+        return [(truths[0], *preds.values())]
+    unlabelled = sorted(set(preds) - {t.name for t in truths})
+    missing = [t.name for t in truths if t.name not in preds]
+    if missing:
+        raise FileNotFoundError(f"{pred}: {len(missing)} of {len(truths)} labelled scenes have no prediction of "
+                                f"their name: {_few(missing)} (labels in {truths[0].path.parent}); predictions "
+                                f"that pair with no labels: {_few(unlabelled) if unlabelled else 'none'}")
+    if unlabelled:
+        log.warning("%s: %d predictions pair with no labels and are not scored: %s", pred, len(unlabelled),
+                    _few(unlabelled))
+    return [(t, preds[t.name]) for t in truths]
+
+
+def _few(names: list[str]) -> str:
+    return f"{names[:10]}{' ...' if len(names) > 10 else ''}"
+
+
+def check_grid(path: Path, ds, truth: Truth) -> None:
+    """Refuse prediction ``ds`` unless its grid (size, CRS, transform) is that of ``truth``: one line naming
+    both files and every difference."""
+    differences = []
     if (ds.height, ds.width) != (truth.height, truth.width):
-        raise SceneError(f"{path}: prediction is {ds.height} x {ds.width} px, the labels of scene "
-                         f"'{truth.name}' are {truth.height} x {truth.width} px")
-
-
-def check_georeference(path: Path, ds, truth: Truth) -> None:
-    """Refuse prediction ``ds`` unless its CRS and transform are those of ``truth``."""
-    where = f"scene '{truth.name}' ({truth.path})"
+        differences.append(f"size {ds.height} x {ds.width} px vs {truth.height} x {truth.width} px")
     if ds.crs != (CRS.from_user_input(truth.crs) if truth.crs else None):
-        raise SceneError(f"{path}: prediction CRS {ds.crs} differs from {where}: {truth.crs}")
+        differences.append(f"CRS {ds.crs} vs {truth.crs}")
     if not ds.transform.almost_equals(truth.transform, precision=1e-6 * abs(truth.transform.a)):
-        raise SceneError(f"{path}: prediction transform {tuple(ds.transform)[:6]} differs from {where}: "
-                         f"{tuple(truth.transform)[:6]}")
+        differences.append(f"transform {tuple(ds.transform)[:6]} vs {tuple(truth.transform)[:6]}")
+    if differences:
+        raise SceneError(f"{path}: prediction grid differs from the labels of scene '{truth.name}' ({truth.path}), "
+                         f"prediction vs labels: {'; '.join(differences)}")
 
 
 def check_values(path: Path, values: np.ndarray, allowed: np.ndarray, role: str) -> None:
@@ -155,14 +186,14 @@ def confusion_over(truths: list[Truth], pred: Path, spec: DatasetSpec, block: in
     allowed = np.array(sorted(set(spec.class_ids) | {spec.ignore_id}))
     k = len(class_ids)
     cm = np.zeros((k, k + 1), np.int64)
-    for truth in tqdm(truths, desc="evaluate", unit="scene", disable=len(truths) < 2):
-        path = find_prediction(pred, truth.name, len(truths) == 1)
+    pairs = pair_scenes(truths, prediction_rasters(pred), pred)
+    for truth, path in tqdm(pairs, desc="evaluate", unit="scene", disable=len(pairs) < 2):
         with open_class_raster(path, "prediction", integer=True) as ds:
-            check_size(path, ds, truth)
-            for i, w in enumerate(iter_windows(truth.height, truth.width, block)):
+            windows = iter_windows(truth.height, truth.width, block)
+            read_window(ds, windows[0].clipped(ds.height, ds.width))  # a truncated file (georeference tags
+            check_grid(path, ds, truth)  # lost) fails as truncated, before its grid is compared
+            for w in windows:
                 p, t = read_window(ds, w), truth.read(w)
-                if i == 0:  # after a first read: a truncated file (georeference tags lost) fails as truncated
-                    check_georeference(path, ds, truth)
                 check_values(path, p, allowed, "prediction")
                 check_values(truth.path, t, allowed, "label")
                 cm += confusion_matrix(t, p, class_ids)

@@ -13,6 +13,7 @@ import pytest
 import rasterio
 from affine import Affine
 
+from c2seg.cli import main
 from inference.evaluate import evaluate, truth_from_rasters
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -93,4 +94,60 @@ def test_prediction_of_the_wrong_size_is_refused(tiny_spec, tmp_path):
     cmd = [sys.executable, "-m", "c2seg.cli", "infer", "evaluate", "--pred", str(tmp_path / "pred"), "--spec",
            tiny_spec.source_file, "--data-root", tiny_spec.data_root, "--city", "synth_target"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "synth_target.tif: prediction is 10 x 10 px" in proc.stderr
+    labels = tiny_spec.resolve(tiny_spec.city("synth_target"), "label")
+    assert proc.returncode == 2 and (f"synth_target.tif: prediction grid differs from the labels of scene "
+                                     f"'synth_target' ({labels}), prediction vs labels: size 10 x 10 px vs 96 x "
+                                     "128 px; transform (10.0, 0.0, 0.0, 0.0, -10.0, 0.0) vs") in proc.stderr
+
+
+# ---- pairing predictions with labels by scene; their grids ----------------------------------------------
+SPEC = ROOT / "configs" / "datasets" / "demo_tiny.yaml"
+LABELS = np.array([[1, 2, 2, 3], [0, 2, 3, 3], [1, 1, 4, 0]], np.uint8)
+
+
+def _evaluate_cli(pred: Path, truth: Path) -> list[str]:
+    return ["infer", "evaluate", "--pred", str(pred), "--truth", str(truth), "--spec", str(SPEC)]
+
+
+def test_one_label_raster_pairs_with_one_prediction_of_another_name(tmp_path):
+    """``infer run`` writes <scene>.tif (with a quicklook and probabilities beside it); the labels come as
+    another name: one label scene and one class map pair whatever their names."""
+    from c2seg.spec import load_spec
+
+    (tmp_path / "pred").mkdir()
+    write(tmp_path / "pred" / "berlin.tif", LABELS)
+    (tmp_path / "pred" / "berlin.png").write_bytes(b"quicklook")
+    write(tmp_path / "pred" / "berlin.probs.tif", LABELS)  # probabilities: never a class map to score
+    truth = write(tmp_path / "berlin_label.tif", np.where(LABELS == 4, 2, LABELS).astype(np.uint8))
+    result = evaluate(load_spec(SPEC), tmp_path / "pred", list(truth_from_rasters(truth)))
+    assert (result["scenes"], result["pixels"], result["oa"]) == (["berlin_label"], 10, 0.9)
+
+
+def test_folders_pair_by_name_and_say_which_scenes_did_not(tmp_path, capsys, caplog):
+    (tmp_path / "pred" / "submission").mkdir(parents=True)
+    (tmp_path / "truth").mkdir()
+    for name in ("1", "2", "4"):  # the challenge's submission tiles
+        write(tmp_path / "pred" / "submission" / f"{name}.tif", LABELS)
+    for name in ("1", "2", "3"):
+        write(tmp_path / "truth" / f"{name}.tif", LABELS)
+    assert main(_evaluate_cli(tmp_path / "pred", tmp_path / "truth")) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line == (f"c2seg infer: error: {tmp_path / 'pred'}: 1 of 3 labelled scenes have no prediction of their "
+                    f"name: ['3'] (labels in {tmp_path / 'truth'}); predictions that pair with no labels: ['4']")
+    (tmp_path / "truth" / "3.tif").unlink()
+    assert main(_evaluate_cli(tmp_path / "pred", tmp_path / "truth")) == 0
+    result = json.loads((tmp_path / "pred" / "metrics.json").read_text())
+    assert (result["scenes"], result["pixels"], result["oa"]) == (["1", "2"], 20, 1.0)
+    assert f"{tmp_path / 'pred'}: 1 predictions pair with no labels and are not scored: ['4']" in caplog.text
+
+
+def test_a_prediction_off_the_labels_grid_names_both_files_and_every_difference(tmp_path, capsys):
+    truth = write(tmp_path / "labels.tif", LABELS)
+    with rasterio.open(tmp_path / "pred.tif", "w", driver="GTiff", height=3, width=5, count=1, dtype="uint8",
+                       crs="EPSG:32633", transform=Affine(10, 0, 0, 0, -10, 0)) as ds:
+        ds.write(np.ones((1, 3, 5), np.uint8))
+    assert main(_evaluate_cli(tmp_path / "pred.tif", truth)) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line == (f"c2seg infer: error: {tmp_path / 'pred.tif'}: prediction grid differs from the labels of scene "
+                    f"'labels' ({truth}), prediction vs labels: size 3 x 5 px vs 3 x 4 px; CRS EPSG:32633 vs "
+                    "EPSG:32632")

@@ -234,10 +234,12 @@ HOSTILE = {  # name: (which file is hostile, how it is made, the problem after "
     "two bands": ("pred", lambda p, spec: _raster(p, np.stack([CMAP, CMAP])),
                   "prediction raster has 2 bands, expected 1 band of class ids"),
     "other transform": ("pred", lambda p, spec: _raster(p, CMAP[None], transform=SHIFTED),
-                        "prediction transform (10.0, 0.0, 500010.0, 0.0, -10.0, 5400000.0) differs from scene 'c' "
-                        "({truth}): (10.0, 0.0, 500000.0, 0.0, -10.0, 5400000.0)"),
+                        "prediction grid differs from the labels of scene 'c' ({truth}), prediction vs labels: "
+                        "transform (10.0, 0.0, 500010.0, 0.0, -10.0, 5400000.0) vs (10.0, 0.0, 500000.0, 0.0, "
+                        "-10.0, 5400000.0)"),
     "other CRS": ("pred", lambda p, spec: _raster(p, CMAP[None], crs="EPSG:32633"),
-                  "prediction CRS EPSG:32633 differs from scene 'c' ({truth}): EPSG:32632"),
+                  "prediction grid differs from the labels of scene 'c' ({truth}), prediction vs labels: CRS "
+                  "EPSG:32633 vs EPSG:32632"),
 }
 
 

@@ -190,10 +190,12 @@ def confusion_over(truths: list[Truth], pred: Path, spec: DatasetSpec, block: in
     for truth, path in tqdm(pairs, desc="evaluate", unit="scene", disable=len(pairs) < 2):
         with open_class_raster(path, "prediction", integer=True) as ds:
             windows = iter_windows(truth.height, truth.width, block)
-            read_window(ds, windows[0].clipped(ds.height, ds.width))  # a truncated file (georeference tags
-            check_grid(path, ds, truth)  # lost) fails as truncated, before its grid is compared
-            for w in windows:
-                p, t = read_window(ds, w), truth.read(w)
+            # both first blocks read before the grids are compared: a truncated file (georeference tags lost)
+            # fails as truncated; once the grids match, the prediction's block is the labels' one
+            first = read_window(ds, windows[0].clipped(ds.height, ds.width)), truth.read(windows[0])
+            check_grid(path, ds, truth)
+            for i, w in enumerate(windows):
+                p, t = first if i == 0 else (read_window(ds, w), truth.read(w))
                 check_values(path, p, allowed, "prediction")
                 check_values(truth.path, t, allowed, "label")
                 cm += confusion_matrix(t, p, class_ids)

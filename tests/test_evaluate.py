@@ -123,6 +123,17 @@ def test_one_label_raster_pairs_with_one_prediction_of_another_name(tmp_path):
     assert (result["scenes"], result["pixels"], result["oa"]) == (["berlin_label"], 10, 0.9)
 
 
+def test_blocks_count_every_pixel_once(tmp_path):
+    """The first block, read before the grids are compared, is counted once, like every other block."""
+    from c2seg.spec import load_spec
+    from inference.evaluate import confusion_over
+
+    truths = list(truth_from_rasters(write(tmp_path / "labels.tif", LABELS)))
+    pred = write(tmp_path / "pred.tif", np.roll(LABELS, 1, axis=1))
+    whole, by_2 = (confusion_over(truths, pred, load_spec(SPEC), block) for block in (2048, 2))
+    assert whole.tolist() == by_2.tolist() and whole.sum() == 10 and np.trace(whole) == 3
+
+
 def test_folders_pair_by_name_and_say_which_scenes_did_not(tmp_path, capsys, caplog):
     (tmp_path / "pred" / "submission").mkdir(parents=True)
     (tmp_path / "truth").mkdir()

@@ -47,11 +47,20 @@ def register(stages: argparse._SubParsersAction) -> None:
     status.add_argument("--timeout", type=float, default=6 * 3600, help="seconds --wait waits (default 6 h)")
     status.set_defaults(func=_status)
 
-    cluster = sub.add_parser("cluster", help="start / stop / show the one-node SLURM cluster on localhost",
-                             description="Runs slurm/local_cluster.sh: munge + slurmctld + slurmd on this "
-                             "machine (installs slurm-wlm with apt-get when missing and run as root); state "
-                             "under $C2SEG_SLURM_DIR (default /tmp/c2seg-slurm).")
-    cluster.add_argument("action", choices=("up", "down", "status"))
+    cluster = sub.add_parser("cluster", help="start / stop / show a local SLURM cluster (one node, or several)",
+                             description="Without --nodes: slurm/local_cluster.sh, munge + slurmctld + slurmd on "
+                             "localhost (installs slurm-wlm with apt-get when missing and run as root); state under "
+                             "$C2SEG_SLURM_DIR (default /tmp/c2seg-slurm). With --nodes N (root): "
+                             "slurm/multinode_cluster.sh, N compute nodes node1..nodeN, each in a network namespace "
+                             "of its own on a bridge, for jobs that really span nodes; state under "
+                             "$C2SEG_SLURM_NODES_DIR (default /tmp/c2seg-slurm-nodes); kill-node / start-node "
+                             "take a node down as a power loss would and bring it back. The two clusters can run "
+                             "side by side; point SLURM_CONF at the one to use (`up` prints it).")
+    cluster.add_argument("action", choices=("up", "down", "status", "kill-node", "start-node"))
+    cluster.add_argument("node", nargs="?", help="kill-node / start-node: the node (node1, node2, ...)")
+    cluster.add_argument("--nodes", type=int, default=None,
+                         help="the multi-node cluster with this many compute nodes (up); any value selects it "
+                         "for down / status / kill-node / start-node")
     cluster.set_defaults(func=_cluster)
 
 
@@ -117,6 +126,14 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _cluster(args: argparse.Namespace) -> int:
-    from slurm.cluster import LOCAL_CLUSTER_SCRIPT
+    from slurm.cluster import LOCAL_CLUSTER_SCRIPT, MULTINODE_CLUSTER_SCRIPT
 
-    return subprocess.run(["bash", str(LOCAL_CLUSTER_SCRIPT), args.action]).returncode
+    multinode = args.nodes is not None or args.action in ("kill-node", "start-node")
+    if args.action in ("kill-node", "start-node") and not args.node:
+        raise ValueError(f"slurm cluster {args.action} needs the node's name, e.g. node2")
+    cmd = ["bash", str(MULTINODE_CLUSTER_SCRIPT if multinode else LOCAL_CLUSTER_SCRIPT), args.action]
+    if args.action == "up" and multinode:
+        cmd += ["--nodes", str(args.nodes)]
+    if args.node:
+        cmd.append(args.node)
+    return subprocess.run(cmd).returncode

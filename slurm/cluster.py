@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 LOCAL_CLUSTER_SCRIPT = Path(__file__).resolve().parent / "local_cluster.sh"
+MULTINODE_CLUSTER_SCRIPT = Path(__file__).resolve().parent / "multinode_cluster.sh"
 
 
 class SlurmError(RuntimeError):

@@ -20,28 +20,9 @@ CONF=$STATE/etc/slurm.conf
 SYSTEM_CONF=/etc/slurm/slurm.conf
 export SLURM_CONF=$CONF
 
-say() { echo "[local_cluster] $*"; }
-die() { echo "[local_cluster] error: $*" >&2; exit 1; }
-
-alive() {  # alive PIDFILE: the process named in PIDFILE runs
-  [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null
-}
-
-install_if_missing() {
-  local missing=0 bin
-  for bin in slurmctld slurmd munged sbatch; do
-    command -v "$bin" >/dev/null 2>&1 || [ -x "/usr/sbin/$bin" ] || missing=1
-  done
-  [ $missing = 0 ] && return 0
-  if [ "$(id -u)" != 0 ]; then
-    die "slurm-wlm and munge are not installed; as root run: apt-get install slurm-wlm munge (or use your cluster)"
-  fi
-  command -v apt-get >/dev/null || die "slurm-wlm and munge are missing and apt-get is not available to install them"
-  say "installing slurm-wlm and munge with apt-get (one time, ~1 min)"
-  apt-get update -qq >/dev/null
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends slurm-wlm munge >/dev/null \
-    || die "apt-get install slurm-wlm munge failed"
-}
+TAG=local_cluster
+# shellcheck source=slurm/cluster_lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/cluster_lib.sh"
 
 write_config() {
   local cpus mem user
@@ -91,29 +72,6 @@ PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
 EOF
 }
 
-start_munge() {
-  local pidfile=$STATE/munge/munged.pid key=/etc/munge/munge.key
-  alive "$pidfile" && return 0
-  if [ ! -s "$key" ]; then
-    [ "$(id -u)" = 0 ] || die "$key is missing (create it as root with: mungekey -c)"
-    mkdir -p /etc/munge
-    if command -v mungekey >/dev/null; then mungekey -c -k "$key"; else dd if=/dev/urandom of="$key" bs=1024 count=1 2>/dev/null; fi
-    chown munge:munge "$key" 2>/dev/null || true
-    chmod 400 "$key"
-  fi
-  local -a args=(--socket="$STATE/munge/munge.socket.2" --pid-file="$pidfile" --log-file="$STATE/munge/munged.log"
-                 --seed-file="$STATE/munge/munged.seed" --key-file="$key")
-  if [ "$(id -u)" = 0 ] && id munge >/dev/null 2>&1; then
-    chown munge:munge "$STATE/munge"
-    chmod 755 "$STATE/munge"
-    runuser -u munge -- /usr/sbin/munged "${args[@]}" || die "munged did not start; see $STATE/munge/munged.log"
-  else
-    munged "${args[@]}" || die "munged did not start; see $STATE/munge/munged.log"
-  fi
-  for _ in $(seq 50); do [ -S "$STATE/munge/munge.socket.2" ] && return 0; sleep 0.1; done
-  die "munged socket $STATE/munge/munge.socket.2 did not appear; see $STATE/munge/munged.log"
-}
-
 node_state() { sinfo -h -n localhost -o %T 2>/dev/null | head -1; }
 
 up() {
@@ -146,17 +104,6 @@ up() {
   esac
   say "up: node localhost $state with $(nproc) CPUs, partition debug; config $CONF"
   say "for sbatch/squeue in your shell: export SLURM_CONF=$CONF"
-}
-
-stop_pidfile() {  # stop_pidfile NAME PIDFILE
-  local pid
-  alive "$2" || { rm -f "$2"; return 0; }
-  pid=$(cat "$2")
-  kill "$pid"
-  for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || { say "stopped $1 (pid $pid)"; rm -f "$2"; return 0; }; sleep 0.1; done
-  kill -9 "$pid" 2>/dev/null || true
-  say "killed $1 (pid $pid) after 10 s"
-  rm -f "$2"
 }
 
 down() {

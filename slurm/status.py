@@ -47,6 +47,13 @@ def _exit_files(run_dir: Path, job: Job) -> list[tuple[int | None, str | None]]:
     return out
 
 
+def job_nodes(run_dir: Path, job: Job) -> list[str]:
+    """The node lists the job (each array task) last ran on, as the jobs recorded them, in task order."""
+    tasks = range(job.array_tasks) if job.array_tasks else [None]
+    files = [Path(run_dir) / "status" / (f"{job.name}_{t}.nodes" if t is not None else f"{job.name}.nodes") for t in tasks]
+    return [f.read_text().strip() for f in files if f.is_file() and f.read_text().strip()]
+
+
 def job_status(run_dir: Path, job: Job, query_slurm: bool = True) -> JobStatus:
     """Where one job stands: queue first, then its exit-status files."""
     run_dir = Path(run_dir)

@@ -4,7 +4,8 @@ At submit time the parent run and a child run per stage are created; every job g
 ``C2SEG_MLFLOW_PARENT_RUN_ID`` (the parent) and ``C2SEG_MLFLOW_RUN_ID`` (its stage's child run) in its
 environment, and ``MLFLOW_TRACKING_URI``. ``infer evaluate`` logs its scores into the evaluate child run.
 :func:`close_chain` (run by the last job and by ``c2seg slurm status``) ends the child runs with their
-jobs' outcome and nests the training stages' own MLflow runs (``<output_dir>/mlflow_run_id``) under the
+jobs' outcome, tags them with the nodes each job ran on (``slurm.<job>.nodes``), and nests the training
+stages' own MLflow runs (``<output_dir>/mlflow_run_id``) under the
 parent. Tracking problems only warn: they never stop a submission.
 
     python -m slurm.tracking close RUN_DIR
@@ -76,7 +77,7 @@ def end_runs(uri: str, runs: dict[str, str], status: str) -> None:
 
 def close_chain(run_dir: Path) -> None:
     """End the chain's MLflow runs with the jobs' outcome (idempotent; runs already ended are kept)."""
-    from slurm.status import FAILED_STATES, chain_status, first_failure, load_chain
+    from slurm.status import FAILED_STATES, chain_status, first_failure, job_nodes, load_chain
 
     run_dir = Path(run_dir)
     chain = load_chain(run_dir)
@@ -90,6 +91,10 @@ def close_chain(run_dir: Path) -> None:
         by_stage: dict[str, list[str]] = {}
         for st in states:
             by_stage.setdefault(st.job.stage, []).append(st.state)
+        for st in states:  # where each job ran: slurm.<job>.nodes, one node list per array task
+            nodes = job_nodes(run_dir, st.job)
+            if nodes and runs.get(st.job.stage):
+                client.set_tag(runs[st.job.stage], f"slurm.{st.job.name}.nodes", " ".join(nodes))
         for stage, job_states in by_stage.items():
             run_id = runs.get(stage)
             id_file = run_dir / "train" / stage / "mlflow_run_id"

@@ -105,3 +105,43 @@ def test_rendezvous_store_listens_on_master_addr_only():
     finally:
         rank0.kill()
         rank0.communicate()
+
+
+SILENT_PEER = textwrap.dedent("""
+    import os, sys, time
+    import torch
+    from c2seg.distributed import DistEnv, init_process_group, reduce_tensor
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    init_process_group(DistEnv(rank, world, rank, "torchrun"), "gloo", timeout_s=float(sys.argv[1]))
+    if rank == 1:  # alive, connected, and silent: a frozen node
+        time.sleep(120)
+    t0 = time.monotonic()
+    try:
+        reduce_tensor(torch.ones(1))
+        print("RESULT reduced")
+    except RuntimeError as exc:
+        print(f"RESULT failed after {time.monotonic() - t0:.1f} s: {str(exc).splitlines()[0]}")
+    sys.stdout.flush()
+    os._exit(0)
+""")
+
+
+def test_a_silent_peer_fails_the_collective_after_the_timeout_instead_of_hanging():
+    """collective_timeout_s (train config) reaches every collective: a rank whose peer stops answering gets an
+    error after the timeout (3 s here), not a hang until the job's time limit."""
+    port = free_port()
+    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+           "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    procs = [subprocess.Popen([sys.executable, "-c", SILENT_PEER, "3"], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)})
+             for r in range(2)]
+    try:
+        out, err = procs[0].communicate(timeout=60)
+    finally:
+        procs[1].kill()
+        procs[1].wait()
+    result = next(line[7:] for line in out.splitlines() if line.startswith("RESULT "))
+    match = re.fullmatch(r"failed after ([\d.]+) s: (.*)", result)
+    assert match, result + err[-2000:]
+    assert 3.0 <= float(match.group(1)) < 15.0, result
+    assert "timed out" in match.group(2).lower() or "timeout" in match.group(2).lower(), result

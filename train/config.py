@@ -208,6 +208,10 @@ class TrainConfig:
     init_from: str | None = None  # a run dir or weights file: a pretrain run's backbone, a finetune run's whole model
     checkpoint_every: int = bounded(50, ge=1)
     keep_checkpoints: int = bounded(2, ge=1)
+    # seconds a rank waits in a collective (and at the rendezvous) for the others: a peer that hangs silently
+    # (a frozen node, a partitioned network) fails the job after this instead of holding it until its time
+    # limit; a peer that dies fails it at once (connection reset). Longer than the slowest step and checkpoint.
+    collective_timeout_s: float = bounded(600.0, gt=0)
     # torch.compile the model's forward (in place: weight names stay the same). On an H100, `large` in bf16
     # trains about 20 % faster (benchmarks/bench_gpu.py); the first steps are slower while it compiles.
     compile: bool = False

@@ -69,8 +69,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed() -> DistEnv:
-    """Map the launcher's variables and start torch.distributed through DeepSpeed."""
+def init_distributed(timeout_s: float = 600.0) -> DistEnv:
+    """Map the launcher's variables and start torch.distributed through DeepSpeed; ``timeout_s`` bounds every
+    collective (a silent peer fails the others instead of hanging them)."""
     import deepspeed
 
     env = detect_env()
@@ -81,7 +82,7 @@ def init_distributed() -> DistEnv:
     if torch.cuda.is_available():  # before the group starts, so NCCL binds this rank's GPU
         torch.cuda.set_device(env.local_rank)
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    init_process_group(env, backend)  # rendezvous on MASTER_ADDR's interface only
+    init_process_group(env, backend, timeout_s)  # rendezvous on MASTER_ADDR's interface only
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)  # adopts the started group
     return env
 

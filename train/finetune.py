@@ -28,6 +28,7 @@ from train.data import batch_stream, model_inputs
 from train.determinism import rng_isolated
 from train.engine import engine_dtype, iter_full_state
 from train.export import FORMAT as EXPORT_FORMAT
+from train.loop import Task
 from train.models import FusionSegmenter
 from train.models.critic import SOURCE, TARGET, OutputCritic, domain_loss
 from train.pretrain import load_backbone
@@ -117,7 +118,7 @@ def weighted_pseudo_loss(logits: torch.Tensor, labels: torch.Tensor, weight: tor
     return (ce * weight).sum() / norm
 
 
-class FinetuneTask:
+class FinetuneTask(Task):
     name = "finetune"
 
     def __init__(self, cfg: TrainConfig, model_cfg: ModelConfig, spec: DatasetSpec, data) -> None:

@@ -17,7 +17,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import psutil
 import torch
@@ -39,18 +39,36 @@ log = logging.getLogger("c2seg.train")
 EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped by a signal after saving a checkpoint; rerun with --resume auto
 
 
-class Task(Protocol):
+class Task:
+    """What a training task provides to :func:`run_training`; the defaults are those of a task without
+    validation, extra state or statistics (the pretrainer)."""
+
     name: str
     module: nn.Module
 
-    def start(self, engine, first_batch: int) -> None: ...
-    def micro_loss(self, engine, step: int) -> tuple[torch.Tensor, dict[str, float]]: ...
-    def after_step(self, engine, step: int) -> None: ...
-    def validate(self, engine, step: int, tracker: Tracker) -> dict[str, float]: ...
-    def wants_validation(self, step: int) -> bool: ...
-    def extra_weights(self) -> dict[str, Any]: ...
-    def load_extra(self, weights: dict[str, Any]) -> None: ...
-    def init_from(self, weights: dict[str, Any]) -> None: ...
+    def start(self, engine, first_batch: int) -> None:
+        raise NotImplementedError
+
+    def micro_loss(self, engine, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+    def init_from(self, weights: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def after_step(self, engine, step: int) -> None:
+        """After each optimizer step (an EMA update)."""
+
+    def wants_validation(self, step: int) -> bool:
+        return False
+
+    def validate(self, engine, step: int, tracker: Tracker) -> dict[str, float]:
+        return {}
+
+    def extra_weights(self) -> dict[str, Any]:
+        return {}
+
+    def load_extra(self, weights: dict[str, Any]) -> None:
+        """State of :meth:`extra_weights` from a resumed checkpoint."""
 
 
 def _memory_mb() -> float:
@@ -77,7 +95,7 @@ def run_training(cfg: TrainConfig, make_task, data, resume: str | None = None,
             return 0
     resumed = load_weights(ckpt, spec) if ckpt is not None else None  # the spec must fit before anything starts
     init = load_weights(cfg.init_from, spec) if cfg.init_from and ckpt is None else None
-    env = init_distributed()
+    env = init_distributed(cfg.collective_timeout_s)
     world = world_size()
     torch.manual_seed(cfg.seed * 1000 + env.rank)
     out.mkdir(parents=True, exist_ok=True)
@@ -101,8 +119,9 @@ def run_training(cfg: TrainConfig, make_task, data, resume: str | None = None,
         (out / "config.yaml").write_text(yaml.safe_dump({**resolved, "model_config": to_dict(model_cfg)},
                                                         sort_keys=False))
         tracker.params({**resolved, "model_config": to_dict(model_cfg), "task": task.name})
-        tracker.tags({"git_commit": git_commit(), "world_size": world, "slurm_job_id":
-                      os.environ.get("SLURM_JOB_ID", "none"), "manifest_hash": data.manifest_hash,
+        tracker.tags({"git_commit": git_commit(), "world_size": world,
+                      "slurm_job_id": os.environ.get("SLURM_JOB_ID", "none"),
+                      "slurm_nodes": os.environ.get("SLURM_JOB_NODELIST", "none"), "manifest_hash": data.manifest_hash,
                       "task": task.name, "launcher": env.launcher, "zero_stage": cfg.deepspeed.zero_stage})
         tracker.artifact(out / "config.yaml", "config")
         if config_path:

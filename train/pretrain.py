@@ -12,10 +12,11 @@ from train.config import ModelConfig, TrainConfig
 from train.data import batch_stream, model_inputs
 from train.determinism import rng_isolated
 from train.engine import engine_dtype
+from train.loop import Task
 from train.models import MaskedPretrainer
 
 
-class PretrainTask:
+class PretrainTask(Task):
     name = "pretrain"
 
     def __init__(self, cfg: TrainConfig, model_cfg: ModelConfig, spec: DatasetSpec, data) -> None:
@@ -41,21 +42,6 @@ class PretrainTask:
     def micro_loss(self, engine, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         inputs = model_inputs(next(self.stream), self.spec.modality_names, self.dtype, engine.device)
         return engine(inputs)
-
-    def after_step(self, engine, step: int) -> None:
-        pass
-
-    def wants_validation(self, step: int) -> bool:
-        return False
-
-    def validate(self, engine, step: int, tracker) -> dict[str, float]:
-        return {}
-
-    def extra_weights(self) -> dict[str, Any]:
-        return {}
-
-    def load_extra(self, weights: dict[str, Any]) -> None:
-        pass
 
     def init_from(self, weights: dict[str, Any]) -> None:
         load_backbone(self.module, weights)

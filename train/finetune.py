@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -116,6 +117,25 @@ def weighted_pseudo_loss(logits: torch.Tensor, labels: torch.Tensor, weight: tor
     ce = F.cross_entropy(logits, labels, weight=class_weights, ignore_index=ignore_id, reduction="none")
     norm = valid.sum() if class_weights is None else class_weights[labels][valid].sum()
     return (ce * weight).sum() / norm
+
+
+def ema_decay_at(step: int, decay: float) -> float:
+    """The mean teacher's decay after optimizer step ``step`` (1, 2, ...): ``decay``, lower in the first steps
+    (1 - 1 / (step + 1)) so that the teacher follows the student while it changes fastest."""
+    return min(1 - 1 / (step + 1), decay)
+
+
+@torch.no_grad()
+def ema_update(teacher: dict[str, torch.Tensor], student: Iterable[tuple[str, torch.Tensor]], decay: float) -> None:
+    """In place, for each ``(name, tensor)`` of ``student``: teacher = decay x teacher + (1 - decay) x student for
+    floating-point tensors, a copy for the others (counters)."""
+    for name, tensor in student:
+        t = teacher[name]
+        s = tensor.to(t.device, t.dtype)
+        if t.is_floating_point():
+            t.mul_(decay).add_(s, alpha=1 - decay)
+        else:
+            t.copy_(s)
 
 
 class FinetuneTask(Task):
@@ -298,16 +318,8 @@ class FinetuneTask(Task):
             self._train_critic()
         if self.teacher is None:
             return
-        decay = min(1 - 1 / (step + 1), self.ft.ema_decay)
-        teacher = self.teacher.state_dict()
-        with torch.no_grad():  # under ZeRO-3 one module's parameters gathered at a time, on the device
-            for k, student in iter_full_state(engine):
-                t = teacher[k]
-                s = student.to(t.device, t.dtype)
-                if t.is_floating_point():
-                    t.mul_(decay).add_(s, alpha=1 - decay)
-                else:
-                    t.copy_(s)
+        # under ZeRO-3 one module's parameters gathered at a time, on the device
+        ema_update(self.teacher.state_dict(), iter_full_state(engine), ema_decay_at(step, self.ft.ema_decay))
 
     def wants_validation(self, step: int) -> bool:
         return step % self.ft.eval_every == 0
@@ -332,7 +344,7 @@ class FinetuneTask(Task):
                     continue
                 label = batch["label"].numpy()
                 cm += confusion_matrix(label, pred.cpu().numpy(), ids)
-                if tracker and tracker.active and len(previews) < self.cfg.tracking.previews:
+                if tracker.active and len(previews) < self.cfg.tracking.previews:
                     previews.append((batch, pred.cpu()))
         model.train()
         total = reduce_tensor(torch.from_numpy(cm))
@@ -351,11 +363,10 @@ class FinetuneTask(Task):
             f.write(json.dumps({"step": step, **result, "confusion": total.tolist()}) + "\n")
         log.info("step %d target val: mIoU %.3f OA %.3f macro-F1 %.3f kappa %.3f", step, scores.miou,
                  scores.oa, scores.macro_f1, scores.kappa)
-        if tracker:
-            tracker.metrics(values, step)
-            tracker.figure(confusion_figure(total.numpy(), self.spec), f"confusion_step{step:06d}.png")
-            for i, (batch, pred) in enumerate(previews):
-                tracker.figure(preview_figure(batch, pred, self.spec), f"preview_step{step:06d}_{i}.png")
+        tracker.metrics(values, step)
+        tracker.figure(lambda: confusion_figure(total.numpy(), self.spec), f"confusion_step{step:06d}.png")
+        for i, (batch, pred) in enumerate(previews):
+            tracker.figure(lambda: preview_figure(batch, pred, self.spec), f"preview_step{step:06d}_{i}.png")
         return values
 
     def extra_weights(self) -> dict[str, Any]:

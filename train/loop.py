@@ -113,8 +113,8 @@ def run_training(cfg: TrainConfig, make_task, data, resume: str | None = None,
     weights_meta = {"model_config": to_dict(model_cfg), "spec": spec.to_dict(), "task": task.name,
                     "normalization": data.normalization, "modalities": list(spec.modality_names),
                     "tile_size": data.tile_size}
-    tracker = Tracker(cfg.tracking.enabled, cfg.tracking.experiment,
-                      cfg.tracking.run_name or f"{task.name}-{out.name}", out) if env.rank == 0 else None
+    tracker = Tracker(cfg.tracking.enabled and env.rank == 0, cfg.tracking.experiment,
+                      cfg.tracking.run_name or f"{task.name}-{out.name}", out)
     if env.rank == 0:
         (out / "config.yaml").write_text(yaml.safe_dump({**resolved, "model_config": to_dict(model_cfg)},
                                                         sort_keys=False))
@@ -172,8 +172,7 @@ def run_training(cfg: TrainConfig, make_task, data, resume: str | None = None,
             task.validate(engine, step, tracker)
         if stopping and step < cfg.steps:
             log.warning("stopped at step %d after a signal; continue with --resume auto", step)
-            if tracker:
-                tracker.close("KILLED")
+            tracker.close("KILLED")
             return EXIT_INTERRUPTED
     bar.close()
     if env.rank == 0:

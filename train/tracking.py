@@ -16,7 +16,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Callable
 
 from c2seg.io import file_sha256
 
@@ -68,7 +68,8 @@ def file_hash(path: str | Path) -> str:
 
 
 class Tracker:
-    """MLflow run of a training job; a no-op on ranks other than 0 or when disabled / failing."""
+    """MLflow run of a training job. Every rank has one: on ranks other than 0 (``enabled`` False there), when
+    disabled or once MLflow failed, every call is a no-op, so callers never check which rank they run on."""
 
     def __init__(self, enabled: bool, experiment: str, run_name: str | None, run_dir: Path) -> None:
         self.active = False
@@ -114,9 +115,11 @@ class Tracker:
     def artifact(self, path: str | Path, folder: str | None = None) -> None:
         self._guard("log_artifact", str(path), folder)
 
-    def figure(self, fig, name: str) -> None:
-        if not self.active:  # nothing to log it to: skip rendering
+    def figure(self, draw: Callable[[], Any], name: str) -> None:
+        """Log the figure ``draw()`` makes as ``figures/<name>``; drawn only when there is a run to log it to."""
+        if not self.active:
             return
+        fig = draw()
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / name
             fig.savefig(path, dpi=80, bbox_inches="tight")

@@ -58,6 +58,7 @@ class Modality:
     spectral_range_nm: tuple[float, float] | None = None  # shorthand: evenly spaced band centres
     mat_key: str | None = None  # key in the .mat release; default: name upper-cased
     tile_dir: str | None = None  # folder in the tile release; default: name
+    exclude_bands: tuple[int | str, ...] = ()  # file bands left out by every reader: 1-based index or band name
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.name):
@@ -88,6 +89,7 @@ class Modality:
                 )
         if self.band_names is not None:
             _unique(f"modalities.{self.name}.band_names", list(self.band_names))
+        self._check_exclude_bands()
         if self.wavelengths_nm is not None and any(w <= 0 for w in self.wavelengths_nm):
             raise ValueError(f"modalities.{self.name}.wavelengths_nm must be positive")
         if self.bandwidths_nm is not None and any(w <= 0 for w in self.bandwidths_nm):
@@ -99,13 +101,50 @@ class Modality:
         except TypeError as exc:
             raise ValueError(f"modalities.{self.name}.dtype '{self.dtype}' is not a numpy dtype") from exc
 
+    def _check_exclude_bands(self) -> None:
+        key = f"modalities.{self.name}.exclude_bands"
+        for band in self.exclude_bands:
+            if isinstance(band, str) and band not in (self.band_names or ()):
+                raise ValueError(f"{key}: '{band}' is not a band name (band_names: {list(self.band_names or [])})")
+            if isinstance(band, int) and not 1 <= band <= self.bands:
+                raise ValueError(f"{key}: band {band} is not in 1..{self.bands} (1-based band numbers)")
+        _unique(key, [self._band_index(b) + 1 for b in self.exclude_bands])
+        if len(self.exclude_bands) == self.bands:
+            raise ValueError(f"{key} leaves none of the {self.bands} bands")
+
+    def _band_index(self, band: int | str) -> int:
+        """0-based file band of an ``exclude_bands`` entry (a 1-based number or a band name)."""
+        return band - 1 if isinstance(band, int) else self.band_names.index(band)
+
+    @cached_property
+    def kept_bands(self) -> tuple[int, ...]:
+        """0-based file bands every reader returns: all but ``exclude_bands``, in file order."""
+        excluded = {self._band_index(b) for b in self.exclude_bands}
+        return tuple(i for i in range(self.bands) if i not in excluded)
+
+    @property
+    def channels(self) -> int:
+        """Bands after ``exclude_bands``: what readers return, prep stores and the model sees (``bands`` is
+        the count in the files)."""
+        return len(self.kept_bands)
+
+    @property
+    def kept_wavelengths_nm(self) -> tuple[float, ...] | None:
+        """The band centres of :attr:`kept_bands` (one per channel), None without ``wavelengths_nm``."""
+        return None if self.wavelengths_nm is None else tuple(self.wavelengths_nm[i] for i in self.kept_bands)
+
     @property
     def value_bounds(self) -> tuple[float, float] | None:
         """``(low, high)`` plausible values for the modality's ``unit`` (:data:`UNIT_BOUNDS`), None if unknown."""
         return UNIT_BOUNDS.get(self.unit.strip().lower())
 
-    def band_label(self, index: int) -> str:
-        """``band 3 (B4)``: a 0-based band index as messages name it (1-based, with its name if any)."""
+    def band_label(self, channel: int) -> str:
+        """``band 3 (B4)``: a 0-based channel (band after ``exclude_bands``) as messages name it: its 1-based
+        band number in the files, with its name if any."""
+        return self.file_band_label(self.kept_bands[channel])
+
+    def file_band_label(self, index: int) -> str:
+        """``band 3 (B4)``: a 0-based band of the files (``exclude_bands`` counted) as messages name it."""
         name = f" ({self.band_names[index]})" if self.band_names else ""
         return f"band {index + 1}{name}"
 
@@ -287,10 +326,11 @@ class DatasetSpec:
         """Modality and three band indices for an RGB view: MSI red/green/blue by wavelength, else the first
         modality with wavelengths, else the first bands of the first modality (repeated if fewer than 3)."""
         m = sorted(self.modalities, key=lambda m: (m.name != "msi", m.wavelengths_nm is None))[0]
-        if m.wavelengths_nm is not None and m.bands >= 3:
-            return m.name, [min(range(m.bands), key=lambda i: abs(m.wavelengths_nm[i] - target))
+        wavelengths = m.kept_wavelengths_nm
+        if wavelengths is not None and m.channels >= 3:
+            return m.name, [min(range(m.channels), key=lambda i: abs(wavelengths[i] - target))
                             for target in (660, 560, 485)]
-        return m.name, [min(i, m.bands - 1) for i in range(3)]
+        return m.name, [min(i, m.channels - 1) for i in range(3)]
 
     def resolve(self, city: City, key: str) -> Path:
         """Absolute path of ``city.files[key]`` under the data root."""
@@ -377,8 +417,8 @@ def spec_compatible(expected: DatasetSpec, actual: DatasetSpec) -> list[str]:
         except KeyError:
             problems.append(f"modality '{m.name}' is missing")
             continue
-        if other.bands != m.bands:
-            problems.append(f"modality '{m.name}' has {other.bands} bands, the model expects {m.bands}")
+        if other.channels != m.channels:
+            problems.append(f"modality '{m.name}' has {other.channels} bands, the model expects {m.channels}")
     if expected.num_logits != actual.num_logits:
         problems.append(f"{actual.num_logits} class outputs, the model has {expected.num_logits}")
     return problems

@@ -42,10 +42,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     ins = sub.add_parser(
         "inspect", help="check every city of a spec window by window; print a summary, write quicklooks",
         description="Open every city with the readers, read it window by window (all checks: band counts, grid "
-        "alignment, label values, NaN/inf, damaged files, values outside the bounds of each modality's unit), "
-        "print a table (size, modalities, value ranges, non-finite and out-of-bounds counts, class histogram) "
-        "and, with --out, write OUT/<city>.png and OUT/summary.json. Exit 1 and list every problem when "
-        "values lie outside their unit's bounds.",
+        "alignment, label values, NaN/inf, damaged files, values outside the bounds of each modality's unit, pixel "
+        "size against grid_resolution_m, band centres against wavelengths_nm), print a table (size, modalities, "
+        "value ranges, non-finite and out-of-bounds counts, bands with one value everywhere or flagged bad, class "
+        "histogram) and the spec's modalities block as the files describe it (to paste), and, with --out, write "
+        "OUT/<city>.png and OUT/summary.json. Exit 1 and list every problem when values lie outside their unit's "
+        "bounds or the pixel size or band centres do not match the spec.",
     )
     add_spec_args(ins)
     ins.add_argument("--out", type=Path, default=None, help="folder for quicklook PNGs and summary.json")
@@ -75,13 +77,15 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from data_prep.inspect import city_problems, format_summary, inspect_dataset
+    from data_prep.inspect import city_problems, format_summary, inspect_dataset, spec_block
 
     if args.out is not None and args.out.exists() and not args.out.is_dir():
         raise ValueError(f"{args.out}: is a file, expected a folder for the quicklooks (--out)")
     spec = spec_from_args(args)
     summaries = inspect_dataset(spec, args.out, args.block, cities=args.city)
     print(format_summary(spec, summaries))
+    print(f"\n# the modalities as the files describe them (paste into {spec.source_file or 'the spec'}):")
+    print(spec_block(spec, summaries), end="")
     problems = [p for s in summaries for p in city_problems(spec, s)]
     for p in problems:
         print(f"PROBLEM: {p}")

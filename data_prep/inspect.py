@@ -4,7 +4,10 @@ a quicklook per city (RGB beside the label map in the spec's class colours).
 Reading every window runs every reader check (band counts, grid alignment, label values, non-finite
 values, damaged blocks), so a city that inspects cleanly is ready for ``c2seg data prep``. Values outside the
 plausible bounds of a modality's unit (``Modality.value_bounds``: corrupt pixel data, wrong unit) are counted
-and reported as problems (:func:`city_problems`).
+and reported as problems (:func:`city_problems`), as are pixel sizes and band centres that do not match the
+spec (:mod:`data_prep.scene_checks`). Bands that hold one value everywhere (nodata, like EnMAP's water-vapour
+bands) and bands the files' ``bbl`` flags bad are listed, and :func:`spec_block` writes each modality's
+spec entry from what the files say (band count, dtype, nodata, wavelengths, widths, bands to exclude).
 """
 
 from __future__ import annotations
@@ -18,19 +21,24 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from c2seg.spec import DatasetSpec
+from c2seg.config import to_dict
+from c2seg.spec import DatasetSpec, Modality
 from data_prep.readers import Scene, iter_windows, open_city
+from data_prep.readers.sensor import BandMeta
+from data_prep.scene_checks import scene_problems
 from data_prep.stats import count_out_of_bounds
 
 log = logging.getLogger("c2seg.inspect")
 
 QUICKLOOK_PX = 768  # longest side of a full-scene quicklook
 QUICKLOOK_TILES = 16  # tiles shown (4 x 4) for tile cities
+MAX_SCENE_PROBLEMS = 5  # grid / band-centre problems listed per city (tile cities repeat them per tile)
 
 
 @dataclass
 class ModalityStats:
-    """Value statistics of one modality over a whole city (all bands together)."""
+    """Value statistics of one modality over a whole city (all bands together; ``constant``: the 0-based
+    bands, after ``exclude_bands``, that hold one value everywhere)."""
 
     bands: int
     mean: float = 0.0
@@ -39,14 +47,22 @@ class ModalityStats:
     nonfinite: int = 0
     out_of_bounds: int = 0
     out_of_bounds_file: str = ""  # the first file holding such values
+    constant: list[int] = field(default_factory=list)
     _sum: float = field(default=0.0, repr=False)
     _count: int = field(default=0, repr=False)
+    _band_min: np.ndarray | None = field(default=None, repr=False)
+    _band_max: np.ndarray | None = field(default=None, repr=False)
 
     def add(self, values: np.ndarray) -> None:
         self._sum += float(values.sum(dtype=np.float64))
         self._count += values.size
         self.min, self.max = min(self.min, float(values.min())), max(self.max, float(values.max()))
         self.mean = self._sum / max(self._count, 1)
+        low, high = values.min(axis=(1, 2)), values.max(axis=(1, 2))
+        if self._band_min is not None:
+            low, high = np.minimum(low, self._band_min), np.maximum(high, self._band_max)
+        self._band_min, self._band_max = low, high
+        self.constant = np.flatnonzero(low == high).tolist()
 
     def add_out_of_bounds(self, count: int, path: Path) -> None:
         if count and not self.out_of_bounds:
@@ -66,11 +82,14 @@ class CitySummary:
     width: int
     modalities: dict[str, ModalityStats]
     class_pixels: dict[int, int]  # class id -> pixels (empty when unlabelled)
+    band_meta: dict[str, BandMeta] = field(default_factory=dict)  # what the first scene's files say of their bands
+    problems: list[str] = field(default_factory=list)  # pixel sizes and band centres that do not match the spec
 
     def to_dict(self) -> dict:
         data = asdict(self)
         for stats in data["modalities"].values():
-            stats.pop("_sum"), stats.pop("_count")
+            for key in [k for k in stats if k.startswith("_")]:
+                stats.pop(key)
         return data
 
 
@@ -144,7 +163,7 @@ def inspect_city(spec: DatasetSpec, city_name: str, out: Path | None = None, blo
     city = spec.city(city_name)
     scenes = open_city(spec, city_name)
     try:
-        stats = {m.name: ModalityStats(m.bands) for m in spec.modalities}
+        stats = {m.name: ModalityStats(m.channels) for m in spec.modalities}
         hist = np.zeros(256, np.int64)
         look = _Quicklook(spec, scenes)
         work = [(s, w) for s in scenes for w in iter_windows(s.height, s.width, block)]
@@ -165,7 +184,8 @@ def inspect_city(spec: DatasetSpec, city_name: str, out: Path | None = None, blo
         summary = CitySummary(
             city=city.name, role=city.role, format=city.format, scenes=len(scenes),
             height=scenes[0].height, width=scenes[0].width, modalities=stats,
-            class_pixels={int(i): int(n) for i, n in enumerate(hist) if n})
+            class_pixels={int(i): int(n) for i, n in enumerate(hist) if n}, band_meta=scenes[0].band_meta,
+            problems=[p for s in scenes for p in scene_problems(spec, s)])
         if out is not None:
             out.mkdir(parents=True, exist_ok=True)
             look.save(spec, summary, out / f"{city.name}.png")
@@ -186,6 +206,8 @@ def format_summary(spec: DatasetSpec, summaries: list[CitySummary]) -> str:
         for name, st in s.modalities.items():
             lines.append(f"    {name:<6} mean {st.mean:>10.2f}  min {st.min:>10.2f}  max {st.max:>10.2f}  "
                          f"non-finite {st.nonfinite}  out of bounds {st.out_of_bounds}")
+            notes = _band_notes(spec.modality(name), st, s.band_meta.get(name))
+            lines += [f"    {name:<6} {note}" for note in notes]
         total = sum(n for i, n in s.class_pixels.items() if i != spec.ignore_id)
         if not s.class_pixels:
             lines.append("    classes: no label")
@@ -197,9 +219,58 @@ def format_summary(spec: DatasetSpec, summaries: list[CitySummary]) -> str:
     return "\n".join(lines)
 
 
+def _band_notes(m: Modality, stats: ModalityStats, meta: BandMeta | None) -> list[str]:
+    """Lines naming the bands (1-based, in the files) that hold one value everywhere and those flagged bad."""
+    notes = []
+    if stats.constant:
+        bands = [m.kept_bands[c] + 1 for c in stats.constant]
+        notes.append(f"one value everywhere (nodata or constant): bands {bands}")
+    if meta is not None and meta.bad_bands:
+        notes.append(f"flagged bad (bbl = 0): bands {[b + 1 for b in meta.bad_bands]}")
+    return notes
+
+
+def _modality_block(m: Modality, summaries: list[CitySummary]) -> dict:
+    """The spec entry of ``m`` with what the files say: dtype, nodata, centres and widths (those of the first city
+    whose files carry metadata) and ``exclude_bands``: the spec's, the bands flagged bad and those that hold one
+    value everywhere in every city inspected."""
+    entry = {k: v for k, v in to_dict(m).items() if v not in (None, "", []) and k != "exclude_bands"}
+    excluded = {i + 1 for i in range(m.bands) if i not in m.kept_bands}
+    constant = set.intersection(*(set(s.modalities[m.name].constant) for s in summaries))
+    excluded |= {m.kept_bands[c] + 1 for c in constant}
+    metas = [s.band_meta[m.name] for s in summaries if m.name in s.band_meta]
+    for meta in metas:
+        excluded |= {b + 1 for b in meta.bad_bands}
+    if metas:
+        meta = metas[0]
+        entry["dtype"] = meta.dtype
+        if meta.nodata is not None and math.isfinite(meta.nodata):  # NaN is nodata without a declaration
+            entry["nodata"] = meta.nodata
+        if meta.wavelengths_nm is not None:
+            entry["wavelengths_nm"] = list(meta.wavelengths_nm)
+            entry.pop("bandwidths_nm", None)
+        if meta.fwhm_nm is not None:
+            entry["bandwidths_nm"] = list(meta.fwhm_nm)
+    if excluded:
+        entry["exclude_bands"] = sorted(excluded)
+    return entry
+
+
+def spec_block(spec: DatasetSpec, summaries: list[CitySummary]) -> str:
+    """The ``modalities:`` block of the spec as the files describe it, YAML to paste into the spec file."""
+    import yaml
+
+    block = {"modalities": [_modality_block(m, summaries) for m in spec.modalities]}
+    return yaml.safe_dump(block, sort_keys=False, default_flow_style=None, width=110)
+
+
 def city_problems(spec: DatasetSpec, summary: CitySummary) -> list[str]:
-    """One line per modality of the city holding values outside its unit's bounds, naming the file."""
-    problems = []
+    """The first :data:`MAX_SCENE_PROBLEMS` pixel-size and band-centre problems of the city's scenes, then one
+    line per modality holding values outside its unit's bounds, naming the file."""
+    problems = summary.problems[:MAX_SCENE_PROBLEMS]
+    if len(summary.problems) > MAX_SCENE_PROBLEMS:
+        problems.append(f"city '{summary.city}': {len(summary.problems) - MAX_SCENE_PROBLEMS} more problem(s) of "
+                        "its scenes like the ones above")
     for name, st in summary.modalities.items():
         if st.out_of_bounds:
             m = spec.modality(name)

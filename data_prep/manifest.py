@@ -82,10 +82,10 @@ def finalize(out: Path) -> Path:
         raise ValueError(f"{out}: {len(missing)} of {len(units)} work units are not done (e.g. {names}); "
                          f"rerun the prep tasks (they resume) before finalize")
     spec = job.spec
-    pooled = {m.name: BandStats.empty(m.bands) for m in spec.modalities}
+    pooled = {m.name: BandStats.empty(m.channels) for m in spec.modalities}
     cities, max_err = {}, dict.fromkeys(spec.modality_names, 0.0)
     for city, plan in job.plans.items():
-        acc = {m.name: BandStats.empty(m.bands) for m in spec.modalities}
+        acc = {m.name: BandStats.empty(m.channels) for m in spec.modalities}
         for k in range(len(plan.stats_units)):
             with np.load(job.marker(("stats", city, "", k))) as data:
                 for name in acc:
@@ -230,8 +230,8 @@ class Manifest:
         pooled = self.normalizer()
         out = {}
         for m in self.spec.modalities:
-            scale = np.ones((len(self.spec.cities), m.bands), np.float32)
-            shift = np.zeros((len(self.spec.cities), m.bands), np.float32)
+            scale = np.ones((len(self.spec.cities), m.channels), np.float32)
+            shift = np.zeros((len(self.spec.cities), m.channels), np.float32)
             for i, city in enumerate(self.spec.cities):
                 if city.name in self.cities:
                     scale[i], shift[i] = pooled.remap_to(self.city_normalizer(city.name), m.name)

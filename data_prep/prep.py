@@ -38,6 +38,7 @@ from c2seg.io import atomic_path, remove_dead_partials, write_text_atomic
 from c2seg.spec import DatasetSpec, spec_from_dict
 from data_prep.prep_config import PrepConfig
 from data_prep.readers.base import Scene, Window
+from data_prep.scene_checks import require_matching
 from data_prep.shards import sample_key, write_shard
 from data_prep.stats import BandStats, bounds_problem, fill_value, nodata_mask
 from data_prep.tiling import CityPlan, SplitPlan, plan_city
@@ -115,7 +116,8 @@ def load_job(out: Path, opener: SceneOpener = default_opener) -> Job:
 
 def _plan(spec: DatasetSpec, cfg: PrepConfig, opener: SceneOpener) -> tuple[PrepConfig, dict[str, CityPlan]]:
     """The resolved config and every city's plan. Tile-folder cities are opened first (their scenes hold no
-    file handles), as the side of their smallest tile may set the tile size (:class:`PrepConfig`)."""
+    file handles), as the side of their smallest tile may set the tile size (:class:`PrepConfig`). A scene whose
+    pixel size or band centres do not match the spec fails (:func:`data_prep.scene_checks.require_matching`)."""
     tiled = {c.name: opener(spec, c.name) for c in spec.cities if c.format == "tiles"}
     sides = {name: min(min(s.height, s.width) for s in scenes) for name, scenes in tiled.items()}
     resolved = cfg.resolved(spec, sides)
@@ -127,6 +129,7 @@ def _plan(spec: DatasetSpec, cfg: PrepConfig, opener: SceneOpener) -> tuple[Prep
     for city in spec.cities:
         scenes = tiled.pop(city.name, None) or opener(spec, city.name)
         try:
+            require_matching(spec, scenes)
             plans[city.name] = plan_city(spec, city, scenes, resolved)
         finally:
             for s in scenes:
@@ -271,7 +274,7 @@ def _run_stats(job: Job, city: str, k: int) -> dict[str, np.ndarray]:
     spec, cfg = job.spec, job.cfg
     items = job.plans[city].stats_units[k]
     scenes = _scenes(job, city)
-    acc = {m.name: BandStats.empty(m.bands) for m in spec.modalities}
+    acc = {m.name: BandStats.empty(m.channels) for m in spec.modalities}
     rng = np.random.default_rng([cfg.seed, zlib.crc32(city.encode()), k])
     keep = max(1, cfg.stats_samples_per_block // len(items))
     for scene_idx, r0, rows in items:

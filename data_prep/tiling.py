@@ -172,7 +172,7 @@ def _no_tiles_reason(city: City, cfg: PrepConfig, plan: CityPlan, split: str, he
 def sample_bytes(spec: DatasetSpec, cfg: PrepConfig, labelled: bool) -> int:
     """Bytes of one stored tile (all modalities, plus the label)."""
     px = cfg.tile_size * cfg.tile_size
-    return sum(m.bands * px * STORE_ITEMSIZE[cfg.store_dtypes[m.name]] for m in spec.modalities) + labelled * px
+    return sum(m.channels * px * STORE_ITEMSIZE[cfg.store_dtypes[m.name]] for m in spec.modalities) + labelled * px
 
 
 def _samples_per_shard(spec: DatasetSpec, cfg: PrepConfig, labelled: bool, n: int) -> int:

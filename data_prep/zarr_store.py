@@ -111,7 +111,7 @@ def _create_split(root, spec: DatasetSpec, cfg: PrepConfig, plan: CityPlan, sp: 
     g = root.require_group(f"{plan.city}/{sp.split}")
     for m in spec.modalities:
         dtype = cfg.store_dtypes[m.name]
-        g.create_array(m.name, shape=(n, m.bands, t, t), chunks=(1, m.bands, t, t), dtype=dtype,
+        g.create_array(m.name, shape=(n, m.channels, t, t), chunks=(1, m.channels, t, t), dtype=dtype,
                        compressors=_codec(dtype, cfg), fill_value=0, overwrite=True,
                        dimension_names=("tile", "band", "y", "x"))
     if sp.labelled:

@@ -121,7 +121,7 @@ def city_statistics(spec: DatasetSpec, city: str, modalities: tuple[Modality, ..
     from data_prep.readers.base import iter_windows
     from data_prep.stats import BandStats, fill_value, nodata_mask
 
-    acc = {m.name: BandStats.empty(m.bands) for m in modalities}
+    acc = {m.name: BandStats.empty(m.channels) for m in modalities}
     rng = np.random.default_rng(0)
     for scene in tqdm(open_city(spec, city), desc=f"statistics of {city}", unit="scene"):
         with scene:

@@ -321,3 +321,37 @@ def test_a_split_left_without_tiles_by_the_validation_blocks_fails_naming_city_s
         f"{tiny_spec.source_file}: city 'synth_target' gets no {split} tiles: none of its 35 tiles lies wholly "
         f"{where} the held-out validation blocks of {block} px ({straddling} straddle them and are dropped; 0 of its "
         f"1 scenes are smaller than the 32 px tile): change val_block_size or val_fraction ({fraction:g})")
+
+
+def test_excluded_bands_are_what_prep_stores_the_manifest_records_and_an_exported_model_keeps(tiny_spec, tiny_prepared,
+                                                                                               tmp_path):
+    """MSI without B3 and B8: the store and the statistics hold B2 and B4 (the values of the full prep's bands 1
+    and 3), the manifest's spec keeps exclude_bands, and a model exported with that spec reloads for 2 bands."""
+    import torch
+
+    from c2seg.config import to_dict
+    from train.config import load_model_config
+    from train.export import load_exported, save_exported
+    from train.models import FusionSegmenter
+
+    msi = replace(tiny_spec.modality("msi"), exclude_bands=("B3", 4))
+    spec = replace(tiny_spec, modalities=tuple(msi if m.name == "msi" else m for m in tiny_spec.modalities))
+    out = tmp_path / "prep"
+    run_prep(spec, TINY_PREP, out)
+    finalize(out)
+    manifest, full = load_manifest(out), load_manifest(tiny_prepared)
+    assert manifest.spec.to_dict() == spec.to_dict()
+    assert manifest.data["spec"]["modalities"][1]["exclude_bands"] == ["B3", 4]
+    sp = manifest.cities["synth_source"]["splits"]["train"]
+    stored = zarr.open_group(out / sp["zarr"], mode="r")["msi"][:]
+    assert stored.shape[1] == 2
+    np.testing.assert_array_equal(stored, zarr.open_group(tiny_prepared / sp["zarr"], mode="r")["msi"][:][:, [0, 2]])
+    assert manifest.stats["msi"]["mean"] == [full.stats["msi"]["mean"][i] for i in (0, 2)]
+    cfg = load_model_config(ROOT / "configs" / "models" / "tiny.yaml")
+    model = tmp_path / "model.pt"
+    save_exported(model, to_dict(cfg), manifest.data["spec"], FusionSegmenter(manifest.spec, cfg).state_dict(),
+                  manifest.normalizer().as_dict(), list(spec.modality_names), 32)
+    exported = load_exported(model)
+    assert exported.spec.to_dict() == spec.to_dict() and exported.spec.modality("msi").channels == 2
+    x = {m.name: torch.zeros(1, m.channels, 32, 32) for m in spec.modalities}
+    assert exported.model(x).shape[1] == spec.num_logits

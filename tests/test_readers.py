@@ -15,9 +15,10 @@ from affine import Affine
 
 from c2seg.spec import load_spec
 from data_prep.readers import SceneError, Window, open_city
+from data_prep.readers.sensor import BandMeta
 from data_prep.synth import CitySynth, generate_city, generate_dataset
 from data_prep.synth.writers import city_tiles
-from tests.fixtures_data import CONFIGS
+from tests.fixtures_data import CONFIGS, geotiff_spec, write_geotiff
 
 # (spec, format, height, width): AB-like pair as .mat v5 and tiles, BW-like as v7.3 with 30 m HSI and raw
 # label codes, GeoTIFF stacks with an on-grid and a coarse modality.
@@ -352,3 +353,49 @@ def test_tile_folders_must_match(tmp_path):
     (root / "sar" / "3.tiff").unlink()
     with pytest.raises(SceneError, match=r"sar: tiles \['3'\] are missing"):
         open_city(spec, "synth_source")
+
+
+# ---- sensor metadata and excluded bands ---------------------------------------------------------
+def test_band_centres_widths_and_bad_bands_are_read_from_the_envi_metadata(tmp_path):
+    """Per-band items in micrometres or nanometres (keys in any case), a centre given by the band description
+    alone, bbl flags; the centres stay in file order (an EnMAP-like SWIR restarting below the VNIR's last centre)."""
+    tags = [{"wavelength": "0.99334", "fwhm": "0.0081", "wavelength_units": "Micrometers", "bbl": "1"},
+            {"WAVELENGTH": "901.96", "FWHM": "12.3", "bbl": "1"},
+            {"fwhm": "10", "bbl": "0"},
+            {"wavelength": "2445.3", "fwhm": "9.5"}]
+    write_geotiff(tmp_path / "hsi.tif", np.ones((4, 6, 6), np.int16), nodata=-32768, band_tags=tags,
+                  descriptions=["", "", "band 3 (1000.5 Nanometers)", ""])
+    scene = open_city(geotiff_spec(tmp_path, {"name": "hsi", "bands": 4, "resolution_m": 30}), "scene")[0]
+    assert scene.band_meta == {"hsi": BandMeta("int16", -32768.0, (993.34, 901.96, 1000.5, 2445.3),
+                                               (8.1, 12.3, 10.0, 9.5), (2,))}
+
+
+def test_band_metadata_in_unknown_units_fails_naming_file_band_and_units(tmp_path):
+    path = write_geotiff(tmp_path / "hsi.tif", np.ones((2, 6, 6), np.int16),
+                         band_tags=[{"wavelength": "500"}, {"wavelength": "5", "wavelength_units": "furlongs"}])
+    with pytest.raises(SceneError) as err:
+        open_city(geotiff_spec(tmp_path, {"name": "hsi", "bands": 2, "resolution_m": 30}), "scene")
+    assert str(err.value) == f"{path}: band 2 wavelength_units 'furlongs' is not one of Nanometers, Micrometers"
+
+
+@pytest.mark.parametrize("fmt", ["geotiff", "mat_v5", "mat_v73", "tiles"])
+def test_excluded_bands_are_left_out_by_every_reader(tmp_path, fmt):
+    """exclude_bands by number (2: B3) and by name (B8) leave B2 and B4 of the tiny MSI, in every format."""
+    spec = generate_dataset(load_spec(CONFIGS / "demo_tiny.yaml", data_root=tmp_path), 40, 40, fmt=fmt)
+    msi = replace(spec.modality("msi"), exclude_bands=(2, "B8"))
+    assert msi.kept_bands == (0, 2) and msi.channels == 2 and msi.kept_wavelengths_nm == (490, 665)
+    excluded = replace(spec, modalities=tuple(msi if m.name == "msi" else m for m in spec.modalities))
+    window = Window(3, 5, 20, 17)
+    for full, kept in zip(open_city(spec, "synth_source"), open_city(excluded, "synth_source"), strict=True):
+        np.testing.assert_array_equal(kept.read("msi", window), full.read("msi", window)[[0, 2]])
+        np.testing.assert_array_equal(kept.read("hsi"), full.read("hsi"))
+
+
+def test_an_excluded_band_of_nan_makes_no_pixel_nodata(tmp_path):
+    data = np.random.default_rng(0).uniform(100, 200, (3, 6, 6)).astype(np.float32)
+    data[1] = np.nan
+    write_geotiff(tmp_path / "hsi.tif", data)
+    scene = open_city(geotiff_spec(tmp_path, {"name": "hsi", "bands": 3, "resolution_m": 30, "exclude_bands": [2]}),
+                      "scene")[0]
+    np.testing.assert_array_equal(scene.read("hsi"), data[[0, 2]])
+    assert scene.nonfinite_counts["hsi"] == 0

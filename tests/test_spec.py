@@ -61,6 +61,14 @@ cities: [{name: a, role: source, format: geotiff, files: {msi: a.tif}}]
     ("modalities: [{name: msi, bands: 4, resolution_m: 10, nodata: .nan}]", "nodata must be a finite number"),
     ("cities: [{name: a, role: sauce, format: geotiff, files: {}}]", "'sauce' is not one of"),
     ("grid_resolution_m: ten", "expected a number"),
+    ("modalities: [{name: msi, bands: 4, resolution_m: 10, exclude_bands: [5]}]",
+     "modalities.msi.exclude_bands: band 5 is not in 1..4 (1-based band numbers)"),
+    ("modalities: [{name: msi, bands: 2, resolution_m: 10, band_names: [B4, B8], exclude_bands: [B9]}]",
+     "modalities.msi.exclude_bands: 'B9' is not a band name (band_names: ['B4', 'B8'])"),
+    ("modalities: [{name: msi, bands: 2, resolution_m: 10, band_names: [B4, B8], exclude_bands: [2, B8]}]",
+     "modalities.msi.exclude_bands: '2' appears twice"),
+    ("modalities: [{name: msi, bands: 2, resolution_m: 10, exclude_bands: [1, 2]}]",
+     "modalities.msi.exclude_bands leaves none of the 2 bands"),
 ])
 def test_bad_spec_names_file_and_key(tmp_path, patch, message):
     import yaml
@@ -113,3 +121,38 @@ def test_output_nodata_is_the_ignore_id():
     assert load_spec("configs/datasets/c2seg_ab.yaml").output_nodata == 0
     real_zero = spec_from_dict({**yaml.safe_load(BASE), "ignore_id": 255})
     assert real_zero.output_nodata == 255 and real_zero.scored_class_ids == (0, 1)
+
+
+def test_excluded_bands_set_what_the_model_sees_and_travel_in_the_records():
+    """exclude_bands (a number or a name) leave their bands out of the channels, the wavelengths the model
+    sees and the band numbers messages give; the spec keeps them through the JSON records (manifest, job) and
+    the exported model's spec dict, and a spec excluding bands is not compatible with one that does not."""
+    import json
+
+    import yaml
+
+    from c2seg.spec import spec_from_dict
+
+    data = yaml.safe_load(BASE)
+    data["modalities"] = [{"name": "msi", "bands": 4, "resolution_m": 10, "wavelengths_nm": [490, 560, 665, 842],
+                           "band_names": ["B2", "B3", "B4", "B8"], "exclude_bands": ["B3", 1]}]
+    spec = spec_from_dict(data)
+    msi = spec.modality("msi")
+    assert (msi.bands, msi.channels, msi.kept_bands, msi.kept_wavelengths_nm) == (4, 2, (2, 3), (665, 842))
+    assert [msi.band_label(c) for c in range(2)] == ["band 3 (B4)", "band 4 (B8)"]
+    again = spec_from_dict(json.loads(json.dumps(spec.to_dict())), source="manifest.json")
+    assert again == spec and again.modality("msi").exclude_bands == ("B3", 1) and again.modality("msi").channels == 2
+    plain = spec_from_dict(yaml.safe_load(BASE))
+    assert spec.fingerprint != plain.fingerprint
+    assert spec_compatible(plain, spec) == ["modality 'msi' has 2 bands, the model expects 4"]
+
+
+def test_example_specs_carry_the_sensors_band_centres():
+    """Sentinel-2's 13 centres, and EnMAP's 224, whose SWIR restarts below the end of its VNIR."""
+    s2 = load_spec("configs/datasets/example_floods.yaml").modality("s2")
+    assert s2.wavelengths_nm == (443, 490, 560, 665, 705, 740, 783, 842, 865, 945, 1375, 1610, 2190)
+    assert s2.band_names[8] == "B8A" and len(s2.bandwidths_nm) == 13
+    enmap = load_spec("configs/datasets/example_enmap.yaml").modality("enmap")
+    centres = enmap.wavelengths_nm
+    assert len(centres) == 224 and centres[0] == 418.42 and centres[-1] == 2445.3
+    assert centres[90] == 993.34 and centres[91] == 901.96  # band 91 ends the VNIR, band 92 starts the SWIR

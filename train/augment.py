@@ -31,8 +31,8 @@ class RadiometricJitter:
         for m in spec.modalities:
             mean = torch.tensor(stats[m.name]["mean"], dtype=torch.float32)
             std = torch.tensor(stats[m.name]["std"], dtype=torch.float32).clamp_min(1e-6)
-            if m.wavelengths_nm is not None:
-                wl = torch.tensor(m.wavelengths_nm, dtype=torch.float32)
+            if m.kept_wavelengths_nm is not None:
+                wl = torch.tensor(m.kept_wavelengths_nm, dtype=torch.float32)
                 self.optical[m.name] = (mean / std, (wl - 1000.0) / 1000.0, (wl / 450.0) ** -4 / std)
             elif m.unit.lower() == "db":
                 self.db[m.name] = 1.0 / std

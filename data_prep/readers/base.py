@@ -12,12 +12,16 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from affine import Affine
 
 from c2seg.io import file_problem
 from c2seg.spec import City, DatasetSpec
+
+if TYPE_CHECKING:
+    from data_prep.readers.sensor import BandMeta
 
 
 class SceneError(ValueError):
@@ -68,6 +72,7 @@ class Scene(abc.ABC):
         self.transform = transform if transform is not None else Affine.identity()
         self.crs = crs
         self.nonfinite_counts: dict[str, int] = {}
+        self.band_meta: dict[str, BandMeta] = {}  # per modality, what its file says of its bands (GeoTIFF only)
 
     @property
     @abc.abstractmethod

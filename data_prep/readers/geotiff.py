@@ -18,6 +18,7 @@ from rasterio.windows import Window as RioWindow
 from c2seg.spec import City, DatasetSpec
 from data_prep.readers.base import SceneError, require_file
 from data_prep.readers.grid import GridScene, grid_factor
+from data_prep.readers.sensor import read_band_meta
 
 
 def _open(path: Path):
@@ -45,10 +46,11 @@ class GeoTiffScene(GridScene):
         if not on_grid:
             raise SceneError(f"city '{city.name}': no modality on the {spec.grid_resolution_m} m grid to define it")
         ref = on_grid[0]
-        _, height, width, transform, crs = meta[ref]
+        _, height, width, transform, crs, _ = meta[ref]
         super().__init__(spec, city, name, self._files[ref], height, width, transform=transform,
                          crs=crs.to_string() if crs else None)
-        for key, (bands, h, w, tf, file_crs) in meta.items():
+        self.band_meta = {key: m[5] for key, m in meta.items() if key != "label"}
+        for key, (bands, h, w, tf, file_crs, _) in meta.items():
             path = self._files[key]
             if key == "label":
                 self._check_label_shape(path, h, w)
@@ -67,7 +69,7 @@ class GeoTiffScene(GridScene):
     @staticmethod
     def _meta(path: Path):
         with _open(path) as ds:
-            return ds.count, ds.height, ds.width, ds.transform, ds.crs
+            return ds.count, ds.height, ds.width, ds.transform, ds.crs, read_band_meta(ds, path)
 
     @property
     def modalities(self) -> tuple[str, ...]:

@@ -19,6 +19,8 @@ Rules (documented in docs/demo-data.md):
   store raw codes, and every value must be one of its raw codes (mapped onto their class ids) or nodata
   codes (mapped onto ``ignore_id``). No scene is read by guessing from its values. The check is made
   once per scene on the values of the whole label, read by blocks.
+- A modality's ``exclude_bands`` are left out of every read (after the band count of the files is checked
+  against ``bands``), before the non-finite fill: reads hold ``Modality.channels`` bands.
 """
 
 from __future__ import annotations
@@ -116,15 +118,21 @@ class GridScene(Scene, abc.ABC):
         factor = grid_factor(self.spec, m)
         rows, cols = window.slices
         if factor == 1:
-            values = self._read_native(modality, rows, cols)
+            values = self._read_kept(m, rows, cols)
         else:
             nh, nw = self._native_shapes[modality]
             ri = np.minimum(np.arange(rows.start, rows.stop) // factor, nh - 1)
             ci = np.minimum(np.arange(cols.start, cols.stop) // factor, nw - 1)
-            coarse = self._read_native(modality, slice(ri[0], ri[-1] + 1), slice(ci[0], ci[-1] + 1))
+            coarse = self._read_kept(m, slice(ri[0], ri[-1] + 1), slice(ci[0], ci[-1] + 1))
             values = coarse[:, ri - ri[0]][:, :, ci - ci[0]]
         values = np.asarray(values, dtype=np.float32)
         return self._fill_nonfinite(modality, values)
+
+    def _read_kept(self, m: Modality, rows: slice, cols: slice) -> np.ndarray:
+        """The native block of ``m`` without its ``exclude_bands`` (left out before the non-finite fill, so a NaN
+        band that is excluded makes no pixel nodata)."""
+        values = self._read_native(m.name, rows, cols)
+        return values[list(m.kept_bands)] if m.exclude_bands else values
 
     def _fill_nonfinite(self, modality: str, values: np.ndarray) -> np.ndarray:
         """``values`` with every band of each pixel holding a non-finite value set to the fill value (nodata)."""

@@ -45,7 +45,7 @@ class SpectralPatchEmbed(nn.Module):
 
     def __init__(self, modality: Modality, cfg: ModelConfig) -> None:
         super().__init__()
-        bands = modality.bands
+        bands = modality.channels
         self.groups = math.ceil(bands / cfg.max_bands_per_token)
         self.group_bands = math.ceil(bands / self.groups)
         self.bands, self.patch, self.dim = bands, cfg.patch_size, cfg.embed_dim
@@ -53,10 +53,10 @@ class SpectralPatchEmbed(nn.Module):
         valid = torch.zeros(padded, dtype=torch.bool)
         valid[:bands] = True
         self.register_buffer("band_valid", valid, persistent=False)
-        self.use_wavelengths = cfg.spectral_embedding == "wavelength" and modality.wavelengths_nm is not None
+        self.use_wavelengths = cfg.spectral_embedding == "wavelength" and modality.kept_wavelengths_nm is not None
         if self.use_wavelengths:
             wl = torch.zeros(padded)
-            wl[:bands] = torch.tensor(modality.wavelengths_nm, dtype=torch.float32) / 1000.0  # micrometres
+            wl[:bands] = torch.tensor(modality.kept_wavelengths_nm, dtype=torch.float32) / 1000.0  # micrometres
             hidden = cfg.wavelength_hidden
             # the generator's input: fixed Fourier features of each band's wavelength, a buffer so they move
             # with the model to its device

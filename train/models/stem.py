@@ -40,7 +40,7 @@ class ConvStem(nn.Module):
 
     def __init__(self, spec: DatasetSpec, stem_dim: int, patch_size: int) -> None:
         super().__init__()
-        self.spectral = nn.ModuleDict({m.name: nn.Conv2d(m.bands, stem_dim, 1) for m in spec.modalities})
+        self.spectral = nn.ModuleDict({m.name: nn.Conv2d(m.channels, stem_dim, 1) for m in spec.modalities})
         chans = skip_channels(stem_dim, patch_size)
         self.levels = nn.ModuleList([double_conv(stem_dim, chans[0])] +
                                     [double_conv(a, b, stride=2) for a, b in zip(chans, chans[1:])])

@@ -60,3 +60,49 @@ stop_pidfile() {  # stop_pidfile NAME PIDFILE
   rm -f "$2"
 }
 
+
+common_config() {  # the slurm.conf lines both clusters share (STATE and PORT set by the caller)
+  cat <<EOF
+SlurmctldPort=$PORT
+SlurmdPort=$((PORT + 1))
+SlurmUser=$(id -un)
+SlurmdUser=root
+AuthType=auth/munge
+# cred_expire: a requeued job may start again after 10 s (default 120)
+AuthInfo=socket=$STATE/munge/munge.socket.2,cred_expire=10
+CredType=cred/munge
+StateSaveLocation=$STATE/state
+SlurmctldPidFile=$STATE/run/slurmctld.pid
+SlurmctldLogFile=$STATE/log/slurmctld.log
+SlurmctldDebug=info
+SlurmdDebug=info
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SchedulerType=sched/backfill
+AccountingStorageType=accounting_storage/none
+JobAcctGatherType=jobacct_gather/none
+JobCompType=jobcomp/none
+MpiDefault=none
+SwitchType=switch/none
+ReturnToService=2
+JobRequeue=1
+KillWait=10
+MinJobAge=600
+InactiveLimit=0
+Waittime=0
+EOF
+}
+
+wait_node() {  # wait_node NODE SLURMD_LOG: the node idle (or running jobs) within 60 s; resumed if down/drained
+  local state=""
+  for _ in $(seq 300); do
+    state=$(sinfo -h -n "$1" -o %T 2>/dev/null | head -1)
+    case "$state" in
+      idle*|mixed*|allocated*) return 0 ;;
+      down*|drain*) scontrol update nodename="$1" state=resume 2>/dev/null || true ;;
+    esac
+    sleep 0.2
+  done
+  die "node $1 is '${state:-unknown}' after 60 s; see $STATE/log/slurmctld.log and $2"
+}

@@ -25,48 +25,20 @@ TAG=local_cluster
 source "$(dirname "${BASH_SOURCE[0]}")/cluster_lib.sh"
 
 write_config() {
-  local cpus mem user
+  local cpus mem
   cpus=$(nproc)
   mem=$(awk '/MemTotal/ {printf "%d", $2 / 1024 * 0.9}' /proc/meminfo)
-  user=$(id -un)
   mkdir -p "$STATE"/{etc,run,log,state,spool,munge}
   cat >"$CONF" <<EOF
 # Written by slurm/local_cluster.sh: one node 'localhost' with this machine's $cpus CPUs.
 ClusterName=c2seg-local
 SlurmctldHost=localhost
-SlurmctldPort=$PORT
-SlurmdPort=$((PORT + 1))
-SlurmUser=$user
-SlurmdUser=root
-AuthType=auth/munge
-# cred_expire: a requeued job may start again after 10 s (default 120)
-AuthInfo=socket=$STATE/munge/munge.socket.2,cred_expire=10
-CredType=cred/munge
-StateSaveLocation=$STATE/state
 SlurmdSpoolDir=$STATE/spool
-SlurmctldPidFile=$STATE/run/slurmctld.pid
 SlurmdPidFile=$STATE/run/slurmd.pid
-SlurmctldLogFile=$STATE/log/slurmctld.log
 SlurmdLogFile=$STATE/log/slurmd.log
-SlurmctldDebug=info
-SlurmdDebug=info
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
-SchedulerType=sched/backfill
-AccountingStorageType=accounting_storage/none
-JobAcctGatherType=jobacct_gather/none
-JobCompType=jobcomp/none
-MpiDefault=none
-SwitchType=switch/none
-ReturnToService=2
-JobRequeue=1
-KillWait=10
-MinJobAge=600
-InactiveLimit=0
-Waittime=0
 SlurmdTimeout=300
+$(common_config)
 NodeName=localhost NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem State=UNKNOWN
 PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
 EOF
@@ -89,20 +61,8 @@ up() {
   if ! alive "$STATE/run/slurmd.pid"; then
     /usr/sbin/slurmd -N localhost || die "slurmd did not start; see $STATE/log/slurmd.log"
   fi
-  local state=""
-  for i in $(seq 300); do
-    state=$(node_state)
-    case "$state" in
-      idle*|mixed*|allocated*) break ;;
-      down*|drain*) scontrol update nodename=localhost state=resume 2>/dev/null || true ;;
-    esac
-    sleep 0.2
-  done
-  case "$state" in
-    idle*|mixed*|allocated*) ;;
-    *) die "node localhost is '${state:-unknown}' after 60 s; see $STATE/log/slurmctld.log and $STATE/log/slurmd.log" ;;
-  esac
-  say "up: node localhost $state with $(nproc) CPUs, partition debug; config $CONF"
+  wait_node localhost "$STATE/log/slurmd.log"
+  say "up: node localhost $(node_state) with $(nproc) CPUs, partition debug; config $CONF"
   say "for sbatch/squeue in your shell: export SLURM_CONF=$CONF"
 }
 

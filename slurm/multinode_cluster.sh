@@ -77,40 +77,14 @@ write_config() {  # write_config N
 # Written by slurm/multinode_cluster.sh: $1 nodes in network namespaces, $cpus CPUs each (the same machine's).
 ClusterName=c2seg-nodes
 SlurmctldHost=localhost($NET.2)
-SlurmctldPort=$PORT
-SlurmdPort=$((PORT + 1))
-SlurmUser=$(id -un)
-SlurmdUser=root
-AuthType=auth/munge
-AuthInfo=socket=$STATE/munge/munge.socket.2,cred_expire=10
-CredType=cred/munge
-StateSaveLocation=$STATE/state
 SlurmdSpoolDir=$STATE/spool/%n
-SlurmctldPidFile=$STATE/run/slurmctld.pid
 SlurmdPidFile=$STATE/run/slurmd-%n.pid
-SlurmctldLogFile=$STATE/log/slurmctld.log
 SlurmdLogFile=$STATE/log/slurmd-%n.log
-SlurmctldDebug=info
-SlurmdDebug=info
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-SelectType=select/cons_tres
 # least loaded nodes first: the tasks of an array spread over the nodes
 SelectTypeParameters=CR_Core,CR_LLN
-SchedulerType=sched/backfill
-AccountingStorageType=accounting_storage/none
-JobAcctGatherType=jobacct_gather/none
-JobCompType=jobcomp/none
-MpiDefault=none
-SwitchType=switch/none
 # a node silent for 10 s is down: its jobs are requeued (--requeue) or ended, never left waiting
 SlurmdTimeout=10
-ReturnToService=2
-JobRequeue=1
-KillWait=10
-MinJobAge=600
-InactiveLimit=0
-Waittime=0
+$(common_config)
 EOF
     for k in $(seq "$1"); do
       echo "NodeName=node$k NodeAddr=$(node_addr "node$k") CPUs=$cpus RealMemory=$mem State=UNKNOWN"
@@ -135,21 +109,8 @@ start_node() {  # start_node NAME: its slurmd, in its namespace
 node_states() { sinfo -h -N -o '%N %T' 2>/dev/null; }
 
 wait_idle() {  # wait_idle NODE...: each node idle (or running jobs) within 60 s
-  local node state
-  for node in "$@"; do
-    for _ in $(seq 300); do
-      state=$(node_states | awk -v n="$node" '$1 == n {print $2}')
-      case "$state" in
-        idle*|mixed*|allocated*) break ;;
-        down*|drain*) scontrol update nodename="$node" state=resume 2>/dev/null || true ;;
-      esac
-      sleep 0.2
-    done
-    case "$state" in
-      idle*|mixed*|allocated*) ;;
-      *) die "node $node is '${state:-unknown}' after 60 s; see $STATE/log/slurmctld.log and $STATE/log/slurmd-$node.log" ;;
-    esac
-  done
+  local node
+  for node in "$@"; do wait_node "$node" "$STATE/log/slurmd-$node.log"; done
 }
 
 all_slurmd_alive() {

@@ -142,3 +142,27 @@ def refresh_saved_hash(ckpt: Path, name: str) -> None:
     state = json.loads(state_file.read_text())
     state["files"][name] = {"bytes": (ckpt / name).stat().st_size, "sha256": file_sha256(ckpt / name)}
     state_file.write_text(json.dumps(state))
+
+
+def tile_city_spec(tiny_spec, folder: Path) -> tuple[Path, Path]:
+    """The tiny cities generated again as tile folders under ``folder`` (the target city: 3 tiles of 32 x 96 px)
+    and a spec file naming them: (spec file, data root)."""
+    import yaml
+
+    from data_prep.synth import generate_dataset
+
+    data = folder / "tiles"
+    spec = generate_dataset(tiny_spec.with_data_root(data), 32, 96, seed=1, fmt="tiles")
+    spec_file = folder / "tiles_spec.yaml"
+    spec_file.write_text(yaml.safe_dump(spec.to_dict()))
+    return spec_file, data
+
+
+def infer_locally(model: Path, spec_file: Path, data: Path, out: Path, args: list[str]) -> list[Path]:
+    """``c2seg infer run`` of the target city outside SLURM (no SLURM_* variable); the GeoTIFFs written, relative
+    to ``out``, sorted."""
+    subprocess.run([sys.executable, "-m", "c2seg.cli", "infer", "run", "--model", str(model), "--spec",
+                    str(spec_file), "--data-root", str(data), "--city", "synth_target", "--out", str(out), *args],
+                   check=True, cwd=ROOT, capture_output=True,
+                   env={k: v for k, v in os.environ.items() if not k.startswith("SLURM_")})
+    return sorted(p.relative_to(out) for p in out.rglob("*.tif"))

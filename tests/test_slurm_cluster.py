@@ -18,12 +18,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
-import yaml
 
 from c2seg.cli import main
 from slurm.cluster import SlurmError, run_slurm, slurm_env
 from slurm.config import load_submit_config
-from tests.fixtures_train import assert_same_weights
+from tests.fixtures_train import assert_same_weights, infer_locally, tile_city_spec
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parent.parent
@@ -135,14 +134,11 @@ def test_usr1_checkpoints_requeues_and_matches_uninterrupted(chain, tmp_path):
 
 
 def test_inference_array_over_three_scenes_equals_local_run(chain, tiny_spec, tmp_path):
+    from c2seg.spec import load_spec
     from data_prep.readers import open_city
-    from data_prep.synth import generate_dataset
 
-    data = tmp_path / "tiles"
-    spec = generate_dataset(tiny_spec.with_data_root(data), 32, 96, seed=1, fmt="tiles")  # 3 target tiles
-    spec_file = tmp_path / "tiles_spec.yaml"
-    spec_file.write_text(yaml.safe_dump(spec.to_dict()))
-    assert len(open_city(spec, "synth_target")) == 3
+    spec_file, data = tile_city_spec(tiny_spec, tmp_path)
+    assert len(open_city(load_spec(spec_file, data_root=data), "synth_target")) == 3
     model = chain / "models" / "adapted.pt"
     infer_args = list(load_submit_config(LOCAL).infer.args)  # what the chain's infer job passes
     rc = main(["slurm", "submit", "--config", str(LOCAL), "--set", f"run_dir={tmp_path / 'array'}",
@@ -155,13 +151,9 @@ def test_inference_array_over_three_scenes_equals_local_run(chain, tiny_spec, tm
         log_text = (tmp_path / "array" / "logs" / f"infer-{job}_{task}.log").read_text()
         assert f"3 scenes, 1 for task {task}/3" in log_text, log_text[-2000:]
     local = tmp_path / "local"
-    subprocess.run([sys.executable, "-m", "c2seg.cli", "infer", "run", "--model", str(model), "--spec",
-                    str(spec_file), "--data-root", str(data), "--city", "synth_target", "--out", str(local),
-                    *infer_args], check=True, cwd=ROOT, capture_output=True,
-                   env={k: v for k, v in os.environ.items() if not k.startswith("SLURM_")})
+    want = infer_locally(model, spec_file, data, local, infer_args)
     predictions = tmp_path / "array" / "predictions" / model.stem
     got = sorted(p.relative_to(predictions) for p in predictions.rglob("*.tif"))
-    want = sorted(p.relative_to(local) for p in local.rglob("*.tif"))
     assert got == want and len([p for p in got if "submission" in str(p)]) == 3
     for rel in want:
         with rasterio.open(local / rel) as a, rasterio.open(predictions / rel) as b:

@@ -21,12 +21,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
-import yaml
 
 from c2seg.cli import main
 from slurm.cluster import MULTINODE_CLUSTER_SCRIPT, run_slurm
 from slurm.config import load_submit_config
-from tests.fixtures_train import assert_same_weights
+from tests.fixtures_train import assert_same_weights, infer_locally, tile_city_spec
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parent.parent
@@ -233,12 +232,7 @@ def _ran_on_last(log: Path) -> list[str]:
 
 
 def test_inference_over_two_nodes_equals_a_local_run(chain, tiny_spec, tmp_path):
-    from data_prep.synth import generate_dataset
-
-    data = tmp_path / "tiles"
-    spec = generate_dataset(tiny_spec.with_data_root(data), 32, 96, seed=1, fmt="tiles")  # 3 target tiles
-    spec_file = tmp_path / "tiles_spec.yaml"
-    spec_file.write_text(yaml.safe_dump(spec.to_dict()))
+    spec_file, data = tile_city_spec(tiny_spec, tmp_path)
     model = chain / "models" / "adapted.pt"
     cfg = load_submit_config(CONFIG)
     rc = submit(tmp_path / "array", "stages=[infer]", f"spec={spec_file}", f"data_root={data}", f"model={model}",
@@ -247,12 +241,8 @@ def test_inference_over_two_nodes_equals_a_local_run(chain, tiny_spec, tmp_path)
     logs = sorted((tmp_path / "array" / "logs").glob("infer-*_*.log"))
     assert len(logs) == 2 and len({_ran_on(log)[0] for log in logs}) == 2
     local = tmp_path / "local"
-    subprocess.run([sys.executable, "-m", "c2seg.cli", "infer", "run", "--model", str(model), "--spec",
-                    str(spec_file), "--data-root", str(data), "--city", "synth_target", "--out", str(local),
-                    *cfg.infer.args], check=True, cwd=ROOT, capture_output=True,
-                   env={k: v for k, v in os.environ.items() if not k.startswith("SLURM_")})
+    want = infer_locally(model, spec_file, data, local, list(cfg.infer.args))
     predictions = tmp_path / "array" / "predictions" / model.stem
-    want = sorted(p.relative_to(local) for p in local.rglob("*.tif"))
     assert sorted(p.relative_to(predictions) for p in predictions.rglob("*.tif")) == want and len(want) >= 4
     for rel in want:
         assert (local / rel).read_bytes() == (predictions / rel).read_bytes(), rel

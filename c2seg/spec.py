@@ -21,8 +21,10 @@ from typing import Literal
 from c2seg.config import ConfigError, from_dict, load_yaml, to_dict
 from c2seg.io import file_problem
 
-SceneFormat = Literal["geotiff", "mat_v5", "mat_v73", "tiles"]
-CityRole = Literal["source", "target"]
+SceneFormat = Literal["geotiff", "mat_v5", "mat_v73", "tiles", "filelist"]
+CityRole = Literal["source", "target", "test"]
+SPLITS = ("train", "val", "test")  # the splits prep stores; training reads train and val, never test
+CHIP = "{chip}"  # the chip id in the file patterns of a filelist city
 _HEX = re.compile(r"^#[0-9a-fA-F]{6}$")
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
@@ -197,12 +199,21 @@ class LabelRemap:
 
 @dataclass(frozen=True)
 class City:
-    """A city (scene or tile collection) of the dataset and its role in cross-city training.
+    """A city (scene, tile collection or list of chips) of the dataset and its role in cross-city training.
+
+    ``role``: ``source`` (labelled, trained on), ``target`` (adapted to; its labels only validate) or ``test``
+    (only predicted and scored: never trained on, adapted to, pseudo-labelled, validated on, nor in the
+    normalisation statistics).
 
     ``files`` says where its data lies, relative to the spec's data root; keys by format:
     geotiff: one key per modality plus optional ``label`` (one GeoTIFF each); mat_v5: ``scene``
     (one .mat with every modality and ``label``); mat_v73: ``scene`` and optional ``label``
-    (HDF5-based .mat); tiles: ``root``, a folder with a sub-folder of ``N.tiff`` per modality and label.
+    (HDF5-based .mat); tiles: ``root``, a folder with a sub-folder of ``N.tiff`` per modality and label;
+    filelist: one path pattern per modality and label holding ``{chip}``, the chip id (one GeoTIFF chip each).
+
+    ``splits`` (filelist only) maps a split (train, val, test) to a list file (csv or text, one chip a row) or a
+    glob of the first modality's files; ``columns`` names the csv column of each ``files`` key (a header name, or
+    a 0-based position in a csv without header; default: the first key in column 0).
     """
 
     name: str
@@ -212,14 +223,46 @@ class City:
     labelled: bool = True
     crs: str | None = None  # for formats with no georeferencing (.mat): EPSG code like "EPSG:32632"
     origin: tuple[float, float] | None = None  # (x, y) of the upper-left corner in ``crs`` units
+    splits: dict[str, str] | None = None
+    columns: dict[str, int | str] | None = None
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.name):
             raise ValueError(f"city name '{self.name}' must be lower-case letters, digits, _")
-        required = {"geotiff": set(), "mat_v5": {"scene"}, "mat_v73": {"scene"}, "tiles": {"root"}}[self.format]
+        required = {"geotiff": set(), "mat_v5": {"scene"}, "mat_v73": {"scene"}, "tiles": {"root"},
+                    "filelist": set()}[self.format]
         missing = required - set(self.files)
         if missing:
             raise ValueError(f"cities.{self.name}.files needs key(s) {sorted(missing)} for format {self.format}")
+        if self.format == "filelist":
+            self._check_filelist()
+        elif self.splits is not None or self.columns is not None:
+            raise ValueError(f"cities.{self.name}: splits and columns need format filelist (got {self.format})")
+
+    def _check_filelist(self) -> None:
+        key = f"cities.{self.name}"
+        for name, pattern in self.files.items():
+            if pattern.count(CHIP) != 1:
+                raise ValueError(f"{key}.files.{name}: pattern '{pattern}' must hold {CHIP} once (the chip id)")
+        unknown = sorted(set(self.splits or {}) - set(SPLITS))
+        if unknown:
+            raise ValueError(f"{key}.splits: unknown split(s) {unknown} (allowed: {', '.join(SPLITS)})")
+        if self.role == "test" and set(self.splits or {}) - {"test"}:
+            raise ValueError(f"{key}: a test city's chips are all test; give only splits.test")
+        if self.columns is None:
+            return
+        if self.splits is None:
+            raise ValueError(f"{key}.columns: needs splits (the csv files the columns are of)")
+        unknown = sorted(set(self.columns) - set(self.files))
+        if unknown:
+            raise ValueError(f"{key}.columns: {unknown} are not keys of files ({sorted(self.files)})")
+        if len({type(c) for c in self.columns.values()}) > 1:
+            raise ValueError(f"{key}.columns: give every column by header name or every one by 0-based position")
+
+    @property
+    def split_columns(self) -> dict[str, int | str]:
+        """The csv column of each ``files`` key the split files give (default: the first key, column 0)."""
+        return self.columns or {next(iter(self.files)): 0}
 
 
 @dataclass(frozen=True)
@@ -262,10 +305,21 @@ class DatasetSpec:
             raise ValueError("classes: at least one class besides ignore_id is needed")
         if not any(c.role == "source" for c in self.cities):
             raise ValueError("cities: at least one city must have role 'source'")
+        for city in self.cities:
+            if city.format == "filelist":
+                self._check_filelist_keys(city)
         if self.label_remap:
             bad = sorted(set(self.label_remap.codes.values()) - set(self.class_ids))
             if bad:
                 raise ValueError(f"label_remap.codes maps onto unknown class ids {bad}")
+
+    def _check_filelist_keys(self, city: City) -> None:
+        keys = set(self.modality_names) | ({"label"} if city.labelled else set())
+        missing, unknown = sorted(keys - set(city.files)), sorted(set(city.files) - set(self.modality_names) - {"label"})
+        if missing or unknown:
+            problem = f"has no pattern for {missing}" if missing else f"has key(s) {unknown} that are no modality"
+            raise ValueError(f"cities.{city.name}.files {problem} (a filelist city gives one per modality"
+                             f"{' and label' if city.labelled else ''})")
 
     # ---- derived views -------------------------------------------------------------------
     @property
@@ -307,6 +361,20 @@ class DatasetSpec:
     def cities_with_role(self, role: CityRole) -> tuple[City, ...]:
         return tuple(c for c in self.cities if c.role == role)
 
+    def training_cities(self, role: CityRole, names: tuple[str, ...] | list[str] | None = None,
+                        setting: str = "") -> tuple[str, ...]:
+        """The cities training reads in ``role``: ``names`` (given by a config's ``setting``) when not None, else
+        the spec's cities of that role. A test city is never trained on, adapted to nor validated on: a
+        ``names`` holding one fails, naming it and the setting."""
+        if names is None:
+            return tuple(c.name for c in self.cities_with_role(role))
+        for name in names:
+            if self.city(name).role == "test":
+                raise ValueError(f"{setting} names city '{name}', whose role is test in "
+                                 f"{self.source_file or f'spec {self.name!r}'}: a test city is only predicted and "
+                                 "scored, never trained on, adapted to nor validated on")
+        return tuple(names)
+
     def class_name(self, class_id: int) -> str:
         for c in self.classes:
             if c.id == class_id:
@@ -336,17 +404,26 @@ class DatasetSpec:
         """Absolute path of ``city.files[key]`` under the data root."""
         if key not in city.files:
             raise KeyError(f"city '{city.name}' has no file entry '{key}' (has {sorted(city.files)})")
-        return (Path(self.data_root) / city.files[key]).resolve()
+        return self.path(city.files[key])
+
+    def path(self, relative: str) -> Path:
+        """Absolute path of a path given relative to the data root."""
+        return (Path(self.data_root) / relative).resolve()
 
     def with_data_root(self, root: str | Path) -> DatasetSpec:
         """The same spec reading its cities under another data root."""
         return replace(self, data_root=str(root))
 
     def to_dict(self) -> dict:
-        """Plain-data form, used for manifests and checkpoints (the data root is left out)."""
+        """Plain-data form, used for manifests and checkpoints (the data root is left out, and so are the
+        filelist keys of cities that do not use them: specs written before they existed keep their hash)."""
         data = to_dict(self)
         data.pop("source_file")
         data.pop("data_root")
+        for city in data["cities"]:
+            for key in ("splits", "columns"):
+                if city[key] is None:
+                    del city[key]
         return data
 
     @cached_property
@@ -426,5 +503,5 @@ def spec_compatible(expected: DatasetSpec, actual: DatasetSpec) -> list[str]:
 
 __all__ = [
     "City", "ClassDef", "DatasetSpec", "LabelRemap", "Modality", "TileDefaults", "UNIT_BOUNDS",
-    "load_spec", "read_spec_yaml", "spec_from_dict", "spec_compatible", "SceneFormat", "CityRole",
+    "load_spec", "read_spec_yaml", "spec_from_dict", "spec_compatible", "SceneFormat", "CityRole", "SPLITS", "CHIP",
 ]

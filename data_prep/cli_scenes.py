@@ -14,7 +14,7 @@ from c2seg.spec import SceneFormat
 from data_prep.synth.domain import SHIFT_PROFILES
 
 log = logging.getLogger("c2seg.data")
-FORMATS = get_args(SceneFormat)
+FORMATS = tuple(f for f in get_args(SceneFormat) if f != "filelist")  # the formats generate writes
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -3,9 +3,10 @@ inference and verify through :func:`load_manifest`.
 
 ``manifest.json`` holds: format, creation time, tool versions, the spec (and its hash), the resolved
 prep config, stored dtypes with their measured cast error, statistics per modality pooled over all
-cities and per city (count, mean, std, min, max, p01, p99 per band), and per city and split: tile
-counts (planned, kept, dropped for nodata / for straddling the val blocks), the class histogram,
-the zarr group and the shard list (path, samples, bytes, sha256).
+cities and per city (count, mean, std, min, max, p01, p99 per band; test scenes left out, so a test city
+has none), and per city and split: tile counts (planned, kept, dropped for nodata / for straddling the val
+blocks), the scenes its planned tiles come from (in scene order), the class histogram, the zarr group and the
+shard list (path, samples, bytes, sha256).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import numpy as np
 
 from c2seg.config import load_json_record
 from c2seg.io import write_text_atomic
-from c2seg.spec import DatasetSpec, spec_from_dict
+from c2seg.spec import SPLITS, DatasetSpec, spec_from_dict
 from data_prep.prep import Job, load_job
 from data_prep.stats import BandStats, bounds_problem, fill_value, nodata_mask
 from data_prep.tiling import CityPlan
@@ -62,11 +63,14 @@ def empty_splits(splits: dict[str, dict]) -> list[str]:
 def _nodata_reason(job: Job, plan: CityPlan, acc: dict[str, BandStats], planned: int) -> str:
     """Why a split kept none of its ``planned`` tiles: all were dropped as nodata (naming the modality with the
     most nodata pixels); the plan gave every split that should have tiles some (:func:`data_prep.tiling.plan_city`)."""
+    dropped = (f"all {planned} tiles were dropped as nodata (over max_nodata_fraction "
+               f"{job.cfg.max_nodata_fraction:g} of their pixels)")
+    if not plan.stats_units:  # a test city: no statistics count its pixels
+        return f"{dropped} (NaN and inf are read as nodata)"
     pixels = sum(h * w for _, h, w in plan.scenes)
     nodata = {m.name: 1 - int(acc[m.name].count[0]) / pixels for m in job.spec.modalities}
     worst = max(nodata, key=nodata.get)
-    return (f"all {planned} tiles were dropped as nodata (over max_nodata_fraction {job.cfg.max_nodata_fraction:g} "
-            f"of their pixels): modality '{worst}' is nodata in {100 * nodata[worst]:.1f}% of the city's pixels "
+    return (f"{dropped}: modality '{worst}' is nodata in {100 * nodata[worst]:.1f}% of the city's pixels "
             f"(fill value {fill_value(job.spec.modality(worst)):g}; NaN and inf are read as nodata)")
 
 
@@ -104,6 +108,7 @@ def finalize(out: Path) -> Path:
             write_kept(out, city, split, kept)
             splits[split] = {
                 "labelled": sp.labelled, "planned": len(sp.tiles), "tiles": len(kept),
+                "scenes": [plan.scenes[i][0] for i in np.unique(sp.tiles[:, 0])],
                 "dropped_nodata": sum(r["dropped_nodata"] for r in records),
                 "class_histogram": {str(c): int(n) for c, n in enumerate(hist) if n},
                 "zarr": f"{STORE}/{city}/{split}",
@@ -115,8 +120,9 @@ def finalize(out: Path) -> Path:
                              f"{_nodata_reason(job, plan, acc, splits[empty[0]]['planned'])}")
         cities[city] = {"id": plan.city_id, "role": plan.role, "scenes": [s[0] for s in plan.scenes],
                         "dropped_straddling": plan.straddling_dropped,
-                        "scenes_smaller_than_tile": plan.small_scenes_skipped,
-                        "stats": {m: a.summary() for m, a in acc.items()}, "splits": splits}
+                        "scenes_smaller_than_tile": plan.small_scenes_skipped, "splits": splits}
+        if plan.stats_units:
+            cities[city]["stats"] = {m: a.summary() for m, a in acc.items()}
     manifest = {
         "format": FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "versions": _versions(),
         "spec": spec.to_dict(), "spec_hash": spec.spec_hash, "spec_fingerprint": spec.fingerprint,
@@ -128,9 +134,9 @@ def finalize(out: Path) -> Path:
     }
     path = out / MANIFEST
     write_text_atomic(path, json.dumps(manifest, indent=1))
-    totals = {s: sum(c["splits"][s]["tiles"] for c in cities.values()) for s in ("train", "val")}
-    log.info("finalized %s: %d train and %d val tiles in %d shards", path, totals["train"], totals["val"],
-             sum(len(sp["shards"]) for c in cities.values() for sp in c["splits"].values()))
+    totals = {s: sum(c["splits"][s]["tiles"] for c in cities.values() if s in c["splits"]) for s in SPLITS}
+    log.info("finalized %s: %d train, %d val and %d test tiles in %d shards", path, totals["train"], totals["val"],
+             totals["test"], sum(len(sp["shards"]) for c in cities.values() for sp in c["splits"].values()))
     return path
 
 
@@ -188,7 +194,7 @@ class Manifest:
         self.spec: DatasetSpec = spec_from_dict(data["spec"], source=str(root / MANIFEST))
         self.stats: dict[str, dict] = data["stats"]
         self.cities: dict[str, dict] = data["cities"]
-        self.city_stats = {c: v["stats"] for c, v in self.cities.items()}
+        self.city_stats = {c: v["stats"] for c, v in self.cities.items() if "stats" in v}  # test cities have none
         self.tile_size: int = data["config"]["tile_size"]
 
     def city_names(self, cities: list[str] | tuple[str, ...] | None = None) -> list[str]:
@@ -220,20 +226,22 @@ class Manifest:
         return Normalizer(self.spec, self.city_stats[self.city_names([city])[0]])
 
     def city_normalization(self) -> dict[str, dict[str, dict[str, list[float]]]]:
-        """``{city: {modality: {"mean": [...], "std": [...]}}}`` for every city, as exported models carry it."""
-        return {c: self.city_normalizer(c).as_dict() for c in self.cities}
+        """``{city: {modality: {"mean": [...], "std": [...]}}}`` for every city with statistics (all but test
+        cities), as exported models carry it."""
+        return {c: self.city_normalizer(c).as_dict() for c in self.city_stats}
 
     def city_remap(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """Per modality ``(scale, shift)``, each ``(n_cities, C)`` float32, row ``i`` for ``spec.cities[i]``
         (the loaders' ``city_id``): maps pooled-normalised values to the city's own standardisation
-        (:meth:`Normalizer.remap_to`). A spec city without prepared tiles keeps the identity."""
+        (:meth:`Normalizer.remap_to`). A spec city without statistics (not prepared, or a test city) keeps the
+        identity."""
         pooled = self.normalizer()
         out = {}
         for m in self.spec.modalities:
             scale = np.ones((len(self.spec.cities), m.channels), np.float32)
             shift = np.zeros((len(self.spec.cities), m.channels), np.float32)
             for i, city in enumerate(self.spec.cities):
-                if city.name in self.cities:
+                if city.name in self.city_stats:
                     scale[i], shift[i] = pooled.remap_to(self.city_normalizer(city.name), m.name)
             out[m.name] = (scale, shift)
         return out

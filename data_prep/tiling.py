@@ -9,7 +9,13 @@ scene pixels, or for a multi-scene city the scenes placed by their georeferencin
 ``val_fraction`` of the blocks (``source_val_fraction`` in source cities, none in unlabelled cities, whose
 val split could score nothing) is held out. A tile lying wholly in held-out blocks is ``val``, one
 touching none is ``train``, one straddling both is dropped (counted), so no pixel is in both splits.
-A multi-scene city without georeferencing (all transforms equal) is split by whole scenes.
+A multi-scene city without georeferencing (all transforms equal), and a file list of chips without split files,
+are split by whole scenes.
+
+Given splits: a scene whose split is given (``Scene.split``: every scene of a test city is ``test``, a filelist
+chip is in the split of the file that lists it) puts all its tiles in that split, and its city holds out no
+blocks. ``test`` tiles are stored for scoring only: training reads train and val, and the statistics cover
+every scene but the test ones.
 """
 
 from __future__ import annotations
@@ -20,11 +26,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from c2seg.spec import City, DatasetSpec
+from c2seg.spec import SPLITS, City, DatasetSpec
 from data_prep.prep_config import PrepConfig
 from data_prep.readers.base import Scene
 
-SPLITS = ("train", "val")
 STORE_ITEMSIZE = {"float32": 4, "float16": 2, "uint16": 2}
 
 
@@ -90,16 +95,17 @@ def _pick(n: int, fraction: float, rng: np.random.Generator) -> set[int]:
 
 
 def plan_city(spec: DatasetSpec, city: City, scenes: list[Scene], cfg: PrepConfig) -> CityPlan:
-    """Candidate tiles of ``city`` split into train / val and cut into units. ``cfg`` must be resolved."""
+    """Candidate tiles of ``city`` split into train / val (test) and cut into units. ``cfg`` must be resolved."""
     size, stride, block = cfg.tile_size, cfg.stride, cfg.val_block_size
     rng = np.random.default_rng([cfg.seed, zlib.crc32(city.name.encode())])
-    offsets = _scene_offsets(scenes)
-    per_split: dict[str, list[tuple[int, int, int]]] = {s: [] for s in SPLITS}
+    given = {s.split for s in scenes} - {None}
+    offsets = None if city.format == "filelist" else _scene_offsets(scenes)
+    per_split: dict[str, list[tuple[int, int, int]]] = {s: [] for s in SPLITS if s in _split_names(city, given)}
     straddling = small = 0
-    fraction = getattr(cfg, val_fraction_key(city, cfg)) if city.labelled else 0.0
-    if offsets is None:  # scenes without georeferencing: hold out whole scenes
+    fraction = getattr(cfg, val_fraction_key(city, cfg)) if city.labelled and not given else 0.0
+    if offsets is None:  # scenes without georeferencing, chips of a file list: hold out whole scenes
         val_scenes = _pick(len(scenes), fraction, rng)
-        held_out = "scenes (no georeferencing)" if val_scenes else ""
+        held_out = "scenes (no georeferencing, or chips of a file list)" if val_scenes else ""
     else:
         extent_r = max(o[0] + s.height for o, s in zip(offsets, scenes))
         extent_c = max(o[1] + s.width for o, s in zip(offsets, scenes))
@@ -113,7 +119,9 @@ def plan_city(spec: DatasetSpec, city: City, scenes: list[Scene], cfg: PrepConfi
             continue
         for r in rows:
             for c in cols:
-                if offsets is None:
+                if scene.split is not None:
+                    split = scene.split
+                elif offsets is None:
                     split = "val" if i in val_scenes else "train"
                 else:
                     r0, c0 = offsets[i][0] + r, offsets[i][1] + c
@@ -127,15 +135,20 @@ def plan_city(spec: DatasetSpec, city: City, scenes: list[Scene], cfg: PrepConfi
                 per_split[split].append((i, r, c))
     splits = {}
     for split, tiles in per_split.items():
-        labelled = city.labelled and (city.role == "source" or split == "val")
+        labelled = city.labelled and (city.role == "source" or split != "train")
         plan = SplitPlan(city.name, split, labelled, np.array(tiles, dtype=np.int64).reshape(-1, 3))
         plan.units = _units(len(tiles), _samples_per_shard(spec, cfg, labelled, len(tiles)))
         splits[split] = plan
     plan = CityPlan(city.name, spec.cities.index(city), city.role,
                     [(s.name, s.height, s.width) for s in scenes], splits, straddling, small,
                     _stats_units(scenes, cfg))
-    _require_tiles(spec, city, cfg, plan, held_out)
+    _require_tiles(spec, city, cfg, plan, held_out, given)
     return plan
+
+
+def _split_names(city: City, given: set[str]) -> set[str]:
+    """The splits a city's plan has: a test city's only test; others train and val, and test when given."""
+    return {"test"} if city.role == "test" else {"train", "val"} | given
 
 
 def val_fraction_key(city: City, cfg: PrepConfig) -> str:
@@ -144,18 +157,27 @@ def val_fraction_key(city: City, cfg: PrepConfig) -> str:
     return "source_val_fraction" if city.role == "source" and cfg.source_val_fraction is not None else "val_fraction"
 
 
-def _require_tiles(spec: DatasetSpec, city: City, cfg: PrepConfig, plan: CityPlan, held_out: str) -> None:
-    """Refuse a plan in which a split that should have tiles has none: train always (a source city's labels,
-    a target city's tiles to adapt on), val when ``held_out`` names the validation blocks (or scenes) held out."""
+def _require_tiles(spec: DatasetSpec, city: City, cfg: PrepConfig, plan: CityPlan, held_out: str,
+                   given: set[str]) -> None:
+    """Refuse a plan in which a split that should have tiles has none: train in every city but a test city (a
+    source city's labels, a target city's tiles to adapt on), val when ``held_out`` names the validation blocks
+    (or scenes) held out, and every split ``given`` for some of its scenes."""
     for split, sp in plan.splits.items():
-        if not len(sp.tiles) and (split == "train" or held_out):
+        needed = split in given or (split == "train" and city.role != "test") or (split == "val" and held_out)
+        if not len(sp.tiles) and needed:
             raise ValueError(f"{spec.source_file or spec.name}: city '{city.name}' gets no {split} tiles: "
-                             f"{_no_tiles_reason(city, cfg, plan, split, held_out)}")
+                             f"{_no_tiles_reason(city, cfg, plan, split, held_out, given)}")
 
 
-def _no_tiles_reason(city: City, cfg: PrepConfig, plan: CityPlan, split: str, held_out: str) -> str:
+def _no_tiles_reason(city: City, cfg: PrepConfig, plan: CityPlan, split: str, held_out: str,
+                     given: set[str]) -> str:
     """Why ``split`` of ``plan`` has no tile, and the setting to change."""
     size, n = cfg.tile_size, len(plan.scenes)
+    if given and split not in given:
+        return f"the splits given for its scenes are {', '.join(sorted(given))} (add a {split} list to its splits)"
+    if given:
+        return (f"every scene given for it is smaller than the {size} px tile size: set tile_size (or less) in the "
+                f"prep config")
     if plan.small_scenes_skipped == n:
         h, w = max(((h, w) for _, h, w in plan.scenes), key=min)
         scenes = (f"its scene is {h} x {w} px, smaller than the {size} px tile size" if n == 1 else
@@ -186,11 +208,13 @@ def _units(n: int, per: int) -> list[tuple[int, int]]:
 
 
 def _stats_units(scenes: list[Scene], cfg: PrepConfig) -> list[list[tuple[int, int, int]]]:
-    """Row blocks of every scene, grouped into units of about ``stats_block_rows`` x 2048 px."""
+    """Row blocks of every scene but the test ones, grouped into units of about ``stats_block_rows`` x 2048 px."""
     budget = cfg.stats_block_rows * 2048
     units: list[list[tuple[int, int, int]]] = [[]]
     used = 0
     for i, s in enumerate(scenes):
+        if s.split == "test":  # test scenes never enter the statistics
+            continue
         for r in range(0, s.height, cfg.stats_block_rows):
             rows = min(cfg.stats_block_rows, s.height - r)
             if units[-1] and used + rows * s.width > budget:

@@ -1,7 +1,9 @@
 """Scene readers for every release format, behind one interface (:class:`Scene`).
 
 ``open_city(spec, name)`` returns the scenes of a city: one for full-scene formats (GeoTIFF stacks,
-MATLAB v5, MATLAB v7.3 / HDF5), one per tile for the challenge tile folders.
+MATLAB v5, MATLAB v7.3 / HDF5), one per tile for the challenge tile folders, one per chip for file lists.
+Each scene's ``split`` is the split given for it: ``test`` for every scene of a test city, a filelist chip's
+split file, else None (prep splits it by held-out blocks).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from pathlib import Path
 from c2seg.io import similar_files
 from c2seg.spec import City, DatasetSpec
 from data_prep.readers.base import Scene, SceneError, Window, iter_windows
+from data_prep.readers.filelist import open_filelist_city
 from data_prep.readers.geotiff import GeoTiffScene, open_geotiff_city
 from data_prep.readers.mat import MatV5Scene, MatV73Scene, open_mat_v5_city, open_mat_v73_city
 from data_prep.readers.tiles import open_tile_city
@@ -20,16 +23,30 @@ OPENERS = {
     "mat_v5": open_mat_v5_city,
     "mat_v73": open_mat_v73_city,
     "tiles": open_tile_city,
+    "filelist": open_filelist_city,
 }
 
 
-def open_city(spec: DatasetSpec, city_name: str) -> list[Scene]:
-    """Open every scene of city ``city_name``, checked against ``spec``; raises :class:`SceneError`."""
+def open_city(spec: DatasetSpec, city_name: str, split: str | None = None) -> list[Scene]:
+    """Open every scene of city ``city_name`` (those given ``split`` only, when not None), checked against
+    ``spec``; raises :class:`SceneError`."""
     city = spec.city(city_name)
-    for key in city.files:
-        if key != "label" or city.labelled:  # an unlabelled city's label file is never read
-            _require_entry(spec, city, key)
-    return OPENERS[city.format](spec, city)
+    if city.format != "filelist":  # a file list's patterns name no file; its reader checks each chip's
+        for key in city.files:
+            if key != "label" or city.labelled:  # an unlabelled city's label file is never read
+                _require_entry(spec, city, key)
+    scenes = OPENERS[city.format](spec, city)
+    if city.role == "test":
+        for scene in scenes:
+            scene.split = "test"
+    if split is None:
+        return scenes
+    chosen = [s for s in scenes if s.split == split]
+    if not chosen:
+        given = sorted({str(s.split) for s in scenes})
+        raise SceneError(f"city '{city_name}' has no scene in split '{split}' (the splits given for its scenes: "
+                         f"{', '.join(given)}; a split is given by a test city's role or a filelist's splits)")
+    return chosen
 
 
 def _require_entry(spec: DatasetSpec, city: City, key: str) -> None:

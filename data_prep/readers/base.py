@@ -73,6 +73,7 @@ class Scene(abc.ABC):
         self.crs = crs
         self.nonfinite_counts: dict[str, int] = {}
         self.band_meta: dict[str, BandMeta] = {}  # per modality, what its file says of its bands (GeoTIFF only)
+        self.split: str | None = None  # the split given for it (a filelist's split files, a test city), else None
 
     @property
     @abc.abstractmethod

@@ -34,7 +34,8 @@ def default_files(spec: DatasetSpec, city: City, fmt: SceneFormat) -> dict[str, 
 
 def with_format(spec: DatasetSpec, fmt: SceneFormat) -> DatasetSpec:
     """``spec`` with every city in format ``fmt`` and its default file layout."""
-    cities = tuple(replace(c, format=fmt, files=default_files(spec, c, fmt)) for c in spec.cities)
+    cities = tuple(replace(c, format=fmt, files=default_files(spec, c, fmt), splits=None, columns=None)
+                   for c in spec.cities)
     return replace(spec, cities=cities)
 
 
@@ -79,6 +80,10 @@ def generate_dataset(spec: DatasetSpec, height: int, width: int, seed: int = 0, 
         raise ValueError(f"generated cities need at least 16 x 16 px, got {height} x {width}")
     if fmt is not None:
         spec = with_format(spec, fmt)
+    lists = [c.name for c in spec.cities if c.format == "filelist"]
+    if lists:
+        raise ValueError(f"{spec.source_file or spec.name}: cities {lists} are file lists (format: filelist), which "
+                         "are not generated: generate the spec's cities in a release format (--format tiles)")
     for city in spec.cities:
         outputs = city_outputs(spec, city)
         if not overwrite and all(p.exists() for p in outputs):

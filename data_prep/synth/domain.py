@@ -124,10 +124,10 @@ def city_style(spec: DatasetSpec, city: City, seed: int, profile: str = "default
 
 
 def prior_absent_classes(spec: DatasetSpec, role: str) -> tuple[int, ...]:
-    """The classes the ``prior`` profile leaves out of a city of ``role``: for a target, the two highest-id
-    classes of the rural layer; for a source, the highest-id class of the urban layer (then new in the
-    target). A layer always keeps at least one class."""
-    layer, count = ("rural", 2) if role == "target" else ("urban", 1)
+    """The classes the ``prior`` profile leaves out of a city of ``role``: for a target (or test) city, the two
+    highest-id classes of the rural layer; for a source, the highest-id class of the urban layer (then new in
+    the target). A layer always keeps at least one class."""
+    layer, count = ("urban", 1) if role == "source" else ("rural", 2)
     ids = sorted(c.id for c in spec.classes if c.id != spec.ignore_id and class_profile(c.name, c.id).layer == layer)
     return tuple(ids[-count:]) if len(ids) > count else ()
 

@@ -21,10 +21,11 @@ def register(stages: argparse._SubParsersAction) -> None:
         "tracked in MLflow (MLFLOW_TRACKING_URI, default sqlite:///mlflow.db).",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, text in (("pretrain", "self-supervised masked multimodal reconstruction on every city's train "
-                                    "tiles (city-balanced)"),
+    for name, text in (("pretrain", "self-supervised masked multimodal reconstruction on the train tiles of every "
+                                    "source and target city (city-balanced; never a test city)"),
                        ("finetune", "supervised on source labels + mean-teacher adaptation on target tiles, "
-                                    "validated on the target val split")):
+                                    "validated on the val split of data.val_cities (default: the labelled "
+                                    "targets, else the sources)")):
         p = sub.add_parser(name, help=text, description=text + ". Checkpoints every checkpoint_every steps and "
                            "on SIGTERM/SIGUSR1 (then exits with status 75); --resume auto continues.")
         p.add_argument("--config", required=True, type=Path, help="training config YAML (configs/train/*.yaml)")

@@ -79,8 +79,12 @@ class DataConfig:
     augment: bool = True
     batches_per_epoch: int = bounded(50, ge=1)  # per rank; an epoch is a fixed number of batches (equal on every rank)
     spec: str | None = None  # dataset spec YAML; default: the spec stored in the prep manifest
+    # the cities trained on (labels) and adapted to; a test city is refused (train.data.select_cities)
     source_cities: tuple[str, ...] | None = None  # default: the spec's cities with role source
     target_cities: tuple[str, ...] | None = None  # default: the spec's cities with role target
+    # the cities whose labelled val split finetune scores; default: the labelled target cities, else (no target
+    # city has labels) the source cities whose val split holds tiles (source_val_fraction or a val split file)
+    val_cities: tuple[str, ...] | None = None
     # pooled: every tile standardised with the statistics of all cities; per_city: with its own city's
     # statistics (removes per-city gain / offset shifts; the model then needs the statistics of any city it
     # is run on, which exported models carry for the prepared cities)

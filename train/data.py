@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ import torch
 
 from c2seg.spec import DatasetSpec, load_spec
 from train.augment import RadiometricJitter, affine_bands, jittered
-from train.config import RadiometricConfig
+from train.config import DataConfig, RadiometricConfig
 from train.tracking import file_hash
 
 
@@ -52,6 +53,30 @@ class _Batches:
         if self.standardizer is not None:
             batches = map(self.standardizer, batches)
         return iter(batches)
+
+
+@dataclass(frozen=True)
+class CitySelection:
+    """The cities a training run reads: ``sources`` (train split, labelled), ``targets`` (train split, adapted
+    to) and ``val`` (val split, scored). Never a test city."""
+
+    sources: tuple[str, ...]
+    targets: tuple[str, ...]
+    val: tuple[str, ...]
+
+
+def select_cities(spec: DatasetSpec, cfg: DataConfig, manifest) -> CitySelection:
+    """The run's cities from ``cfg`` (``source_cities``, ``target_cities``, ``val_cities``), else the spec's
+    roles; validation defaults to the labelled targets, else the sources whose val split in ``manifest`` holds
+    tiles. A config that names a test city fails (:meth:`c2seg.spec.DatasetSpec.training_cities`)."""
+    sources = spec.training_cities("source", cfg.source_cities or None, "data.source_cities")
+    targets = spec.training_cities("target", cfg.target_cities or None, "data.target_cities")
+    if cfg.val_cities is not None:
+        val = spec.training_cities("target", cfg.val_cities, "data.val_cities")
+    else:
+        val = tuple(c for c in targets if spec.city(c).labelled) or tuple(
+            c for c in sources if manifest.cities[c]["splits"]["val"]["tiles"])
+    return CitySelection(sources, targets, val)
 
 
 class PreparedData:

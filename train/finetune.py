@@ -5,8 +5,9 @@ of each predicted class, CBST) become pseudo-labels (``pseudo_weighting: mask``)
 tile's loss weighted by its share of confident pixels (``fraction``), and ClassMix pastes half of each
 source tile's classes onto a target tile (pasted pixels weigh 1); ``pseudo_class_balance`` evens out the
 classes' weights in the target loss; ``target_class_min_share`` leaves out the classes the source model
-hardly predicts on the target city (partial domain adaptation). Validation on the target city's labelled
-val split: mIoU, OA, macro-F1, kappa, per-class IoU (c2seg.metrics), logged with a confusion-matrix
+hardly predicts on the target city (partial domain adaptation). Validation on the labelled val split of
+``data.val_cities`` (default: the labelled target cities, else the source cities' val split): mIoU, OA,
+macro-F1, kappa, per-class IoU (c2seg.metrics), logged with a confusion-matrix
 plot and prediction previews."""
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from c2seg.distributed import rank, reduce_tensor, world_size
 from c2seg.metrics import confusion_matrix, scores_from_confusion
 from c2seg.spec import DatasetSpec
 from train.config import ModelConfig, TrainConfig
-from train.data import batch_stream, model_inputs
+from train.data import batch_stream, model_inputs, select_cities
 from train.determinism import rng_isolated
 from train.engine import engine_dtype, iter_full_state
 from train.export import FORMAT as EXPORT_FORMAT
@@ -145,9 +146,8 @@ class FinetuneTask(Task):
         self.cfg, self.ft, self.spec, self.data = cfg, cfg.finetune, spec, data
         self.module = FusionSegmenter(spec, model_cfg)
         self.model_cfg = model_cfg
-        self.sources = list(cfg.data.source_cities or [c.name for c in spec.cities_with_role("source")])
-        self.targets = list(cfg.data.target_cities or [c.name for c in spec.cities_with_role("target")])
-        self.val_cities = [c for c in self.targets if spec.city(c).labelled]
+        cities = select_cities(spec, cfg.data, data.manifest)
+        self.sources, self.targets, self.val_cities = list(cities.sources), list(cities.targets), list(cities.val)
         self.scored = torch.tensor(spec.scored_class_ids)
         weights = None
         if self.ft.class_weights:
@@ -325,7 +325,8 @@ class FinetuneTask(Task):
         return step % self.ft.eval_every == 0
 
     def validate(self, engine, step: int, tracker) -> dict[str, float]:
-        """Scores of the student on the target val split (every rank a share; confusion summed)."""
+        """Scores of the student on the val split of the validation cities (every rank a share; confusion
+        summed)."""
         if not self.val_cities:
             return {}
         model = engine.module  # in place; under ZeRO-3 its forward gathers layer by layer
@@ -361,8 +362,8 @@ class FinetuneTask(Task):
         out = Path(self.cfg.output_dir)
         with (out / "val_metrics.jsonl").open("a") as f:
             f.write(json.dumps({"step": step, **result, "confusion": total.tolist()}) + "\n")
-        log.info("step %d target val: mIoU %.3f OA %.3f macro-F1 %.3f kappa %.3f", step, scores.miou,
-                 scores.oa, scores.macro_f1, scores.kappa)
+        log.info("step %d val (%s): mIoU %.3f OA %.3f macro-F1 %.3f kappa %.3f", step, "/".join(self.val_cities),
+                 scores.miou, scores.oa, scores.macro_f1, scores.kappa)
         tracker.metrics(values, step)
         tracker.figure(lambda: confusion_figure(total.numpy(), self.spec), f"confusion_step{step:06d}.png")
         for i, (batch, pred) in enumerate(previews):

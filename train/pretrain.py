@@ -1,5 +1,5 @@
 """``c2seg train pretrain``: masked multimodal reconstruction on the train tiles of every city,
-source and target alike (labels unused), with city-balanced sampling."""
+source and target alike (labels unused; test cities never), with city-balanced sampling."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 
 from c2seg.spec import DatasetSpec
 from train.config import ModelConfig, TrainConfig
-from train.data import batch_stream, model_inputs
+from train.data import batch_stream, model_inputs, select_cities
 from train.determinism import rng_isolated
 from train.engine import engine_dtype
 from train.loop import Task
@@ -22,9 +22,8 @@ class PretrainTask(Task):
     def __init__(self, cfg: TrainConfig, model_cfg: ModelConfig, spec: DatasetSpec, data) -> None:
         self.cfg, self.spec, self.data = cfg, spec, data
         self.module = MaskedPretrainer(spec, model_cfg, cfg.pretrain)
-        src = cfg.data.source_cities or tuple(c.name for c in spec.cities_with_role("source"))
-        tgt = cfg.data.target_cities or tuple(c.name for c in spec.cities_with_role("target"))
-        self.cities = list(dict.fromkeys(src + tgt))
+        cities = select_cities(spec, cfg.data, data.manifest)
+        self.cities = list(dict.fromkeys(cities.sources + cities.targets))
 
     def start(self, engine, first_batch: int) -> None:
         d = self.cfg.data

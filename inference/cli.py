@@ -9,6 +9,7 @@ import warnings
 from pathlib import Path
 
 from c2seg.cli import add_spec_args, spec_from_args
+from c2seg.spec import SPLITS
 
 log = logging.getLogger("c2seg.infer")
 
@@ -49,6 +50,7 @@ def register(stages: argparse._SubParsersAction) -> None:
     run.add_argument("--model", required=True, type=Path, help="exported model file (c2seg train export)")
     add_spec_args(run)
     run.add_argument("--city", required=True, help="city of the spec to predict")
+    add_split_arg(run, "predict")
     run.add_argument("--out", required=True, type=Path, help="output folder (DIR/<city>/ is written)")
     run.add_argument("--config", type=Path, help="settings YAML (configs/infer/default.yaml); flags override it")
     run.add_argument("--window", type=int, help="window size in px (default 128)")
@@ -79,6 +81,7 @@ def register(stages: argparse._SubParsersAction) -> None:
     truth = ev.add_mutually_exclusive_group(required=True)
     truth.add_argument("--city", help="score against this city's labels (read through the spec)")
     truth.add_argument("--truth", type=Path, help="score against a label raster or a folder of label tiles")
+    add_split_arg(ev, "score")
     ev.add_argument("--out", type=Path, help="metrics JSON (default PRED/metrics.json, or next to PRED)")
     ev.add_argument("--mlflow-run", help="MLflow run id to log the scores and files to")
     ev.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or ./mlflow.db)")
@@ -91,6 +94,11 @@ def register(stages: argparse._SubParsersAction) -> None:
                                      "file fails. One line per file; exit 1 when any is not a valid COG.")
     cog.add_argument("files", nargs="+", type=Path, help="GeoTIFF files")
     cog.set_defaults(func=_gdal_quiet(_check_cog))
+
+
+def add_split_arg(parser: argparse.ArgumentParser, verb: str) -> None:
+    parser.add_argument("--split", choices=SPLITS, help=f"{verb} only the city's scenes given this split (a "
+                        "filelist city's split files; every scene of a test city is test); default: every scene")
 
 
 def _gdal_quiet(handler):
@@ -135,7 +143,7 @@ def _run(args: argparse.Namespace) -> int:
         raise ValueError("give --task-index and --num-tasks together")
     modalities = [m.strip() for m in args.modalities.split(",")] if args.modalities else None
     results = infer_city(args.model, spec_from_args(args), args.city, args.out, _config(args), modalities,
-                         args.task_index, args.num_tasks, args.overwrite)
+                         args.task_index, args.num_tasks, args.overwrite, args.split)
     for r in results:
         print(r.class_map)
     return 0
@@ -146,7 +154,9 @@ def _evaluate(args: argparse.Namespace) -> int:
         write_result
 
     spec = spec_from_args(args)
-    truths = list(truth_from_city(spec, args.city) if args.city else truth_from_rasters(args.truth))
+    if args.split and not args.city:
+        raise ValueError("--split picks scenes of --city; it does not apply to --truth")
+    truths = list(truth_from_city(spec, args.city, args.split) if args.city else truth_from_rasters(args.truth))
     result = evaluate(spec, args.pred, truths)
     out = args.out or (args.pred / "metrics.json" if args.pred.is_dir() else args.pred.with_suffix(".metrics.json"))
     write_result(result, out)

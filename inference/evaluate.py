@@ -55,13 +55,14 @@ class Truth:
     read: Callable[[Window], np.ndarray]
 
 
-def truth_from_city(spec: DatasetSpec, city: str) -> Iterator[Truth]:
-    """Labels of every scene of ``city`` through the readers (remapped to class ids)."""
+def truth_from_city(spec: DatasetSpec, city: str, split: str | None = None) -> Iterator[Truth]:
+    """Labels of every scene of ``city`` (those given ``split`` only, when not None) through the readers
+    (remapped to class ids)."""
     from data_prep.readers import open_city
 
     if not spec.city(city).labelled:
         raise ValueError(f"city '{city}' has no labels in spec {spec.source_file or spec.name}")
-    for scene in open_city(spec, city):
+    for scene in open_city(spec, city, split):
         yield Truth(scene.name, scene.file_of("label"), scene.height, scene.width, scene.transform, scene.crs,
                     scene.read_label)
 

@@ -145,8 +145,9 @@ def city_normalization(exported, spec: DatasetSpec, city: str) -> dict[str, dict
 
 def infer_city(model_path: str | Path, spec: DatasetSpec, city: str, out: str | Path, cfg: InferConfig,
                modalities: list[str] | None = None, task_index: int | None = None, num_tasks: int | None = None,
-               overwrite: bool = False) -> list[SceneOutputs]:
-    """Run an exported model over this task's scenes of ``city``; outputs under ``out/<city>/``."""
+               overwrite: bool = False, split: str | None = None) -> list[SceneOutputs]:
+    """Run an exported model over this task's scenes of ``city`` (those given ``split`` only, when not None);
+    outputs under ``out/<city>/``."""
     import torch
 
     from c2seg.spec import spec_compatible
@@ -171,7 +172,7 @@ def infer_city(model_path: str | Path, spec: DatasetSpec, city: str, out: str | 
     predictor = Predictor(exported.model, class_ids, device, cfg.tta)
     normalize = Normalizer(exported.spec, city_normalization(exported, spec, city))
     store_key = {"model_sha256": file_hash(model_path)}  # the weights, not the file's name or mtime
-    scenes = open_city(spec, city)
+    scenes = open_city(spec, city, split)
     mine = scenes[task_index::num_tasks]
     log.info("city %s: %d scenes, %d for task %d/%d; rank %d/%d on %s; window %d overlap %.2f blend %s tta %s; "
              "%s normalisation", city, len(scenes), len(mine), task_index, num_tasks, dist.rank, dist.world_size,

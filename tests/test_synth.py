@@ -115,7 +115,9 @@ def test_domain_shift_costs_accuracy(spec, cities):
 @pytest.mark.parametrize("name", ["example_floods.yaml", "example_enmap.yaml"])
 def test_new_dataset_specs_generate_and_read(tmp_path, name):
     spec = load_spec(CONFIGS / name, data_root=tmp_path)
-    generate_dataset(spec, H, W, seed=0)
+    with pytest.raises(ValueError, match="are file lists .format: filelist., which are not generated"):
+        generate_dataset(spec, H, W, seed=0)
+    spec = generate_dataset(spec, H, W, seed=0, fmt="tiles")  # their file lists' stand-in: tile folders
     for city in spec.cities:
         scenes = open_city(spec, city.name)
         assert scenes and all(s.has_label == city.labelled for s in scenes)
@@ -123,9 +125,9 @@ def test_new_dataset_specs_generate_and_read(tmp_path, name):
             values = scenes[0].read(m.name)
             assert values.shape[0] == m.bands and np.isfinite(values).all() and values.std() > 0
     if name == "example_floods.yaml":  # the dB modality is SAR-like, 'flooded' is drawn as water
-        s1 = open_city(spec, "chips_train")[0].read("s1")
+        s1 = open_city(spec, "chips")[0].read("s1")
         assert -30 < s1.mean() < 0
-        labels = np.concatenate([s.read_label().ravel() for s in open_city(spec, "chips_train")])
+        labels = np.concatenate([s.read_label().ravel() for s in open_city(spec, "chips")])
         assert set(np.unique(labels).tolist()) <= {0, 1, 2} and (labels == 2).any()
 
 

@@ -155,11 +155,11 @@ def test_finetune_from_a_finetuned_model_starts_from_its_whole_segmenter(tiny_pr
                         f"init_from={finetuned_tiny}"))
     _, before = checkpoint_tensors(finetuned_tiny)
     _, after = checkpoint_tensors(run)
-    model = [k for k in before if k.startswith("model.")]
-    assert any(k.startswith("model.head.") for k in model)
+    model = [k for k in before if k.startswith("state_dict.")]
+    assert any(k.startswith("state_dict.head.") for k in model)
     for k in model:
         torch.testing.assert_close(after[k], before[k], rtol=0, atol=0, msg=k)
-        torch.testing.assert_close(after["ema." + k[len("model."):]], before[k], rtol=0, atol=0, msg=k)
+        torch.testing.assert_close(after["extra.ema." + k[len("state_dict."):]], before[k], rtol=0, atol=0, msg=k)
 
     proc = run_train(tiny_args("finetune", tiny_prepared, tmp_path / "other", "model=configs/models/demo.yaml",
                                f"init_from={finetuned_tiny}"), check=False)
@@ -221,16 +221,16 @@ def test_partial_adaptation_leaves_out_the_classes_the_source_model_hardly_predi
     assert not any(spec.class_name(c) in said for c in expected), said
     weights = run / "checkpoints" / (run / "checkpoints" / "LATEST").read_text().strip() / "weights.pt"
     saved = torch.load(weights, map_location="cpu", weights_only=True)
-    assert saved["target_classes"] == expected
+    assert saved["extra"]["target_classes"] == expected
     # a resumed run keeps the stored classes (here edited to tell them apart from a new estimate)
-    saved["target_classes"] = expected[:1]
+    saved["extra"]["target_classes"] = expected[:1]
     torch.save(saved, weights)
     refresh_saved_hash(weights.parent, "weights.pt")
     run_train([*tiny_args("finetune", tiny_prepared, run, "deepspeed.zero_stage=0", "steps=3", "checkpoint_every=1",
                           "finetune.eval_every=3", f"init_from={finetuned_tiny}",
                           f"finetune.target_class_min_share={cut}"), "--resume", "auto"])
     weights = run / "checkpoints" / (run / "checkpoints" / "LATEST").read_text().strip() / "weights.pt"
-    assert torch.load(weights, map_location="cpu", weights_only=True)["target_classes"] == expected[:1]
+    assert torch.load(weights, map_location="cpu", weights_only=True)["extra"]["target_classes"] == expected[:1]
     with pytest.raises(ValueError, match="target_class_min_share must be in"):
         FinetuneConfig(target_class_min_share=1.0)
 
@@ -244,8 +244,8 @@ def test_partial_adaptation_estimates_the_classes_when_adaptation_starts(tiny_pr
     proc = run_train(tiny_args("finetune", tiny_prepared, run, "steps=2", *sets))
     assert "partial adaptation" not in proc.stderr
     weights = run / "checkpoints" / "step_00000002" / "weights.pt"
-    assert "target_classes" not in torch.load(weights, map_location="cpu", weights_only=True)
+    assert "target_classes" not in torch.load(weights, map_location="cpu", weights_only=True)["extra"]
     proc = run_train([*tiny_args("finetune", tiny_prepared, run, "steps=4", *sets), "--resume", "auto"])
     assert proc.stderr.count("partial adaptation: the teacher predicts") == 1
     weights = run / "checkpoints" / "step_00000004" / "weights.pt"
-    assert torch.load(weights, map_location="cpu", weights_only=True)["target_classes"]
+    assert torch.load(weights, map_location="cpu", weights_only=True)["extra"]["target_classes"]

@@ -218,7 +218,7 @@ def make_kinds(tmp: Path) -> list[Kind]:
         return data
 
     def same_tensors(data: dict) -> str | None:
-        loaded = data["state_dict"]
+        loaded = data.state_dict
         if sorted(loaded) != sorted(state) or not all(torch.equal(loaded[k], state[k]) for k in state):
             return "loaded tensors differ from the saved ones (the tensor checksum should have refused them)"
         return None

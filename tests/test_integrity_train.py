@@ -134,9 +134,9 @@ def _exported_tiny(pretrained_tiny, out: Path, **tensors: torch.Tensor) -> Path:
     from train.models import FusionSegmenter
 
     data = load_weights(pretrained_tiny)
-    model = FusionSegmenter(spec_from_dict(data["spec"]), model_config_from_dict(data["model_config"]))
-    save_exported(out, data["model_config"], data["spec"], {**model.state_dict(), **tensors}, data["normalization"],
-                  data["modalities"], data["tile_size"])
+    model = FusionSegmenter(spec_from_dict(data.spec), model_config_from_dict(data.model_config))
+    save_exported(out, data.model_config, data.spec, {**model.state_dict(), **tensors}, data.normalization,
+                  data.modalities, data.tile_size)
     return out
 
 
@@ -165,7 +165,7 @@ def test_exported_model_with_overwritten_tensor_bytes_is_refused(pretrained_tiny
 
 def test_checkpoint_weights_with_overwritten_bytes_are_refused(run_copy):
     weights = run_copy / STEP6 / "weights.pt"
-    state = torch.load(weights, weights_only=True)["model"]
+    state = torch.load(weights, weights_only=True)["state_dict"]
     _overwrite_inside(weights, state["backbone.embeds.msi.weight_generator.0.weight"])
     with pytest.raises(CheckpointError) as err:
         load_weights(run_copy)

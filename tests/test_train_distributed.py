@@ -55,12 +55,12 @@ def test_finetune_two_ranks_zero3_from_pretrained_validates_on_target(finetuned_
             "data_wait_s"} <= set(last)
     assert 0 <= last["data_wait_s"] < last["step_time_s"]
     # the backbone started from the pretrained weights
-    pre = torch.load(pretrained_tiny / "checkpoints/step_00000006/weights.pt", weights_only=True)["model"]
+    pre = torch.load(pretrained_tiny / "checkpoints/step_00000006/weights.pt", weights_only=True)["state_dict"]
     first = torch.load(sorted((finetuned_tiny / "checkpoints").glob("step_*"))[0] / "weights.pt", weights_only=True)
     key = "backbone.embeds.msi.weight_generator.0.weight"
     # 3 AdamW steps at lr 1e-3 move a weight by at most ~3e-3; a fresh initialisation (std 0.02) lies far away
-    assert (first["model"][key] - pre[key]).abs().max() < 1e-2 < pre[key].abs().max()
-    assert "ema" in first and first["modalities"] == ["hsi", "msi", "sar"]
+    assert (first["state_dict"][key] - pre[key]).abs().max() < 1e-2 < pre[key].abs().max()
+    assert "ema" in first["extra"] and first["modalities"] == ["hsi", "msi", "sar"]
 
 
 def test_export_then_load_without_deepspeed_gives_identical_logits(finetuned_tiny, tmp_path):
@@ -134,7 +134,7 @@ def test_kill_9_then_resume_auto_is_bit_exact(tiny_prepared, tmp_path, command, 
         last = json.loads((killed / "metrics.jsonl").read_text().splitlines()[-1])
         assert last["loss_adversarial"] > 0
         _, tensors = checkpoint_tensors(killed)
-        assert {k.split(".")[1] for k in tensors if k.startswith("critic.")} == {"model", "optim"}
+        assert {k.split(".")[2] for k in tensors if k.startswith("extra.critic.")} == {"model", "optim"}
 
 
 def test_sigusr1_checkpoints_at_the_step_boundary_and_exits_75(tiny_prepared, tmp_path):

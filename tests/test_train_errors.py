@@ -57,7 +57,7 @@ def test_exported_file_of_another_kind_is_refused(tmp_path):
 
     bad = tmp_path / "x.pt"
     torch.save({"format": "other"}, bad)
-    with pytest.raises(CheckpointError, match="not a c2seg exported model"):
+    with pytest.raises(CheckpointError, match="not a c2seg weights file"):
         load_exported(bad)
 
 

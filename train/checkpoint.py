@@ -17,14 +17,12 @@ holds anything else is refused. ``weights.pt`` and exported models carry a sha25
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import pickle
 import shutil
 import signal
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,21 +31,16 @@ import torch
 from c2seg.config import to_dict
 from c2seg.distributed import any_rank, barrier, gather_objects, rank
 from c2seg.distributed import world_size as ranks
-from c2seg.io import atomic_path, file_sha256, write_text_atomic
+from c2seg.io import file_sha256, write_text_atomic
 from c2seg.spec import DatasetSpec, spec_compatible, spec_from_dict
 from train.config import ModelConfig, load_model_config, model_config_from_dict
 from train.engine import full_state_dict
+from train.weights import CheckpointError, Weights, first_line, read_weights, save_weights
 
 log = logging.getLogger("c2seg.train")
-WEIGHTS_FORMAT = "c2seg-weights/1"
 STATE_FILE = "train_state.json"
-TENSOR_CHECKSUM = "tensor_sha256"  # key of the tensors' sha256 in weights.pt and exported model files
 # model config keys that do not change the weights' layout: a run may resume with other values
 NOT_ARCHITECTURE = ("name", "activation_checkpointing", "modality_dropout")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, incomplete, or does not fit this run."""
 
 
 class StopRequest:
@@ -130,8 +123,8 @@ def save_checkpoint(engine, output_dir: str | Path, state: dict[str, Any], weigh
     engine.save_checkpoint(str(root), tag=tag, save_latest=False)
     weights = full_state_dict(engine, rank0_only=True)  # only rank 0 writes weights.pt
     if rank() == 0:
-        save_weights_file(path / "weights.pt", {"format": WEIGHTS_FORMAT, "model": weights, **(extra_weights or {}),
-                                                **weights_meta, "step": state["step"]})
+        save_weights(path / "weights.pt", Weights(kind="checkpoint", step=state["step"], state_dict=weights,
+                                                  extra=extra_weights or {}, **weights_meta))
     barrier()
     files = _saved_files(path)
     if rank() == 0:
@@ -171,10 +164,7 @@ def check_same_model(ckpt: Path, model_path: str | Path) -> None:
     """Refuse to resume ``ckpt`` with the model config at ``model_path`` when its weights are laid out for
     another model (read from weights.pt's model config, before anything starts)."""
     weights = ckpt / "weights.pt"
-    try:
-        saved = torch.load(weights, map_location="cpu", weights_only=True, mmap=True)["model_config"]
-    except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same clear message
-        raise CheckpointError(f"{weights}: not a readable c2seg weights file ({_first_line(exc)})") from exc
+    saved = read_weights(weights, verify=False).model_config  # checked in full when loaded
     theirs = _architecture(model_config_from_dict(saved, source=str(weights)))
     ours = load_model_config(model_path)
     differ = [f"{k} {v} vs {_architecture(ours)[k]}" for k, v in theirs.items() if v != _architecture(ours)[k]]
@@ -225,13 +215,6 @@ def _deepspeed_pickled_classes() -> list[type]:
     return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
 
 
-def _first_line(exc: BaseException) -> str:
-    """The informative line of an error: torch's weights-only errors open with a paragraph of advice."""
-    advice = ("Weights only load failed", "Please file an issue", "Check the documentation")
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip() and not ln.strip().startswith(advice)]
-    return (lines[0] if lines else type(exc).__name__)[:300]
-
-
 def unpickling_problem(file: Path) -> str | None:
     """Why ``file`` must not reach DeepSpeed's full unpickler: it holds objects that are not plain tensors,
     containers or DeepSpeed's own classes, or is unreadable; None when torch's weights-only loader reads it.
@@ -240,9 +223,9 @@ def unpickling_problem(file: Path) -> str | None:
         with torch.serialization.safe_globals(_deepspeed_pickled_classes()):
             torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
     except pickle.UnpicklingError as exc:
-        return f"{file}: holds objects that are not plain tensors/containers ({_first_line(exc)}); refused"
+        return f"{file}: holds objects that are not plain tensors/containers ({first_line(exc)}); refused"
     except Exception as exc:  # noqa: BLE001 - torch reports truncated zips as RuntimeError, others as OSError...
-        return f"{file}: unreadable, truncated or damaged ({_first_line(exc)})"
+        return f"{file}: unreadable, truncated or damaged ({first_line(exc)})"
     return None
 
 
@@ -294,7 +277,7 @@ def load_checkpoint(engine, path: Path, world_size: int) -> dict[str, Any]:
     return state
 
 
-def load_weights(path: str | Path, spec: DatasetSpec | None = None) -> dict[str, Any]:
+def load_weights(path: str | Path, spec: DatasetSpec | None = None) -> Weights:
     """Consolidated weights from a run dir (its newest checkpoint), a checkpoint folder or a weights /
     exported model file; checked against ``spec`` when given."""
     path = Path(path)
@@ -303,56 +286,9 @@ def load_weights(path: str | Path, spec: DatasetSpec | None = None) -> dict[str,
         if ckpt is None or not (ckpt / "weights.pt").is_file():
             raise CheckpointError(f"{path}: no complete checkpoint with weights.pt found")
         path = ckpt / "weights.pt"
-    if not path.is_file():
-        raise CheckpointError(f"{path}: weights file not found")
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same clear message
-        raise CheckpointError(f"{path}: not a readable c2seg weights file ({_first_line(exc)})") from exc
-    if not isinstance(data, dict) or "spec" not in data or ("model" not in data and "state_dict" not in data):
-        raise CheckpointError(f"{path}: not a c2seg weights file (no spec / model weights)")
-    verify_tensors(data, path)
+    weights = read_weights(path)
     if spec is not None:
-        problems = spec_compatible(spec_from_dict(data["spec"], source=str(path)), spec)
+        problems = spec_compatible(spec_from_dict(weights.spec, source=str(path)), spec)
         if problems:
             raise CheckpointError(f"{path}: the dataset spec does not match the checkpoint: " + "; ".join(problems))
-    return data
-
-
-def _tensors(data: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
-    """Every tensor of a weights / model file's dict (nested state dicts too) with its dotted name; the
-    stored checksum itself is left out."""
-    for key, value in data.items():
-        if isinstance(value, dict):
-            yield from _tensors(value, f"{prefix}{key}.")
-        elif isinstance(value, torch.Tensor) and f"{prefix}{key}" != TENSOR_CHECKSUM:
-            yield f"{prefix}{key}", value
-
-
-def tensors_sha256(data: dict[str, Any]) -> str:
-    """sha256 over every tensor of ``data`` in sorted order of names, each with its name, dtype and shape."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(_tensors(data), key=lambda item: item[0]):
-        digest.update(f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-    return digest.hexdigest()
-
-
-def save_weights_file(path: Path, data: dict[str, Any]) -> None:
-    """torch.save ``data`` with the sha256 of its tensors, atomically (a reader never sees half a file)."""
-    with atomic_path(path) as tmp:
-        torch.save({**data, TENSOR_CHECKSUM: tensors_sha256(data)}, tmp)
-
-
-def verify_tensors(data: dict[str, Any], path: Path) -> None:
-    """Refuse a loaded weights / model file whose tensors are not the ones saved (their checksum differs) or
-    hold NaN / inf, naming the file (and the tensor); a file without a checksum (older c2seg) gets a warning."""
-    saved = data.get(TENSOR_CHECKSUM)
-    if saved is None:
-        log.warning("%s: no tensor checksum (written by an older c2seg version); loaded without verifying it", path)
-    elif saved != tensors_sha256(data):
-        raise CheckpointError(f"{path}: its tensors do not match the checksum stored when it was saved (the file "
-                              "is damaged); use another checkpoint or export it again")
-    bad = next((name for name, t in _tensors(data) if t.is_floating_point() and not torch.isfinite(t).all()), None)
-    if bad is not None:
-        raise CheckpointError(f"{path}: tensor {bad} holds NaN or inf values; these weights cannot be used")
+    return weights

@@ -29,12 +29,12 @@ from train.config import ModelConfig, TrainConfig
 from train.data import batch_stream, model_inputs, select_cities
 from train.determinism import rng_isolated
 from train.engine import engine_dtype, iter_full_state
-from train.export import FORMAT as EXPORT_FORMAT
 from train.loop import Task
 from train.models import FusionSegmenter
 from train.models.critic import SOURCE, TARGET, OutputCritic, domain_loss
 from train.pretrain import load_backbone
 from train.plots import confusion_figure, preview_figure
+from train.weights import Weights
 
 log = logging.getLogger("c2seg.train")
 
@@ -166,15 +166,14 @@ class FinetuneTask(Task):
         self._critic_saved: dict[str, Any] | None = None  # from a resumed checkpoint, applied in start()
         self._critic_batches: list[tuple[torch.Tensor, torch.Tensor]] = []  # this step's (source, target) maps
 
-    def init_from(self, weights: dict[str, Any]) -> None:
+    def init_from(self, weights: Weights) -> None:
         """The backbone of a pretrain run, or the whole segmenter (decoder too) of a finetune run or an
         exported model: e.g. adapting a source-only model to a target city."""
-        if weights.get("task") != "finetune" and weights.get("format") != EXPORT_FORMAT:
+        if weights.task != "finetune":
             load_backbone(self.module, weights)
             return
-        state = weights.get("model") or weights.get("state_dict")
         try:
-            self.module.load_state_dict(state)
+            self.module.load_state_dict(weights.state_dict)
         except RuntimeError as exc:
             raise ValueError(f"init_from: the segmenter's weights do not fit this model; was it trained with "
                              f"another model config? ({str(exc).splitlines()[0]})") from exc
@@ -371,9 +370,8 @@ class FinetuneTask(Task):
         return values
 
     def extra_weights(self) -> dict[str, Any]:
-        """The EMA teacher and the classes kept (when adapting) and the normalisation mode / per-city
-        statistics for export."""
-        out = dict(self.data.normalization_meta())
+        """The EMA teacher and the classes kept (when adapting), and the critic."""
+        out: dict[str, Any] = {}
         if self.teacher is not None and rank() == 0:  # only rank 0 writes weights.pt: no host copy elsewhere
             out["ema"] = {k: v.detach().cpu().clone() for k, v in self.teacher.state_dict().items()}
         if self.target_classes is not None:
@@ -383,12 +381,13 @@ class FinetuneTask(Task):
                              "optim": self.critic_opt.state_dict()}
         return out
 
-    def load_extra(self, weights: dict[str, Any]) -> None:
-        if self.ft.adapt and "ema" in weights:
+    def load_extra(self, weights: Weights) -> None:
+        extra = weights.extra
+        if self.ft.adapt and "ema" in extra:
             self.teacher = FusionSegmenter(self.spec, self.model_cfg)
-            self.teacher.load_state_dict(weights["ema"])
+            self.teacher.load_state_dict(extra["ema"])
             self.teacher.eval().requires_grad_(False)
-        if self.ft.adapt and "target_classes" in weights:
-            self.target_classes = torch.tensor(weights["target_classes"])
-        if self.critic is not None and "critic" in weights:
-            self._critic_saved = weights["critic"]
+        if self.ft.adapt and "target_classes" in extra:
+            self.target_classes = torch.tensor(extra["target_classes"])
+        if self.critic is not None and "critic" in extra:
+            self._critic_saved = extra["critic"]

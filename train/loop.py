@@ -34,6 +34,7 @@ from train.config import ModelConfig, TrainConfig, load_model_config
 from train.determinism import data_wait_seconds, seed_micro_batch
 from train.engine import create_engine, init_distributed
 from train.tracking import Tracker, git_commit
+from train.weights import Weights
 
 log = logging.getLogger("c2seg.train")
 EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped by a signal after saving a checkpoint; rerun with --resume auto
@@ -52,7 +53,7 @@ class Task:
     def micro_loss(self, engine, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         raise NotImplementedError
 
-    def init_from(self, weights: dict[str, Any]) -> None:
+    def init_from(self, weights: Weights) -> None:
         raise NotImplementedError
 
     def after_step(self, engine, step: int) -> None:
@@ -67,8 +68,8 @@ class Task:
     def extra_weights(self) -> dict[str, Any]:
         return {}
 
-    def load_extra(self, weights: dict[str, Any]) -> None:
-        """State of :meth:`extra_weights` from a resumed checkpoint."""
+    def load_extra(self, weights: Weights) -> None:
+        """State of :meth:`extra_weights` (``weights.extra``) from a resumed checkpoint."""
 
 
 def _memory_mb() -> float:
@@ -112,7 +113,7 @@ def run_training(cfg: TrainConfig, make_task, data, resume: str | None = None,
     resolved = to_dict(cfg)
     weights_meta = {"model_config": to_dict(model_cfg), "spec": spec.to_dict(), "task": task.name,
                     "normalization": data.normalization, "modalities": list(spec.modality_names),
-                    "tile_size": data.tile_size}
+                    "tile_size": data.tile_size, **data.normalization_meta()}
     tracker = Tracker(cfg.tracking.enabled and env.rank == 0, cfg.tracking.experiment,
                       cfg.tracking.run_name or f"{task.name}-{out.name}", out)
     if env.rank == 0:

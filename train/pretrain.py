@@ -3,8 +3,6 @@ source and target alike (labels unused; test cities never), with city-balanced s
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from c2seg.spec import DatasetSpec
@@ -14,6 +12,7 @@ from train.determinism import rng_isolated
 from train.engine import engine_dtype
 from train.loop import Task
 from train.models import MaskedPretrainer
+from train.weights import Weights
 
 
 class PretrainTask(Task):
@@ -42,14 +41,14 @@ class PretrainTask(Task):
         inputs = model_inputs(next(self.stream), self.spec.modality_names, self.dtype, engine.device)
         return engine(inputs)
 
-    def init_from(self, weights: dict[str, Any]) -> None:
+    def init_from(self, weights: Weights) -> None:
         load_backbone(self.module, weights)
 
 
-def load_backbone(module: torch.nn.Module, weights: dict[str, Any]) -> None:
+def load_backbone(module: torch.nn.Module, weights: Weights) -> None:
     """Copy the ``backbone.*`` weights of a checkpoint / exported model into ``module``; every backbone
     tensor must be present with the right shape."""
-    state = weights.get("model") or weights.get("state_dict")
+    state = weights.state_dict
     own = module.state_dict()
     picked = {k: v for k, v in state.items() if k.startswith("backbone.")}
     missing = [k for k in own if k.startswith("backbone.") and k not in picked]

@@ -337,7 +337,7 @@ def _fusion_cost(args, spec, mcfg) -> dict:
     models, steps = {}, {}
     for mode in FUSIONS:
         torch.manual_seed(0)
-        models[mode] = FusionSegmenter(spec, dataclasses.replace(mcfg, fusion=mode, modality_dropout=0.0))
+        models[mode] = FusionSegmenter(spec, dataclasses.replace(mcfg, fusion=mode))
         for tile in args.tiles:
             steps[mode, tile] = _plain_step(models[mode], batches[tile], cfg)
     result = {"tiles": args.tiles, **{mode: {"parameters": sum(p.numel() for p in m.parameters())}

@@ -52,3 +52,17 @@ def geotiff_spec(root: Path, modality: dict, grid_resolution_m: float = 30) -> D
         "classes": [{"id": 0, "name": "bg", "colour": "#000000"}, {"id": 1, "name": "water", "colour": "#0000ff"}],
         "cities": [{"name": "scene", "role": "source", "format": "geotiff", "labelled": False,
                     "files": {name: f"{name}.tif"}}]}, data_root=root)
+
+
+def hand_scores(confusion) -> dict[str, float]:
+    """OA, mIoU and kappa of a K x (K + 1) confusion matrix (rows truth, last column predictions outside the
+    classes), counted the plain way: the test's own reading of the C2Seg scoring, not c2seg.metrics."""
+    k = len(confusion)
+    total = sum(map(sum, confusion))
+    tp = [confusion[i][i] for i in range(k)]
+    truth = [sum(row) for row in confusion]
+    predicted = [sum(row[i] for row in confusion) for i in range(k)]
+    ious = [tp[i] / (truth[i] + predicted[i] - tp[i]) for i in range(k) if truth[i] + predicted[i] > 0]
+    oa = sum(tp) / total
+    pe = sum(truth[i] * predicted[i] for i in range(k)) / total**2
+    return {"oa": oa, "miou": sum(ious) / len(ious), "kappa": (oa - pe) / (1 - pe)}

@@ -13,7 +13,12 @@ import pytest
 import rasterio
 
 from c2seg import demo
+from c2seg.metrics import confusion_matrix
 from c2seg.pipeline import STAGE_NAMES, stage
+from c2seg.spec import load_spec
+from tests.fixtures_data import hand_scores
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _write_config(tmp_path: Path) -> Path:
@@ -69,15 +74,24 @@ def test_demo_runs_the_whole_pipeline(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     assert "source_only" in run.stdout and "adapted" in run.stdout and "mIoU" in run.stdout
     train = tmp_path / "out" / "train"
+    spec = load_spec(ROOT / "configs/datasets/demo_tiny.yaml", data_root=tmp_path / "data")
+    with rasterio.open(spec.resolve(spec.city("synth_target"), "label")) as src:
+        truth = src.read(1)
     assert f"initialised from {train / 'pretrain'}" in run.stderr
     assert f"initialised from {train / 'source_only'}" in run.stderr
     for name in ("source_only", "adapted"):
         city = tmp_path / "out" / "predictions" / name / "synth_target"
         metrics = json.loads((city / "metrics.json").read_text())
-        assert 0.0 <= metrics["miou"] <= 1.0 and len(metrics["per_class"]) == 13
         with rasterio.open(city / "synth_target.tif") as src:
             assert src.crs is not None and src.count == 1 and src.dtypes[0] == "uint8"
             assert (src.height, src.width) == (96, 128)
+            pred = src.read(1)
+        # the scores are those of the written class map against the city's labels, recounted here
+        ids = list(spec.scored_class_ids)
+        assert metrics["confusion_matrix"] == confusion_matrix(truth, pred, ids).tolist()
+        assert sum(map(sum, metrics["confusion_matrix"])) == int((truth != spec.ignore_id).sum())
+        assert metrics["miou"] == pytest.approx(hand_scores(metrics["confusion_matrix"])["miou"])
+        assert metrics["oa"] == pytest.approx(float((pred == truth)[truth != spec.ignore_id].mean()))
     # a rerun finds every step done (training COMPLETED, models exported) and only re-scores
     again = subprocess.run(env_cmd, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]

@@ -15,6 +15,7 @@ from affine import Affine
 
 from c2seg.cli import main
 from inference.evaluate import evaluate, truth_from_rasters
+from tests.fixtures_data import hand_scores
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -80,7 +81,11 @@ def test_evaluate_cli_writes_json_plot_and_logs_to_mlflow(tiny_spec, tmp_path):
     result = json.loads((tmp_path / "pred" / "metrics.json").read_text())
     labelled = truth > 0
     assert result["oa"] == pytest.approx((pred[labelled] == truth[labelled]).mean())
-    assert 0 < result["miou"] < 1
+    expected = hand_scores(result["confusion_matrix"])
+    assert result["miou"] == pytest.approx(expected["miou"]) and result["kappa"] == pytest.approx(expected["kappa"])
+    wrong = int((labelled[:20] & (truth[:20] != 3)).sum())  # the pixels the wrong band got wrong
+    assert sum(map(sum, result["confusion_matrix"])) == int(labelled.sum()) and wrong > 0
+    assert result["oa"] == pytest.approx(1 - wrong / labelled.sum())
     assert (tmp_path / "pred" / "metrics_confusion.png").stat().st_size > 0
     logged = MlflowClient(uri).get_run(run_id).data.metrics
     assert logged["eval/synth_target/miou"] == pytest.approx(result["miou"])

@@ -70,11 +70,29 @@ def test_wavelength_embedding_transfers_between_band_sets():
 
 @FUSIONS
 @DECODERS
-def test_modality_dropout_keeps_every_parameter_in_the_graph(spec, fusion, decoder):
+def test_a_dropped_modality_changes_nothing_and_keeps_every_parameter_in_the_graph(spec, fusion, decoder):
     torch.manual_seed(0)
-    model = FusionSegmenter(spec, _cfg(fusion, modality_dropout=0.99, decoder=decoder, stem_dim=8)).train()
-    model(_inputs(spec)).sum().backward()
+    model = FusionSegmenter(spec, _cfg(fusion, decoder=decoder, stem_dim=8)).train()
+    inputs = _inputs(spec)
+    logits = model(inputs, drop="msi")
+    logits.sum().backward()
     assert all(p.grad is not None for p in model.parameters())
+    other_msi = {**inputs, "msi": inputs["msi"] + 1.0}
+    with torch.no_grad():
+        assert torch.equal(model(other_msi, drop="msi"), logits.detach())
+        assert not torch.equal(model(other_msi), model(inputs))
+
+
+def test_modality_dropout_draws_one_modality_with_its_chance():
+    from train.finetune import modality_to_drop
+
+    names = ["hsi", "msi", "sar"]
+    torch.manual_seed(1)  # torch.rand() < 0.5 in draws 2, 4, 5, 7, 10, each followed by torch.randint(3)
+    assert [modality_to_drop(names, 0.5) for _ in range(10)] == [None, "hsi", None, "msi", "sar", None, "sar", None,
+                                                                  None, "msi"]
+    state = torch.random.get_rng_state()
+    assert modality_to_drop(names, 0.0) is None and modality_to_drop(["msi"], 0.9) is None
+    assert torch.equal(torch.random.get_rng_state(), state)  # no draw: runs without dropout stay as they were
 
 
 @FUSIONS

@@ -33,7 +33,7 @@ class ModelConfig:
     decoder: Literal["light", "skip"] = "light"
     stem_dim: int = bounded(32, ge=1)
     qkv_bias: bool = True
-    modality_dropout: float = bounded(0.3, ge=0, lt=1)  # training: chance of dropping one whole modality from a batch
+    modality_dropout: float = bounded(0.3, ge=0, lt=1)  # fine-tuning: chance of dropping one modality from a batch
     activation_checkpointing: bool = False
     # joint: all G*N modality / spectral-group tokens attend jointly in `depth` blocks, then are averaged per
     # location. cross: the G tokens of each location attend among themselves and are averaged into one token

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Iterable
 from typing import Any
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 from c2seg.distributed import rank, reduce_tensor, world_size
 from c2seg.metrics import confusion_matrix, scores_from_confusion
 from c2seg.spec import DatasetSpec
-from train.config import ModelConfig, TrainConfig
+from train.config import FinetuneConfig, ModelConfig, TrainConfig
 from train.data import batch_stream, model_inputs, select_cities
 from train.determinism import rng_isolated
 from train.engine import engine_dtype, iter_full_state
@@ -94,6 +95,14 @@ def classmix(src: dict[str, torch.Tensor], src_label: torch.Tensor, tgt: dict[st
     return mixed, torch.where(m, src_label, pseudo), m
 
 
+def modality_to_drop(names: list[str], chance: float) -> str | None:
+    """Modality dropout, a training policy: with probability ``chance`` one of ``names`` (uniformly), so that
+    the model learns to segment from any subset of its modalities; None for a single modality."""
+    if chance > 0 and len(names) > 1 and torch.rand(()) < chance:
+        return names[int(torch.randint(len(names), ()))]
+    return None
+
+
 def class_balance(labels: torch.Tensor, ignore_id: int, power: float) -> torch.Tensor:
     """Per-pixel weights (B, H, W): (share of the pixel's class among the labelled pixels) ** -``power``,
     with a mean of 1 over the labelled pixels (0 on ``ignore_id``)."""
@@ -139,6 +148,41 @@ def ema_update(teacher: dict[str, torch.Tensor], student: Iterable[tuple[str, to
             t.copy_(s)
 
 
+@dataclass(frozen=True)
+class PseudoLabeller:
+    """Pseudo-labels for target tiles from a teacher's predictions over ``classes``: the confident pixels
+    (confidence >= ``threshold`` and/or, CBST, the ``class_keep`` most confident share of each predicted
+    class) and each pixel's weight (``mask``: confident pixels weigh 1, the others are ``ignore_id``;
+    ``fraction``, DAFormer: every pixel, weighted by its tile's share of confident pixels)."""
+
+    threshold: float | None
+    class_keep: float | None
+    weighting: str
+    ignore_id: int
+
+    @torch.no_grad()
+    def __call__(self, teacher: torch.nn.Module, inputs: dict[str, torch.Tensor],
+                 classes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(labels, weights, confident mask), each (B, H, W); the teacher sees the inputs in float32."""
+        pseudo, conf = predict_classes(teacher({k: v.float() for k, v in inputs.items()}), classes)
+        sure = confident_pixels(pseudo, conf, self.threshold, self.class_keep)
+        if self.weighting == "mask":
+            return torch.where(sure, pseudo, torch.full_like(pseudo, self.ignore_id)), torch.ones_like(conf), sure
+        return pseudo, sure.float().mean((1, 2), keepdim=True).expand_as(conf), sure
+
+
+def adaptation_loss(logits: torch.Tensor, source_label: torch.Tensor, mixed_label: torch.Tensor,
+                    mixed_weight: torch.Tensor, ft: FinetuneConfig, ignore_id: int,
+                    class_weights: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(total, source, target) losses of one adaptation micro-batch whose ``logits`` are the source tiles'
+    followed by the mixed target tiles' (and possibly more, unused here): the supervised loss on the source
+    labels plus ``adapt_weight`` x the weighted pseudo-label loss on the mixed tiles."""
+    n = source_label.shape[0]
+    sup = segmentation_loss(logits[:n], source_label, ignore_id, ft.dice_weight, class_weights)
+    adapt = weighted_pseudo_loss(logits[n:2 * n], mixed_label, mixed_weight, ignore_id, class_weights)
+    return sup + ft.adapt_weight * adapt, sup, adapt
+
+
 class FinetuneTask(Task):
     name = "finetune"
 
@@ -156,6 +200,8 @@ class FinetuneTask(Task):
                 weights[cid] = w
         self.class_weights = weights
         self.teacher: FusionSegmenter | None = None
+        self.labeller = PseudoLabeller(self.ft.pseudo_threshold, self.ft.pseudo_class_keep, self.ft.pseudo_weighting,
+                                       spec.ignore_id)
         self.target_classes: torch.Tensor | None = None  # the classes kept while adapting (None: all scored)
         self.critic: OutputCritic | None = None
         if self.ft.adapt and self.ft.adversarial_weight > 0:
@@ -238,6 +284,13 @@ class FinetuneTask(Task):
                 own[name].copy_(tensor)
         return model
 
+    def before_step(self, engine, step: int) -> None:
+        """Partial adaptation's estimate of the classes present in the target city, once, as adaptation
+        starts (collective)."""
+        starts = self.target_stream is not None and step >= self.ft.adapt_warmup_steps
+        if starts and self.ft.target_class_min_share is not None and self.target_classes is None:
+            self.target_classes = self._classes_in_target(engine)
+
     def micro_loss(self, engine, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         src = next(self.source_stream)
         src_in = model_inputs(src, self.spec.modality_names, self.dtype, engine.device)
@@ -245,25 +298,35 @@ class FinetuneTask(Task):
         # the target batch is drawn every step, so the data position does not depend on the warmup
         tgt = next(self.target_stream) if self.target_stream is not None else None
         if tgt is None or step < self.ft.adapt_warmup_steps:
-            return segmentation_loss(engine(src_in), src_label, self.spec.ignore_id, self.ft.dice_weight,
-                                     self._cw()), {}
+            logits = engine(src_in, drop=self._drop(src_in))
+            return segmentation_loss(logits, src_label, self.spec.ignore_id, self.ft.dice_weight, self._cw()), {}
         tgt_in = model_inputs(tgt, self.spec.modality_names, self.dtype, engine.device)
-        ignore = self.spec.ignore_id
-        if self.ft.target_class_min_share is not None and self.target_classes is None:
-            self.target_classes = self._classes_in_target(engine)  # once, at the first adaptation step
-        kept = self.scored
+        kept = self.scored if self.target_classes is None else self.target_classes
         if self.target_classes is not None:  # partial adaptation: the absent classes' source pixels are ignored
-            kept = self.target_classes
-            src_label = torch.where(torch.isin(src_label, kept), src_label, torch.full_like(src_label, ignore))
-        with torch.no_grad():
-            teacher_in = {k: v.float() for k, v in tgt_in.items()}
-            pseudo, conf = predict_classes(self.teacher(teacher_in), kept)
-            sure = confident_pixels(pseudo, conf, self.ft.pseudo_threshold, self.ft.pseudo_class_keep)
-            if self.ft.pseudo_weighting == "mask":
-                pseudo = torch.where(sure, pseudo, torch.full_like(pseudo, ignore))
-                weight = torch.ones_like(conf)
-            else:  # DAFormer: all pseudo-labels, each tile weighted by its share of confident pixels
-                weight = sure.float().mean((1, 2), keepdim=True).expand_as(conf)
+            src_label = torch.where(torch.isin(src_label, kept), src_label, torch.full_like(src_label,
+                                                                                          self.spec.ignore_id))
+        pseudo, weight, sure = self.labeller(self.teacher, tgt_in, kept)
+        mixed_in, mixed_label, weight = self._mixed_target(src_in, src_label, tgt_in, pseudo, weight)
+        views = [src_in, mixed_in] + ([tgt_in] if self.critic is not None else [])  # the critic: pure target
+        batch = {k: torch.cat([v[k] for v in views]) for k in src_in if k in mixed_in}
+        logits = engine(batch, drop=self._drop(batch))
+        loss, sup, adapt = adaptation_loss(logits, src_label, mixed_label, weight, self.ft, self.spec.ignore_id,
+                                           self._cw())
+        logs = {"loss_source": float(sup.detach()), "loss_target": float(adapt.detach()),
+                "pseudo_confident": float(sure.float().mean())}
+        if self.critic is not None:
+            n = src_label.shape[0]
+            fool = self._fool_critic(logits[:n], logits[2 * n:])
+            loss = loss + self.ft.adversarial_weight * fool
+            logs["loss_adversarial"] = float(fool.detach())
+        return loss, logs
+
+    def _mixed_target(self, src_in: dict[str, torch.Tensor], src_label: torch.Tensor, tgt_in: dict[str, torch.Tensor],
+                      pseudo: torch.Tensor, weight: torch.Tensor
+                      ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+        """The target tiles the student learns from: with ClassMix, source classes pasted on them (pasted pixels
+        weigh 1); the weights class-balanced with ``pseudo_class_balance``."""
+        ignore = self.spec.ignore_id
         if self.ft.mix == "classmix":
             mixed_in, mixed_label, pasted = classmix(src_in, src_label, tgt_in, pseudo, ignore)
             weight = torch.where(pasted, torch.ones_like(weight), weight)
@@ -271,19 +334,7 @@ class FinetuneTask(Task):
             mixed_in, mixed_label = tgt_in, pseudo
         if self.ft.pseudo_class_balance > 0:
             weight = weight * class_balance(mixed_label, ignore, self.ft.pseudo_class_balance)
-        views = [src_in, mixed_in] + ([tgt_in] if self.critic is not None else [])  # the critic: pure target
-        logits = engine({k: torch.cat([v[k] for v in views]) for k in src_in if k in mixed_in})
-        n = src_label.shape[0]
-        sup = segmentation_loss(logits[:n], src_label, ignore, self.ft.dice_weight, self._cw())
-        adapt = weighted_pseudo_loss(logits[n:2 * n], mixed_label, weight, ignore, self._cw())
-        loss = sup + self.ft.adapt_weight * adapt
-        logs = {"loss_source": float(sup.detach()), "loss_target": float(adapt.detach()),
-                "pseudo_confident": float(sure.float().mean())}
-        if self.critic is not None:
-            fool = self._fool_critic(logits[:n], logits[2 * n:])
-            loss = loss + self.ft.adversarial_weight * fool
-            logs["loss_adversarial"] = float(fool.detach())
-        return loss, logs
+        return mixed_in, mixed_label, weight
 
     def _fool_critic(self, src_logits: torch.Tensor, tgt_logits: torch.Tensor) -> torch.Tensor:
         """The student's adversarial loss: the critic (frozen here) should take its target maps for source maps;
@@ -308,6 +359,9 @@ class FinetuneTask(Task):
         for p, g in zip(params, flat.split([p.numel() for p in params])):
             p.grad.copy_(g.view_as(p))
         self.critic_opt.step()
+
+    def _drop(self, inputs: dict[str, torch.Tensor]) -> str | None:
+        return modality_to_drop([m for m in self.spec.modality_names if m in inputs], self.model_cfg.modality_dropout)
 
     def _cw(self) -> torch.Tensor | None:
         return None if self.class_weights is None else self.class_weights.to(self.device)
@@ -366,7 +420,7 @@ class FinetuneTask(Task):
         tracker.metrics(values, step)
         tracker.figure(lambda: confusion_figure(total.numpy(), self.spec), f"confusion_step{step:06d}.png")
         for i, (batch, pred) in enumerate(previews):
-            tracker.figure(lambda: preview_figure(batch, pred, self.spec), f"preview_step{step:06d}_{i}.png")
+            tracker.figure(lambda b=batch, p=pred: preview_figure(b, p, self.spec), f"preview_step{step:06d}_{i}.png")
         return values
 
     def extra_weights(self) -> dict[str, Any]:

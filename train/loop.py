@@ -56,8 +56,11 @@ class Task:
     def init_from(self, weights: Weights) -> None:
         raise NotImplementedError
 
+    def before_step(self, engine, step: int) -> None:
+        """Before optimizer step ``step + 1`` (0-based ``step``), on every rank (may be collective)."""
+
     def after_step(self, engine, step: int) -> None:
-        """After each optimizer step (an EMA update)."""
+        """After each optimizer step ``step`` (1-based; an EMA update)."""
 
     def wants_validation(self, step: int) -> bool:
         return False
@@ -78,6 +81,90 @@ def _memory_mb() -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
+def _finished_already(ckpt: Path | None, out: Path, steps: int) -> bool:
+    """Whether the run in ``out`` completed ``steps`` steps already (then nothing starts: no engine, so no
+    optimizer state has to fit)."""
+    if ckpt is None or not (out / "COMPLETED").is_file():
+        return False
+    done = saved_state(ckpt)["step"]
+    if done >= steps:
+        log.info("%s already finished at step %d (steps: %d); nothing to train", out, done, steps)
+    return done >= steps
+
+
+def _start_tracking(cfg: TrainConfig, model_cfg: ModelConfig, task: Task, data, rank: int, world: int,
+                    launcher: str, config_path: str | None) -> Tracker:
+    """The run's tracker (a null object off rank 0 or when tracking is off), with the resolved config written
+    to the run dir and logged with its tags."""
+    out = Path(cfg.output_dir)
+    tracker = Tracker(cfg.tracking.enabled and rank == 0, cfg.tracking.experiment,
+                      cfg.tracking.run_name or f"{task.name}-{out.name}", out)
+    if rank != 0:
+        return tracker
+    resolved = {**to_dict(cfg), "model_config": to_dict(model_cfg)}
+    (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+    tracker.params({**resolved, "task": task.name})
+    tracker.tags({"git_commit": git_commit(), "world_size": world,
+                  "slurm_job_id": os.environ.get("SLURM_JOB_ID", "none"),
+                  "slurm_nodes": os.environ.get("SLURM_JOB_NODELIST", "none"), "manifest_hash": data.manifest_hash,
+                  "task": task.name, "launcher": launcher, "zero_stage": cfg.deepspeed.zero_stage})
+    tracker.artifact(out / "config.yaml", "config")
+    if config_path:
+        tracker.artifact(config_path, "config")
+    return tracker
+
+
+def _train_step(task: Task, engine, cfg: TrainConfig, rank: int, step: int) -> dict[str, float]:
+    """One optimizer step of ``gradient_accumulation_steps`` micro-batches; the step's mean losses and
+    extras, averaged over the ranks, with its timings."""
+    gas = cfg.deepspeed.gradient_accumulation_steps
+    t0, waited = time.perf_counter(), data_wait_seconds()
+    task.before_step(engine, step)
+    logs: dict[str, float] = {}
+    for micro in range(gas):
+        seed_micro_batch(cfg.seed, rank, step * gas + micro)
+        loss, extra = task.micro_loss(engine, step)
+        engine.backward(loss)
+        engine.step()
+        logs["loss"] = logs.get("loss", 0.0) + float(loss.detach()) / gas
+        for k, v in extra.items():
+            logs[k] = logs.get(k, 0.0) + v / gas
+    task.after_step(engine, step + 1)
+    took = time.perf_counter() - t0
+    logs["data_wait_s"] = data_wait_seconds() - waited  # the step's time spent waiting for batches
+    logs = mean_over_ranks(logs)
+    logs.update({"lr": engine.get_lr()[0], "step_time_s": took,
+                 "samples_per_s": cfg.data.batch_size * gas * world_size() / took, "memory_mb": _memory_mb()})
+    grad_norm = engine.get_global_grad_norm()
+    if grad_norm is not None:
+        logs["grad_norm"] = float(grad_norm)
+    return logs
+
+
+class _StepLog:
+    """Rank 0's record of each step: ``metrics.jsonl``, the tracker every ``log_every`` steps and the progress
+    bar (or a log line every ``progress_every`` steps when stderr is not a terminal)."""
+
+    def __init__(self, cfg: TrainConfig, task_name: str, first_step: int, rank: int, tracker: Tracker) -> None:
+        self.cfg, self.task_name, self.rank, self.tracker = cfg, task_name, rank, tracker
+        self.file = Path(cfg.output_dir) / "metrics.jsonl"
+        self.bar = tqdm(total=cfg.steps, initial=first_step, desc=task_name, disable=True if rank != 0 else None,
+                        dynamic_ncols=True)  # None: off when stderr is not a terminal
+
+    def __call__(self, step: int, logs: dict[str, float]) -> None:
+        if self.rank != 0:
+            return
+        with self.file.open("a") as f:
+            f.write(json.dumps({"step": step, **logs}) + "\n")
+        if step % self.cfg.tracking.log_every == 0:
+            self.tracker.metrics(logs, step)
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{logs['loss']:.4f}")
+        if self.bar.disable and (step % self.cfg.tracking.progress_every == 0 or step == self.cfg.steps):
+            log.info("%s step %d/%d loss %.4f lr %.2e %.1f samples/s", self.task_name, step, self.cfg.steps,
+                     logs["loss"], logs["lr"], logs["samples_per_s"])
+
+
 def run_training(cfg: TrainConfig, make_task, data, resume: str | None = None,
                  config_path: str | None = None) -> int:
     """Train ``cfg.steps`` optimizer steps of the task built by ``make_task(cfg, model_cfg, spec, data)``.
@@ -89,11 +176,8 @@ def run_training(cfg: TrainConfig, make_task, data, resume: str | None = None,
     ckpt = resolve_resume(resume, out)  # checked before the (slow) distributed start
     if ckpt is not None:
         check_same_model(ckpt, cfg.model)  # another model in the run dir: one clear line, no engine started
-    if ckpt is not None and (out / "COMPLETED").is_file():
-        done = saved_state(ckpt)["step"]
-        if done >= cfg.steps:  # nothing to train: no engine, so no optimizer state to fit
-            log.info("%s already finished at step %d (steps: %d); nothing to train", out, done, cfg.steps)
-            return 0
+    if _finished_already(ckpt, out, cfg.steps):
+        return 0
     resumed = load_weights(ckpt, spec) if ckpt is not None else None  # the spec must fit before anything starts
     init = load_weights(cfg.init_from, spec) if cfg.init_from and ckpt is None else None
     env = init_distributed(cfg.collective_timeout_s)
@@ -105,65 +189,21 @@ def run_training(cfg: TrainConfig, make_task, data, resume: str | None = None,
         task.init_from(init)
         log.info("initialised from %s", cfg.init_from)
     engine = create_engine(task.module, cfg, world)
-    state: dict[str, Any] = {"step": 0}
-    if ckpt is not None:
-        state = load_checkpoint(engine, ckpt, world)
+    step = 0
+    if resumed is not None:
+        step = load_checkpoint(engine, ckpt, world)["step"]
         task.load_extra(resumed)
-    gas = cfg.deepspeed.gradient_accumulation_steps
-    resolved = to_dict(cfg)
     weights_meta = {"model_config": to_dict(model_cfg), "spec": spec.to_dict(), "task": task.name,
                     "normalization": data.normalization, "modalities": list(spec.modality_names),
                     "tile_size": data.tile_size, **data.normalization_meta()}
-    tracker = Tracker(cfg.tracking.enabled and env.rank == 0, cfg.tracking.experiment,
-                      cfg.tracking.run_name or f"{task.name}-{out.name}", out)
-    if env.rank == 0:
-        (out / "config.yaml").write_text(yaml.safe_dump({**resolved, "model_config": to_dict(model_cfg)},
-                                                        sort_keys=False))
-        tracker.params({**resolved, "model_config": to_dict(model_cfg), "task": task.name})
-        tracker.tags({"git_commit": git_commit(), "world_size": world,
-                      "slurm_job_id": os.environ.get("SLURM_JOB_ID", "none"),
-                      "slurm_nodes": os.environ.get("SLURM_JOB_NODELIST", "none"), "manifest_hash": data.manifest_hash,
-                      "task": task.name, "launcher": env.launcher, "zero_stage": cfg.deepspeed.zero_stage})
-        tracker.artifact(out / "config.yaml", "config")
-        if config_path:
-            tracker.artifact(config_path, "config")
-    task.start(engine, state["step"] * gas)
-    step = state["step"]
-    samples = cfg.data.batch_size * gas * world
-    bar = tqdm(total=cfg.steps, initial=step, desc=task.name, disable=True if env.rank != 0 else None,
-               dynamic_ncols=True)  # None: off when stderr is not a terminal
-    metrics_file = out / "metrics.jsonl"
+    tracker = _start_tracking(cfg, model_cfg, task, data, env.rank, world, env.launcher, config_path)
+    gas = cfg.deepspeed.gradient_accumulation_steps
+    task.start(engine, step * gas)
+    step_log = _StepLog(cfg, task.name, step, env.rank, tracker)
     while step < cfg.steps:
-        t0, waited = time.perf_counter(), data_wait_seconds()
-        logs: dict[str, float] = {}
-        for micro in range(gas):
-            seed_micro_batch(cfg.seed, env.rank, step * gas + micro)
-            loss, extra = task.micro_loss(engine, step)
-            engine.backward(loss)
-            engine.step()
-            logs["loss"] = logs.get("loss", 0.0) + float(loss.detach()) / gas
-            for k, v in extra.items():
-                logs[k] = logs.get(k, 0.0) + v / gas
+        logs = _train_step(task, engine, cfg, env.rank, step)
         step += 1
-        task.after_step(engine, step)
-        took = time.perf_counter() - t0
-        logs["data_wait_s"] = data_wait_seconds() - waited  # the step's time spent waiting for batches
-        logs = mean_over_ranks(logs)
-        grad_norm = engine.get_global_grad_norm()
-        logs.update({"lr": engine.get_lr()[0], "step_time_s": took, "samples_per_s": samples / took,
-                     "memory_mb": _memory_mb()})
-        if grad_norm is not None:
-            logs["grad_norm"] = float(grad_norm)
-        if env.rank == 0:
-            with metrics_file.open("a") as f:
-                f.write(json.dumps({"step": step, **logs}) + "\n")
-            if step % cfg.tracking.log_every == 0:
-                tracker.metrics(logs, step)
-            bar.update(1)
-            bar.set_postfix(loss=f"{logs['loss']:.4f}")
-            if bar.disable and (step % cfg.tracking.progress_every == 0 or step == cfg.steps):
-                log.info("%s step %d/%d loss %.4f lr %.2e %.1f samples/s", task.name, step, cfg.steps,
-                         logs["loss"], logs["lr"], logs["samples_per_s"])
+        step_log(step, logs)
         stopping = stop.agreed()
         if step % cfg.checkpoint_every == 0 or step == cfg.steps or stopping:
             save_checkpoint(engine, out, {"step": step, "world_size": world, "micro_batches": step * gas,
@@ -175,7 +215,7 @@ def run_training(cfg: TrainConfig, make_task, data, resume: str | None = None,
             log.warning("stopped at step %d after a signal; continue with --resume auto", step)
             tracker.close("KILLED")
             return EXIT_INTERRUPTED
-    bar.close()
+    step_log.bar.close()
     if env.rank == 0:
         (out / "COMPLETED").write_text(f"{step}\n")
         tracker.close()

@@ -29,17 +29,15 @@ class FusionSegmenter(nn.Module):
             self.head = SegDecoder(cfg.embed_dim, cfg.decoder_dim, cfg.patch_size, spec.num_logits)
         init_weights(self)
 
-    def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    def forward(self, inputs: dict[str, torch.Tensor], drop: str | None = None) -> torch.Tensor:
+        """Logits for ``inputs``; ``drop`` (modality dropout, chosen by the training task): a modality left
+        out of the fusion, still computed with weight 0 so that every parameter is in the graph."""
         names = self.backbone.present(inputs)
         first = inputs[names[0]]
         h, w = first.shape[-2:]
         p = self.cfg.patch_size
         pad = (0, (-w) % p, 0, (-h) % p)
         padded = {m: F.pad(inputs[m], pad) if any(pad) else inputs[m] for m in names}
-        drop = None
-        if self.training and self.cfg.modality_dropout > 0 and len(names) > 1 \
-                and torch.rand(()) < self.cfg.modality_dropout:
-            drop = names[int(torch.randint(len(names), ()))]
         features = self.backbone(padded, drop)
         if self.cfg.decoder == "skip":
             return self.head(features, self.stem(padded, names, drop))[..., :h, :w]

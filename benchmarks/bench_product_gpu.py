@@ -56,7 +56,7 @@ from benchmarks.report import figure  # noqa: E402
 
 AB_SPEC = ROOT / "configs/datasets/demo_ab.yaml"
 BW_SPEC = ROOT / "configs/datasets/c2seg_bw.yaml"
-CONFIGS = {"finetune": ROOT / "configs/train/finetune_c2seg_ab.yaml",
+CONFIGS = {"finetune": ROOT / "configs/train/adapted_c2seg_ab.yaml",
            "pretrain": ROOT / "configs/train/pretrain_c2seg_ab.yaml"}
 TEACHER_SHARE = 1 / 3  # the teacher's forward, in units of a training sample's forward + backward
 

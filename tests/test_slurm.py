@@ -82,10 +82,10 @@ def test_dry_run_renders_valid_chained_scripts(tmp_path, capsys):
     assert "export MASTER_" not in pretrain  # c2seg.distributed.slurm_master derives them in every task
     assert f"--set output_dir={run / 'train' / 'pretrain'}" in pretrain and "init_from" not in pretrain
     for stage, script, init_from in (("source_only", source_only, "pretrain"), ("adapted", adapted, "source_only")):
-        assert f"train finetune --config {ROOT / 'configs/train/finetune_c2seg_ab.yaml'} --resume auto" in script
+        assert f"train finetune --config {ROOT / f'configs/train/{stage}_c2seg_ab.yaml'} --resume auto" in script
         assert f"--set output_dir={run / 'train' / stage}" in script
         assert f"--set init_from={run / 'train' / init_from}" in script
-    assert "--set finetune.adapt=false --set steps=500" in source_only
+    assert "--set steps=500" in source_only and "--set steps=2500" in adapted
     model = run / "models" / "adapted.pt"
     assert f"train export --run-dir {run / 'train' / 'adapted'} --out {model}" in export
     assert "#SBATCH --partition=cpu" in export and "srun" not in export
@@ -130,3 +130,16 @@ def test_missing_sbatch_is_a_clear_error(tmp_path, monkeypatch, capsys):
     assert main(["slurm", "submit", "--config", str(LOCAL), "--set", f"run_dir={tmp_path / 'run'}"]) == 1
     err = capsys.readouterr().err
     assert "'sbatch' not found on PATH" in err and "local_cluster.sh up" in err
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs/slurm").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_slurm_configs_render_the_whole_chain(path, tmp_path):
+    from slurm.config import load_submit_config
+
+    cfg = load_submit_config(path, {"run_dir": str(tmp_path / "run")})
+    jobs = submit.submit_chain(cfg, dry_run=True, config_path=str(path))
+    assert [j.name for j in jobs] == ["prep", "prep_finalize", "pretrain", "source_only", "adapted", "export",
+                                      "infer", "evaluate"]
+    for stage in ("pretrain", "source_only", "adapted"):
+        script = (tmp_path / "run" / "scripts").glob(f"*-{stage}.sbatch")
+        assert f"--config {ROOT / getattr(cfg, stage).config}" in next(script).read_text()

@@ -35,12 +35,13 @@ def _raw(spec, b=4, size=8):
     return raw, stats
 
 
-def test_normalised_jitter_equals_the_raw_unit_change(spec):
+@pytest.mark.parametrize("band_gain, band_offset", [(0.0, 0.0), (0.1, 100.0)])
+def test_normalised_jitter_equals_the_raw_unit_change(spec, band_gain, band_offset):
     raw, stats = _raw(spec)
     norm = Normalizer(spec, stats)
     batch = {m: torch.from_numpy(norm(m, a)) for m, a in raw.items()}
     batch["city_id"] = torch.zeros(4, dtype=torch.long)
-    cfg = RadiometricConfig(prob=1.0)
+    cfg = RadiometricConfig(prob=1.0, band_gain=band_gain, band_offset=band_offset)
     jitter = RadiometricJitter(spec, stats, cfg)
     out = jitter(batch, torch.Generator().manual_seed(3))
     # replay the same draws in raw units
@@ -56,7 +57,12 @@ def test_normalised_jitter_equals_the_raw_unit_change(spec):
         if m.wavelengths_nm is not None:
             wl = np.asarray(m.wavelengths_nm)[None, :, None, None]
             g = gain[:, None, None, None] * (1 + tilt[:, None, None, None] * (wl - 1000) / 1000)
-            changed = x * g + haze[:, None, None, None] * (wl / 450) ** -4
+            offset = haze[:, None, None, None] * (wl / 450) ** -4
+            if band_gain:  # then each band's own gain and offset, drawn per modality in spec order
+                per_band = [torch.rand(4, m.bands, generator=gen).numpy()[:, :, None, None] for _ in range(2)]
+                g = g * (1 + band_gain * (2 * per_band[0] - 1))
+                offset = offset + band_offset * (2 * per_band[1] - 1)
+            changed = x * g + offset
         else:
             changed = x + db[:, None, None, None]
         changed[:, :, 0, 0] = 0.0

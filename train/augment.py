@@ -26,14 +26,14 @@ class RadiometricJitter:
 
     def __init__(self, spec: DatasetSpec, stats: dict[str, dict[str, list[float]]], cfg: RadiometricConfig) -> None:
         self.cfg = cfg
-        self.optical: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self.optical: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self.db: dict[str, torch.Tensor] = {}
         for m in spec.modalities:
             mean = torch.tensor(stats[m.name]["mean"], dtype=torch.float32)
             std = torch.tensor(stats[m.name]["std"], dtype=torch.float32).clamp_min(1e-6)
             if m.kept_wavelengths_nm is not None:
                 wl = torch.tensor(m.kept_wavelengths_nm, dtype=torch.float32)
-                self.optical[m.name] = (mean / std, (wl - 1000.0) / 1000.0, (wl / 450.0) ** -4 / std)
+                self.optical[m.name] = (mean / std, (wl - 1000.0) / 1000.0, (wl / 450.0) ** -4 / std, 1.0 / std)
             elif m.unit.lower() == "db":
                 self.db[m.name] = 1.0 / std
 
@@ -51,10 +51,15 @@ class RadiometricJitter:
         haze = on * uniform(0.0, c.haze_450nm)
         db = on * uniform(-c.db_offset, c.db_offset)
         out = dict(batch)
-        for name, (mean_over_std, slope, haze_per_unit) in self.optical.items():
+        for name, (mean_over_std, slope, haze_per_unit, inv_std) in self.optical.items():
             if name in batch:
                 g = gain[:, None] * (1 + tilt[:, None] * slope)  # (B, C)
-                shift = (g - 1) * mean_over_std + haze[:, None] * haze_per_unit
+                offset = haze[:, None] * haze_per_unit
+                if c.band_gain > 0 or c.band_offset > 0:  # each band its own calibration (no draw when off)
+                    bands = (n, len(inv_std))
+                    g = g * (1 + on[:, None] * c.band_gain * (2 * torch.rand(bands, generator=gen) - 1))
+                    offset = offset + on[:, None] * c.band_offset * (2 * torch.rand(bands, generator=gen) - 1) * inv_std
+                shift = (g - 1) * mean_over_std + offset
                 out[name] = affine_bands(batch[name], g, shift)
         for name, inv_std in self.db.items():
             if name in batch:

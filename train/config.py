@@ -55,13 +55,17 @@ class ModelConfig:
 class RadiometricConfig:
     """Radiometric augmentation of training tiles (:mod:`train.augment`): each tile, with chance ``prob``,
     gets an illumination gain and spectral tilt, a haze offset (in the modality's units at 450 nm) on its
-    optical modalities, and a calibration offset on its dB modalities. ``prob`` 0 turns it off."""
+    optical modalities, and a calibration offset on its dB modalities; with ``band_gain`` / ``band_offset`` each
+    optical band also gets its own calibration gain in 1 +- band_gain and offset in +- band_offset (modality
+    units), as another sensor or processing baseline would. ``prob`` 0 turns it off."""
 
     prob: float = bounded(0.0, ge=0, le=1)
     gain: tuple[float, float] = (0.75, 1.1)
     tilt_per_1000nm: float = bounded(0.2, ge=0)
     haze_450nm: float = bounded(500.0, ge=0)
     db_offset: float = bounded(3.0, ge=0)
+    band_gain: float = bounded(0.0, ge=0, lt=1)
+    band_offset: float = bounded(0.0, ge=0)
 
     def __post_init__(self) -> None:
         check_bounds(self)

@@ -1,5 +1,5 @@
 # The two commands of the README: `make demo` (main job) and `make test` (test suite).
-.PHONY: setup demo test bench cluster-up cluster-down
+.PHONY: setup demo lint test bench cluster-up cluster-down
 
 setup:
 	bash scripts/setup.sh
@@ -7,7 +7,11 @@ setup:
 demo: setup
 	.venv/bin/c2seg demo
 
-test: setup
+lint: setup
+	.venv/bin/ruff check .
+	.venv/bin/mypy
+
+test: setup lint
 	bash scripts/run_tests.sh
 
 bench: setup

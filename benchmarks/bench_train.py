@@ -113,7 +113,7 @@ def overhead(args) -> dict:
         engine.step()
 
     results = {}
-    for rnd in range(args.rounds):  # interleaved rounds: both loops see the same machine load
+    for _ in range(args.rounds):  # interleaved rounds: both loops see the same machine load
         results.setdefault("plain_ms", []).append(1000 * _timed(plain, args.warmup, args.steps))
         results.setdefault("deepspeed_ms", []).append(1000 * _timed(ds, args.warmup, args.steps))
     p, d = min(results["plain_ms"]), min(results["deepspeed_ms"])
@@ -274,7 +274,7 @@ def crosscity(args) -> dict:
     result: dict = {"steps": args.steps, "adapt_steps": args.adapt_steps, "pretrain_steps": args.pretrain_steps,
                     "peer_steps": args.steps + args.adapt_steps, "seeds": args.seeds, "pair": args.pair}
     for seed in args.seeds:
-        def run_dir(name: str) -> Path:
+        def run_dir(name: str, seed: int = seed) -> Path:
             return out / f"{name}_seed{seed}"
 
         runs = {  # name: (command, config, steps, init_from)

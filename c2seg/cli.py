@@ -12,6 +12,10 @@ import logging
 import re
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from c2seg.spec import DatasetSpec
 
 STAGES = ("data_prep.cli", "train.cli", "inference.cli", "slurm.cli", "c2seg.demo")
 
@@ -33,7 +37,7 @@ def add_spec_args(parser: argparse.ArgumentParser, required: bool = True) -> Non
                         help="folder holding the cities' files (overrides data_root in the spec)")
 
 
-def spec_from_args(args: argparse.Namespace):
+def spec_from_args(args: argparse.Namespace) -> DatasetSpec:
     """Load the spec named by :func:`add_spec_args` arguments."""
     from c2seg.spec import load_spec
 
@@ -62,15 +66,14 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    from c2seg.config import ConfigError
+    from c2seg.errors import C2SegError
 
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, FileNotFoundError, KeyError, ValueError) as exc:
+    except (C2SegError, FileNotFoundError) as exc:  # the user's to fix: one line; anything else is a bug
         if args.verbose:
             raise
-        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"c2seg {args.stage}: error: {msg}", file=sys.stderr)
+        print(f"c2seg {args.stage}: error: {exc}", file=sys.stderr)
         return 2
 
 

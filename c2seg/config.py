@@ -13,14 +13,16 @@ import re
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+from typing import Any, Literal, TypeVar, Union, cast, get_args, get_origin
 
 import yaml
+
+from c2seg.errors import C2SegError
 
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(C2SegError):
     """A config file holds an unknown key, a missing key or an impossible value."""
 
 
@@ -28,7 +30,7 @@ class _SafeLoader(yaml.SafeLoader):
     """The safe loader, reading floats as YAML 1.2 does: ``3e-4`` is a number (YAML 1.1 wants ``3.0e-4``), and
     refusing a key given twice in one mapping as YAML 1.2 does (PyYAML keeps the last one silently)."""
 
-    def construct_mapping(self, node, deep=False):
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         if isinstance(node, yaml.MappingNode):
             seen = set()
             for key_node, _ in node.value:
@@ -94,7 +96,7 @@ def bounded(default: Any = dataclasses.MISSING, *, ge: float | None = None, gt: 
     return dataclasses.field(default=default, metadata={"bounds": bounds})
 
 
-class BoundsError(ValueError):
+class BoundsError(C2SegError):
     """A config value outside its field's bounds; ``key`` is the field (with ``[i]`` for a tuple item)."""
 
     def __init__(self, key: str, value: Any, bounds: Bounds) -> None:
@@ -143,10 +145,10 @@ def load_json_record(path: str | Path, fmt: str, missing: str) -> dict[str, Any]
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON: {exc}") from exc
+        raise C2SegError(f"{path}: not valid JSON: {exc}") from exc
     if not isinstance(data, dict) or data.get("format") != fmt:
         got = data.get("format") if isinstance(data, dict) else type(data).__name__
-        raise ValueError(f"{path}: format {got!r} is not {fmt}")
+        raise C2SegError(f"{path}: format {got!r} is not {fmt}")
     return data
 
 
@@ -191,7 +193,7 @@ def from_dict(cls: type[T], data: Any, source: str = "<config>", path: str = "")
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping for {cls.__name__}, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    fields = {f.name: f for f in dataclasses.fields(cast(Any, cls)) if f.init}
     unknown = sorted(set(data) - set(fields), key=str)  # a YAML key may be a number, null, ...
     if unknown:
         key = f"{path}.{unknown[0]}" if path else unknown[0]
@@ -238,7 +240,7 @@ def _coerce(tp: Any, value: Any, source: str, path: str) -> Any:
         if value not in args:
             raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
         return value
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return from_dict(tp, value, source, path)
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):

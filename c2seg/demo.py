@@ -21,13 +21,14 @@ import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from c2seg.config import load_config
-from c2seg.pipeline import (PREP, SCORED_RUN, STAGE_NAMES, TRAINING_STAGES, RunLayout, StageInputs, command_line,
-                            scoring_stages)
+from c2seg.pipeline import (PREP, SCORED_RUN, STAGE_NAMES, TRAINING_STAGES, RunLayout, StageInputs, StageName,
+                            command_line, scoring_stages)
 
 log = logging.getLogger("c2seg.demo")
-COMPARED_RUNS = ("source_only", SCORED_RUN)  # the models the demo scores, for its table
+COMPARED_RUNS: tuple[StageName, ...] = ("source_only", SCORED_RUN)  # the models the demo scores, for its table
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,7 @@ class DemoConfig:
     infer_overlap: float = 0.5
 
 
-def register(stages: argparse._SubParsersAction) -> None:
+def register(stages: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = stages.add_parser(
         "demo", help="run the whole pipeline locally on generated demo cities (the README's main command)",
         description="generate -> inspect -> prep -> pretrain -> finetune on the source city (source_only) -> "
@@ -112,7 +113,7 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _score(run: _Runner, inputs: StageInputs, name: str, cfg: DemoConfig) -> dict:
+def _score(run: _Runner, inputs: StageInputs, name: StageName, cfg: DemoConfig) -> dict[str, Any]:
     """Export training run ``name``, predict the target city with its model and score it; the metrics."""
     inputs = replace(inputs, model=inputs.layout.model(name))
     export, infer, evaluate = scoring_stages(name)
@@ -120,10 +121,12 @@ def _score(run: _Runner, inputs: StageInputs, name: str, cfg: DemoConfig) -> dic
     run.step(f"infer {name}", [*command_line(infer, inputs), "--window", str(cfg.infer_window),
                                "--overlap", str(cfg.infer_overlap)])
     run.step(f"evaluate {name}", command_line(evaluate, inputs))
-    return json.loads((inputs.layout.predictions(inputs.model, inputs.city) / "metrics.json").read_text())
+    metrics: dict[str, Any] = json.loads((inputs.layout.predictions(inputs.model, inputs.city) / "metrics.json")
+                                         .read_text())
+    return metrics
 
 
-def _report(out: Path, target: str, metrics: dict, layout: RunLayout, total: float,
+def _report(out: Path, target: str, metrics: dict[StageName, dict[str, Any]], layout: RunLayout, total: float,
             timings: list[tuple[str, float]]) -> None:
     print(f"\nDemo finished in {total / 60:.1f} min. Step times: "
           + ", ".join(f"{n} {t:.0f}s" for n, t in timings))

@@ -20,6 +20,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from c2seg.errors import C2SegError
+
 log = logging.getLogger("c2seg.distributed")
 
 
@@ -89,7 +91,7 @@ def array_task(task_index: int | None = None, num_tasks: int | None = None) -> t
     if task_index is None:
         task_index = int(env.get("SLURM_ARRAY_TASK_ID", 0)) - int(env.get("SLURM_ARRAY_TASK_MIN", 0))
     if not 0 <= task_index < num_tasks:
-        raise ValueError(f"task index {task_index} is outside 0..{num_tasks - 1}")
+        raise C2SegError(f"task index {task_index} is outside 0..{num_tasks - 1}")
     return task_index, num_tasks
 
 
@@ -199,7 +201,7 @@ def init_process_group(env: DistEnv, backend: str, timeout_s: float = 600.0) -> 
     listen = _listening_socket(addr, port) if serve else None
     if serve and env.world_size > 1:
         log.info("rendezvous on %s:%d for %d ranks", addr, port, env.world_size)
-    store = dist.TCPStore(addr, port, env.world_size, is_master=serve, timeout=timeout,
+    store = dist.TCPStore(addr, port, env.world_size, is_master=serve, timeout=timeout,  # type: ignore[attr-defined]
                           master_listen_fd=listen.fileno() if listen else None)
     dist.init_process_group(backend, store=store, rank=env.rank, world_size=env.world_size, timeout=timeout)
     _KEEP_ALIVE.append((store, listen))

@@ -16,7 +16,7 @@ import shutil
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 _PARTIAL = re.compile(r"^\..+\.tmp-(\d+)(\..*)?$")
 
@@ -28,7 +28,7 @@ def partial_path(path: str | Path, suffix: str = "") -> Path:
 
 
 @contextmanager
-def atomic_write(path: str | Path, mode: str = "wb", fsync: bool = False, suffix: str = "") -> Iterator[IO]:
+def atomic_write(path: str | Path, mode: str = "wb", fsync: bool = False, suffix: str = "") -> Iterator[IO[Any]]:
     """Open a temp file for writing; on a clean exit it replaces ``path``, on an error it is removed."""
     path = Path(path)
     tmp = partial_path(path, suffix)
@@ -148,7 +148,7 @@ def _alive(pid: int) -> bool:
 def remove_dead_partials(folder: str | Path) -> list[Path]:
     """Delete the atomic-write temp files in ``folder`` (not recursive) whose writer process is gone;
     returns what was removed. Temp files of live processes (a concurrent writer) are kept."""
-    removed = []
+    removed: list[Path] = []
     folder = Path(folder)
     if not folder.is_dir():
         return removed

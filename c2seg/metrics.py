@@ -8,6 +8,7 @@ F1, mIoU (the ranking metric), overall accuracy, macro-F1 and Cohen's kappa.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -43,7 +44,7 @@ class Scores:
     macro_f1: float
     kappa: float
 
-    def as_dict(self, class_names: dict[int, str] | None = None) -> dict:
+    def as_dict(self, class_names: dict[int, str] | None = None) -> dict[str, Any]:
         names = class_names or {}
         return {
             "miou": self.miou, "oa": self.oa, "macro_f1": self.macro_f1, "kappa": self.kappa,

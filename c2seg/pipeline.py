@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from c2seg.errors import C2SegError
+
 StageName = Literal["prep", "pretrain", "source_only", "adapted", "export", "infer", "evaluate"]
 
 
@@ -67,7 +69,7 @@ def stage(name: str) -> Stage:
     for candidate in STAGES:
         if candidate.name == name:
             return candidate
-    raise ValueError(f"no stage '{name}'; the stages are {', '.join(STAGE_NAMES)}")
+    raise C2SegError(f"no stage '{name}'; the stages are {', '.join(STAGE_NAMES)}")
 
 
 @dataclass(frozen=True)
@@ -116,6 +118,7 @@ def command_line(stage: Stage, inputs: StageInputs) -> list[str]:
     if stage.name == "prep":
         return [*stage.command, *inputs.spec_args, "--out", str(layout.prep), *config_args]
     if stage.name == "export":
+        assert stage.from_run is not None, "an export stage names the run it exports"
         return [*stage.command, "--run-dir", str(layout.train(stage.from_run)), "--out", str(inputs.model)]
     predictions = layout.predictions(inputs.model, inputs.city)
     if stage.name == "infer":

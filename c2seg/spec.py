@@ -16,8 +16,9 @@ import re
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
+from c2seg.errors import C2SegError
 from c2seg.config import ConfigError, from_dict, load_yaml, to_dict
 from c2seg.io import file_problem
 
@@ -64,20 +65,20 @@ class Modality:
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.name):
-            raise ValueError(f"modality name '{self.name}' must be lower-case letters, digits, _")
+            raise C2SegError(f"modality name '{self.name}' must be lower-case letters, digits, _")
         if self.bands < 1:
-            raise ValueError(f"modalities.{self.name}.bands must be >= 1, got {self.bands}")
+            raise C2SegError(f"modalities.{self.name}.bands must be >= 1, got {self.bands}")
         if self.resolution_m <= 0:
-            raise ValueError(f"modalities.{self.name}.resolution_m must be > 0, got {self.resolution_m}")
+            raise C2SegError(f"modalities.{self.name}.resolution_m must be > 0, got {self.resolution_m}")
         if self.nodata is not None and not math.isfinite(self.nodata):
-            raise ValueError(f"modalities.{self.name}.nodata must be a finite number (non-finite values are "
+            raise C2SegError(f"modalities.{self.name}.nodata must be a finite number (non-finite values are "
                              f"nodata anyway), got {self.nodata}")
         if self.spectral_range_nm is not None:
             if self.wavelengths_nm is not None:
-                raise ValueError(f"modalities.{self.name}: give wavelengths_nm or spectral_range_nm, not both")
+                raise C2SegError(f"modalities.{self.name}: give wavelengths_nm or spectral_range_nm, not both")
             lo, hi = self.spectral_range_nm
             if not 0 < lo < hi:
-                raise ValueError(f"modalities.{self.name}.spectral_range_nm must be 0 < start < end")
+                raise C2SegError(f"modalities.{self.name}.spectral_range_nm must be 0 < start < end")
             step = (hi - lo) / max(self.bands - 1, 1)
             object.__setattr__(self, "wavelengths_nm", tuple(round(lo + i * step, 2) for i in range(self.bands)))
             if self.bandwidths_nm is None:
@@ -86,37 +87,40 @@ class Modality:
         for key in ("wavelengths_nm", "bandwidths_nm", "band_names"):
             values = getattr(self, key)
             if values is not None and len(values) != self.bands:
-                raise ValueError(
+                raise C2SegError(
                     f"modalities.{self.name}.{key} has {len(values)} entries for {self.bands} bands"
                 )
         if self.band_names is not None:
             _unique(f"modalities.{self.name}.band_names", list(self.band_names))
         self._check_exclude_bands()
         if self.wavelengths_nm is not None and any(w <= 0 for w in self.wavelengths_nm):
-            raise ValueError(f"modalities.{self.name}.wavelengths_nm must be positive")
+            raise C2SegError(f"modalities.{self.name}.wavelengths_nm must be positive")
         if self.bandwidths_nm is not None and any(w <= 0 for w in self.bandwidths_nm):
-            raise ValueError(f"modalities.{self.name}.bandwidths_nm must be positive")
+            raise C2SegError(f"modalities.{self.name}.bandwidths_nm must be positive")
         try:
             import numpy as np
 
             np.dtype(self.dtype)
         except TypeError as exc:
-            raise ValueError(f"modalities.{self.name}.dtype '{self.dtype}' is not a numpy dtype") from exc
+            raise C2SegError(f"modalities.{self.name}.dtype '{self.dtype}' is not a numpy dtype") from exc
 
     def _check_exclude_bands(self) -> None:
         key = f"modalities.{self.name}.exclude_bands"
         for band in self.exclude_bands:
             if isinstance(band, str) and band not in (self.band_names or ()):
-                raise ValueError(f"{key}: '{band}' is not a band name (band_names: {list(self.band_names or [])})")
+                raise C2SegError(f"{key}: '{band}' is not a band name (band_names: {list(self.band_names or [])})")
             if isinstance(band, int) and not 1 <= band <= self.bands:
-                raise ValueError(f"{key}: band {band} is not in 1..{self.bands} (1-based band numbers)")
+                raise C2SegError(f"{key}: band {band} is not in 1..{self.bands} (1-based band numbers)")
         _unique(key, [self._band_index(b) + 1 for b in self.exclude_bands])
         if len(self.exclude_bands) == self.bands:
-            raise ValueError(f"{key} leaves none of the {self.bands} bands")
+            raise C2SegError(f"{key} leaves none of the {self.bands} bands")
 
     def _band_index(self, band: int | str) -> int:
         """0-based file band of an ``exclude_bands`` entry (a 1-based number or a band name)."""
-        return band - 1 if isinstance(band, int) else self.band_names.index(band)
+        if isinstance(band, int):
+            return band - 1
+        assert self.band_names is not None, "band names are checked in __post_init__ before any name is looked up"
+        return self.band_names.index(band)
 
     @cached_property
     def kept_bands(self) -> tuple[int, ...]:
@@ -169,9 +173,9 @@ class ClassDef:
 
     def __post_init__(self) -> None:
         if not 0 <= self.id <= 254:
-            raise ValueError(f"class '{self.name}': id {self.id} must be in 0..254 (uint8 labels)")
+            raise C2SegError(f"class '{self.name}': id {self.id} must be in 0..254 (uint8 labels)")
         if not _HEX.match(self.colour):
-            raise ValueError(f"class '{self.name}': colour '{self.colour}' must look like #rrggbb")
+            raise C2SegError(f"class '{self.name}': colour '{self.colour}' must look like #rrggbb")
 
     @property
     def rgb(self) -> tuple[int, int, int]:
@@ -194,7 +198,7 @@ class LabelRemap:
     def __post_init__(self) -> None:
         both = sorted(set(self.codes) & set(self.nodata_codes))
         if both:
-            raise ValueError(f"label_remap: raw code(s) {both} are in both codes and nodata_codes")
+            raise C2SegError(f"label_remap: raw code(s) {both} are in both codes and nodata_codes")
 
 
 @dataclass(frozen=True)
@@ -228,36 +232,36 @@ class City:
 
     def __post_init__(self) -> None:
         if not _NAME.match(self.name):
-            raise ValueError(f"city name '{self.name}' must be lower-case letters, digits, _")
+            raise C2SegError(f"city name '{self.name}' must be lower-case letters, digits, _")
         required = {"geotiff": set(), "mat_v5": {"scene"}, "mat_v73": {"scene"}, "tiles": {"root"},
                     "filelist": set()}[self.format]
         missing = required - set(self.files)
         if missing:
-            raise ValueError(f"cities.{self.name}.files needs key(s) {sorted(missing)} for format {self.format}")
+            raise C2SegError(f"cities.{self.name}.files needs key(s) {sorted(missing)} for format {self.format}")
         if self.format == "filelist":
             self._check_filelist()
         elif self.splits is not None or self.columns is not None:
-            raise ValueError(f"cities.{self.name}: splits and columns need format filelist (got {self.format})")
+            raise C2SegError(f"cities.{self.name}: splits and columns need format filelist (got {self.format})")
 
     def _check_filelist(self) -> None:
         key = f"cities.{self.name}"
         for name, pattern in self.files.items():
             if pattern.count(CHIP) != 1:
-                raise ValueError(f"{key}.files.{name}: pattern '{pattern}' must hold {CHIP} once (the chip id)")
+                raise C2SegError(f"{key}.files.{name}: pattern '{pattern}' must hold {CHIP} once (the chip id)")
         unknown = sorted(set(self.splits or {}) - set(SPLITS))
         if unknown:
-            raise ValueError(f"{key}.splits: unknown split(s) {unknown} (allowed: {', '.join(SPLITS)})")
+            raise C2SegError(f"{key}.splits: unknown split(s) {unknown} (allowed: {', '.join(SPLITS)})")
         if self.role == "test" and set(self.splits or {}) - {"test"}:
-            raise ValueError(f"{key}: a test city's chips are all test; give only splits.test")
+            raise C2SegError(f"{key}: a test city's chips are all test; give only splits.test")
         if self.columns is None:
             return
         if self.splits is None:
-            raise ValueError(f"{key}.columns: needs splits (the csv files the columns are of)")
+            raise C2SegError(f"{key}.columns: needs splits (the csv files the columns are of)")
         unknown = sorted(set(self.columns) - set(self.files))
         if unknown:
-            raise ValueError(f"{key}.columns: {unknown} are not keys of files ({sorted(self.files)})")
+            raise C2SegError(f"{key}.columns: {unknown} are not keys of files ({sorted(self.files)})")
         if len({type(c) for c in self.columns.values()}) > 1:
-            raise ValueError(f"{key}.columns: give every column by header name or every one by 0-based position")
+            raise C2SegError(f"{key}.columns: give every column by header name or every one by 0-based position")
 
     @property
     def split_columns(self) -> dict[str, int | str]:
@@ -274,7 +278,7 @@ class TileDefaults:
 
     def __post_init__(self) -> None:
         if self.size < 8 or self.stride < 1 or self.stride > self.size:
-            raise ValueError(f"tiling: need size >= 8 and 1 <= stride <= size, got {self.size}/{self.stride}")
+            raise C2SegError(f"tiling: need size >= 8 and 1 <= stride <= size, got {self.size}/{self.stride}")
 
 
 @dataclass(frozen=True)
@@ -295,30 +299,30 @@ class DatasetSpec:
 
     def __post_init__(self) -> None:
         if not self.modalities:
-            raise ValueError("modalities: at least one modality is needed")
+            raise C2SegError("modalities: at least one modality is needed")
         _unique("modalities", [m.name for m in self.modalities])
         _unique("classes (ids)", [c.id for c in self.classes])
         _unique("cities", [c.name for c in self.cities])
         if not 0 <= self.ignore_id <= 255:
-            raise ValueError(f"ignore_id {self.ignore_id} must be in 0..255 (uint8 labels)")
+            raise C2SegError(f"ignore_id {self.ignore_id} must be in 0..255 (uint8 labels)")
         if not [c for c in self.classes if c.id != self.ignore_id]:
-            raise ValueError("classes: at least one class besides ignore_id is needed")
+            raise C2SegError("classes: at least one class besides ignore_id is needed")
         if not any(c.role == "source" for c in self.cities):
-            raise ValueError("cities: at least one city must have role 'source'")
+            raise C2SegError("cities: at least one city must have role 'source'")
         for city in self.cities:
             if city.format == "filelist":
                 self._check_filelist_keys(city)
         if self.label_remap:
             bad = sorted(set(self.label_remap.codes.values()) - set(self.class_ids))
             if bad:
-                raise ValueError(f"label_remap.codes maps onto unknown class ids {bad}")
+                raise C2SegError(f"label_remap.codes maps onto unknown class ids {bad}")
 
     def _check_filelist_keys(self, city: City) -> None:
         keys = set(self.modality_names) | ({"label"} if city.labelled else set())
         missing, unknown = sorted(keys - set(city.files)), sorted(set(city.files) - set(self.modality_names) - {"label"})
         if missing or unknown:
             problem = f"has no pattern for {missing}" if missing else f"has key(s) {unknown} that are no modality"
-            raise ValueError(f"cities.{city.name}.files {problem} (a filelist city gives one per modality"
+            raise C2SegError(f"cities.{city.name}.files {problem} (a filelist city gives one per modality"
                              f"{' and label' if city.labelled else ''})")
 
     # ---- derived views -------------------------------------------------------------------
@@ -350,13 +354,13 @@ class DatasetSpec:
         for m in self.modalities:
             if m.name == name:
                 return m
-        raise KeyError(f"dataset '{self.name}' has no modality '{name}' (has {list(self.modality_names)})")
+        raise C2SegError(f"dataset '{self.name}' has no modality '{name}' (has {list(self.modality_names)})")
 
     def city(self, name: str) -> City:
         for c in self.cities:
             if c.name == name:
                 return c
-        raise KeyError(f"dataset '{self.name}' has no city '{name}' (has {[c.name for c in self.cities]})")
+        raise C2SegError(f"dataset '{self.name}' has no city '{name}' (has {[c.name for c in self.cities]})")
 
     def cities_with_role(self, role: CityRole) -> tuple[City, ...]:
         return tuple(c for c in self.cities if c.role == role)
@@ -370,7 +374,7 @@ class DatasetSpec:
             return tuple(c.name for c in self.cities_with_role(role))
         for name in names:
             if self.city(name).role == "test":
-                raise ValueError(f"{setting} names city '{name}', whose role is test in "
+                raise C2SegError(f"{setting} names city '{name}', whose role is test in "
                                  f"{self.source_file or f'spec {self.name!r}'}: a test city is only predicted and "
                                  "scored, never trained on, adapted to nor validated on")
         return tuple(names)
@@ -381,7 +385,7 @@ class DatasetSpec:
                 return c.name
         return f"class {class_id}"
 
-    def class_lut(self):
+    def class_lut(self) -> Any:
         """(256, 3) uint8 colour lookup table of the class ids (other ids black), for quicklooks and previews."""
         import numpy as np
 
@@ -403,7 +407,7 @@ class DatasetSpec:
     def resolve(self, city: City, key: str) -> Path:
         """Absolute path of ``city.files[key]`` under the data root."""
         if key not in city.files:
-            raise KeyError(f"city '{city.name}' has no file entry '{key}' (has {sorted(city.files)})")
+            raise C2SegError(f"city '{city.name}' has no file entry '{key}' (has {sorted(city.files)})")
         return self.path(city.files[key])
 
     def path(self, relative: str) -> Path:
@@ -414,10 +418,10 @@ class DatasetSpec:
         """The same spec reading its cities under another data root."""
         return replace(self, data_root=str(root))
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         """Plain-data form, used for manifests and checkpoints (the data root is left out, and so are the
         filelist keys of cities that do not use them: specs written before they existed keep their hash)."""
-        data = to_dict(self)
+        data: dict[str, Any] = to_dict(self)
         data.pop("source_file")
         data.pop("data_root")
         for city in data["cities"]:
@@ -439,15 +443,15 @@ class DatasetSpec:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
 
 
-def _unique(what: str, values: list) -> None:
+def _unique(what: str, values: list[Any]) -> None:
     seen = set()
     for v in values:
         if v in seen:
-            raise ValueError(f"{what}: '{v}' appears twice")
+            raise C2SegError(f"{what}: '{v}' appears twice")
         seen.add(v)
 
 
-def spec_from_dict(data: dict, source: str = "<spec>", data_root: str | Path | None = None) -> DatasetSpec:
+def spec_from_dict(data: dict[str, Any], source: str = "<spec>", data_root: str | Path | None = None) -> DatasetSpec:
     """Build a spec from plain data (a parsed YAML file or a checkpoint's copy)."""
     spec = from_dict(DatasetSpec, data, source=source)
     if data_root is not None:
@@ -455,7 +459,7 @@ def spec_from_dict(data: dict, source: str = "<spec>", data_root: str | Path | N
     return spec
 
 
-def read_spec_yaml(path: str | Path) -> dict:
+def read_spec_yaml(path: str | Path) -> dict[str, Any]:
     """A spec file's mapping with ``extends: other.yaml`` resolved (top-level keys override)."""
     path = Path(path)
     problem = file_problem(path, "a dataset spec YAML file")
@@ -485,23 +489,36 @@ def load_spec(path: str | Path, data_root: str | Path | None = None) -> DatasetS
     return replace(spec, source_file=str(path))
 
 
-def spec_compatible(expected: DatasetSpec, actual: DatasetSpec) -> list[str]:
-    """Reasons why data of ``actual`` cannot feed a model trained on ``expected`` (empty if it can)."""
+@dataclass(frozen=True)
+class SpecMismatch:
+    """One reason why data of one spec cannot feed a model trained on another: ``kind`` says which (a
+    modality the data lacks, a band count, the class outputs), ``text`` says it in words."""
+
+    kind: Literal["missing_modality", "band_count", "class_outputs"]
+    text: str
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def spec_compatible(expected: DatasetSpec, actual: DatasetSpec) -> list[SpecMismatch]:
+    """Why data of ``actual`` cannot feed a model trained on ``expected`` (empty if it can)."""
     problems = []
     for m in expected.modalities:
-        try:
-            other = actual.modality(m.name)
-        except KeyError:
-            problems.append(f"modality '{m.name}' is missing")
+        if m.name not in actual.modality_names:
+            problems.append(SpecMismatch("missing_modality", f"modality '{m.name}' is missing"))
             continue
+        other = actual.modality(m.name)
         if other.channels != m.channels:
-            problems.append(f"modality '{m.name}' has {other.channels} bands, the model expects {m.channels}")
+            problems.append(SpecMismatch("band_count", f"modality '{m.name}' has {other.channels} bands, the model "
+                                                       f"expects {m.channels}"))
     if expected.num_logits != actual.num_logits:
-        problems.append(f"{actual.num_logits} class outputs, the model has {expected.num_logits}")
+        problems.append(SpecMismatch("class_outputs", f"{actual.num_logits} class outputs, the model has "
+                                                      f"{expected.num_logits}"))
     return problems
 
 
 __all__ = [
     "City", "ClassDef", "DatasetSpec", "LabelRemap", "Modality", "TileDefaults", "UNIT_BOUNDS",
-    "load_spec", "read_spec_yaml", "spec_from_dict", "spec_compatible", "SceneFormat", "CityRole", "SPLITS", "CHIP",
+    "load_spec", "read_spec_yaml", "spec_from_dict", "spec_compatible", "SpecMismatch", "SceneFormat", "CityRole", "SPLITS", "CHIP",
 ]

@@ -9,6 +9,7 @@ from typing import get_args
 
 import yaml
 
+from c2seg.errors import C2SegError
 from c2seg.cli import add_spec_args, parse_size, spec_from_args
 from c2seg.spec import SceneFormat
 from data_prep.synth.domain import SHIFT_PROFILES
@@ -80,7 +81,7 @@ def _inspect(args: argparse.Namespace) -> int:
     from data_prep.inspect import city_problems, format_summary, inspect_dataset, spec_block
 
     if args.out is not None and args.out.exists() and not args.out.is_dir():
-        raise ValueError(f"{args.out}: is a file, expected a folder for the quicklooks (--out)")
+        raise C2SegError(f"{args.out}: is a file, expected a folder for the quicklooks (--out)")
     spec = spec_from_args(args)
     summaries = inspect_dataset(spec, args.out, args.block, cities=args.city)
     print(format_summary(spec, summaries))

@@ -25,6 +25,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
+from c2seg.errors import C2SegError
 from data_prep.manifest import Manifest, ShardInfo, load_manifest
 from data_prep.shards import decode_npy, iter_samples
 from data_prep.stats import fill_as
@@ -37,7 +38,7 @@ def plan_epoch(shards: list[ShardInfo], *, slots: int, batch_size: int, city_wei
     """Sample ranges read by each of ``slots`` (= ranks x workers) in one epoch; see the module doc."""
     total = sum(s.samples for s in shards)
     if total == 0:
-        raise ValueError("no samples in the selected shards")
+        raise C2SegError("no samples in the selected shards")
     if batches_per_slot is None:
         batches_per_slot = math.ceil(total / (slots * batch_size))
     per_slot = batches_per_slot * batch_size
@@ -47,10 +48,10 @@ def plan_epoch(shards: list[ShardInfo], *, slots: int, batch_size: int, city_wei
         cities = sorted({s.city for s in shards})
         unknown = sorted(set(city_weights) - set(cities))
         if unknown:
-            raise KeyError(f"city_weights names cities {unknown} that are not among the loaded ones {cities}")
+            raise C2SegError(f"city_weights names cities {unknown} that are not among the loaded ones {cities}")
         weights = np.array([max(float(city_weights.get(c, 0.0)), 0.0) for c in cities])
         if weights.sum() <= 0:
-            raise ValueError(f"city_weights {city_weights} give no city a positive weight")
+            raise C2SegError(f"city_weights {city_weights} give no city a positive weight")
         quotas = np.floor(need * weights / weights.sum()).astype(int)
         quotas[np.argmax(weights)] += need - quotas.sum()
         pieces = []
@@ -258,7 +259,7 @@ class WdsTiles(IterableDataset):
                     arrays = {m: decode_npy(entries[f"{m}.npy"]) for m in modalities}
                     label = decode_npy(entries["label.npy"]) if "label.npy" in entries else None
                 except (KeyError, ValueError) as exc:
-                    raise ValueError(f"{shard.path}: sample '{key}' is not a valid tile ({exc!r}); "
+                    raise C2SegError(f"{shard.path}: sample '{key}' is not a valid tile ({exc!r}); "
                                      f"run `c2seg data verify`") from exc
                 yield arrays, label, city_id
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from c2seg.errors import C2SegError
 from c2seg.config import load_json_record
 from c2seg.io import write_text_atomic
 from c2seg.spec import SPLITS, DatasetSpec, spec_from_dict
@@ -50,7 +51,7 @@ def _check_city_stats(out: Path, job: Job, city: str, acc: dict[str, BandStats])
     for m in job.spec.modalities:
         problem = bounds_problem(acc[m.name], m)
         if problem:
-            raise ValueError(f"{out}: city '{city}', {problem} in the statistics parts (corrupt pixel data or "
+            raise C2SegError(f"{out}: city '{city}', {problem} in the statistics parts (corrupt pixel data or "
                              f"a wrong unit; delete {out} and rerun the prep)")
 
 
@@ -83,7 +84,7 @@ def finalize(out: Path) -> Path:
     missing = [u for u in units if not job.marker(u).is_file()]
     if missing:
         names = [job.marker(u).name for u in missing[:5]]
-        raise ValueError(f"{out}: {len(missing)} of {len(units)} work units are not done (e.g. {names}); "
+        raise C2SegError(f"{out}: {len(missing)} of {len(units)} work units are not done (e.g. {names}); "
                          f"rerun the prep tasks (they resume) before finalize")
     spec = job.spec
     pooled = {m.name: BandStats.empty(m.channels) for m in spec.modalities}
@@ -116,7 +117,7 @@ def finalize(out: Path) -> Path:
             }
         empty = empty_splits(splits)
         if empty:
-            raise ValueError(f"{out}: city '{city}' kept no {empty[0]} tiles: "
+            raise C2SegError(f"{out}: city '{city}' kept no {empty[0]} tiles: "
                              f"{_nodata_reason(job, plan, acc, splits[empty[0]]['planned'])}")
         cities[city] = {"id": plan.city_id, "role": plan.role, "scenes": [s[0] for s in plan.scenes],
                         "dropped_straddling": plan.straddling_dropped,
@@ -203,7 +204,7 @@ class Manifest:
             return list(self.cities)
         unknown = [c for c in cities if c not in self.cities]
         if unknown:
-            raise KeyError(f"{self.root / MANIFEST}: no city {unknown} (has {list(self.cities)})")
+            raise C2SegError(f"{self.root / MANIFEST}: no city {unknown} (has {list(self.cities)})")
         return list(cities)
 
     def shards(self, split: str, cities: list[str] | tuple[str, ...] | None = None) -> list[ShardInfo]:
@@ -212,7 +213,7 @@ class Manifest:
         for c in self.city_names(cities):
             splits = self.cities[c]["splits"]
             if split not in splits:
-                raise KeyError(f"{self.root / MANIFEST}: no split '{split}' (has {list(splits)})")
+                raise C2SegError(f"{self.root / MANIFEST}: no split '{split}' (has {list(splits)})")
             for s in splits[split]["shards"]:
                 out.append(ShardInfo(self.root / s["path"], c, split, s["samples"], s["bytes"], s["sha256"]))
         return out

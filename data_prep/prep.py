@@ -33,11 +33,13 @@ import numpy as np
 import psutil
 from tqdm import tqdm
 
+from c2seg.errors import C2SegError
 from c2seg.config import from_dict, load_json_record, to_dict
 from c2seg.io import atomic_path, remove_dead_partials, write_text_atomic
 from c2seg.spec import DatasetSpec, spec_from_dict
 from data_prep.prep_config import PrepConfig
-from data_prep.readers.base import Scene, Window
+from c2seg.raster import Window
+from data_prep.readers.base import Scene
 from data_prep.scene_checks import require_matching
 from data_prep.shards import sample_key, write_shard
 from data_prep.stats import BandStats, bounds_problem, fill_value, nodata_mask
@@ -149,7 +151,7 @@ def open_job(spec: DatasetSpec, cfg: PrepConfig, out: Path, opener: SceneOpener 
             old = json.loads(path.read_text())
             for key in ("spec_hash", "config", "plans"):
                 if old.get(key) != json.loads(json.dumps(record[key])):
-                    raise ValueError(f"{path}: this folder holds a prep job with another {key.rstrip('s')} "
+                    raise C2SegError(f"{path}: this folder holds a prep job with another {key.rstrip('s')} "
                                      f"(use a new --out, or delete {out})")
         else:
             write_text_atomic(path, json.dumps(record))
@@ -201,11 +203,11 @@ def _to_store(values: np.ndarray, dtype: str, modality: str, where: str,
     lo, hi = min(float(v.min()) for v in views), max(float(v.max()) for v in views)
     if dtype == "uint16":
         if lo < 0 or hi > 65535 or not all(np.array_equal(v, np.round(v)) for v in views):
-            raise ValueError(f"{where}: modality '{modality}' holds values that are not integers in 0..65535, "
+            raise C2SegError(f"{where}: modality '{modality}' holds values that are not integers in 0..65535, "
                              f"so store_dtypes.{modality}: uint16 would lose them (use float16 or float32)")
         return values.astype(np.uint16), 0.0
     if max(-lo, hi) > FLOAT16_MAX:
-        raise ValueError(f"{where}: modality '{modality}' holds values beyond the float16 range (|v| > 65504); "
+        raise C2SegError(f"{where}: modality '{modality}' holds values beyond the float16 range (|v| > 65504); "
                          f"set store_dtypes.{modality}: float32")
     with np.errstate(over="ignore"):  # out-of-range values can only lie in pixels that are not stored
         stored = values.astype(np.float16)
@@ -285,7 +287,7 @@ def _run_stats(job: Job, city: str, k: int) -> dict[str, np.ndarray]:
             acc[m.name].add(values, ~nodata_mask(values, fill_value(m)), rng, keep)
             problem = bounds_problem(acc[m.name], m)
             if problem:
-                raise ValueError(f"{scene.file_of(m.name)}: city '{city}', {problem} (corrupt pixel data or a "
+                raise C2SegError(f"{scene.file_of(m.name)}: city '{city}', {problem} (corrupt pixel data or a "
                                  "wrong unit in the spec; `c2seg data inspect` counts such values)")
     arrays: dict[str, np.ndarray] = {}
     for name, stats in acc.items():
@@ -394,7 +396,7 @@ def run_prep(spec: DatasetSpec, cfg: PrepConfig, out: Path, *, task_index: int =
     t0 = time.monotonic()
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise ValueError(f"{out}: is a file, expected the prep output folder (--out)")
+        raise C2SegError(f"{out}: is a file, expected the prep output folder (--out)")
     reap_workers(out, task_index)
     _remove_dead_partials(out)
     job = open_job(spec, cfg, out, opener)

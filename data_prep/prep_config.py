@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from c2seg.errors import C2SegError
 from c2seg.config import from_dict, load_config
 from c2seg.spec import DatasetSpec
 
@@ -53,29 +54,29 @@ class PrepConfig:
 
     def __post_init__(self) -> None:
         if self.tile_size is not None and self.tile_size < 8:
-            raise ValueError(f"tile_size must be >= 8, got {self.tile_size}")
+            raise C2SegError(f"tile_size must be >= 8, got {self.tile_size}")
         if self.stride is not None and self.stride < 1:
-            raise ValueError(f"stride must be >= 1, got {self.stride}")
+            raise C2SegError(f"stride must be >= 1, got {self.stride}")
         if not 0.0 <= self.max_nodata_fraction <= 1.0:
-            raise ValueError(f"max_nodata_fraction must be in [0, 1], got {self.max_nodata_fraction}")
+            raise C2SegError(f"max_nodata_fraction must be in [0, 1], got {self.max_nodata_fraction}")
         for key in ("val_fraction", "source_val_fraction"):
             value = getattr(self, key)
             if value is not None and not 0.0 <= value < 1.0:
-                raise ValueError(f"{key} must be in [0, 1), got {value}")
+                raise C2SegError(f"{key} must be in [0, 1), got {value}")
         if self.shard_max_samples < 1 or self.shard_max_bytes < 1 or self.min_shards_per_split < 1:
-            raise ValueError("shard_max_samples, shard_max_bytes and min_shards_per_split must be >= 1")
+            raise C2SegError("shard_max_samples, shard_max_bytes and min_shards_per_split must be >= 1")
         if not 1 <= self.zarr_clevel <= 22:
-            raise ValueError(f"zarr_clevel must be in 1..22, got {self.zarr_clevel}")
+            raise C2SegError(f"zarr_clevel must be in 1..22, got {self.zarr_clevel}")
 
     def resolved(self, spec: DatasetSpec, tile_sides: dict[str, int] | None = None) -> PrepConfig:
         """This config with tile size, stride, validation block and store dtypes filled in from ``spec`` and
         ``tile_sides``, the side of the smallest tile of each tile-folder city (see the class doc)."""
         size, stride = self._tiling(spec, tile_sides or {})
         if stride > size:
-            raise ValueError(f"stride {stride} is larger than tile_size {size}")
+            raise C2SegError(f"stride {stride} is larger than tile_size {size}")
         unknown = sorted(set(self.store_dtypes) - set(spec.modality_names))
         if unknown:
-            raise ValueError(f"store_dtypes names modalities {unknown} that spec '{spec.name}' does not have")
+            raise C2SegError(f"store_dtypes names modalities {unknown} that spec '{spec.name}' does not have")
         dtypes = {m: self.store_dtypes.get(m, "float16") for m in spec.modality_names}
         return PrepConfig(**{**self.__dict__, "tile_size": size, "stride": stride,
                              "val_block_size": self.val_block_size or 4 * size, "store_dtypes": dtypes})

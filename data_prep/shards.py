@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from c2seg.errors import C2SegError
 from c2seg.io import atomic_write
 
 BLOCK = 512
@@ -117,18 +118,18 @@ def _members(buf: memoryview, where: Path) -> Iterator[tuple[str, int, int]]:
             return
         stored = header[148:156].split(b"\0", 1)[0].strip()
         if not stored or int(stored, 8) != sum(header[:148]) + 256 + sum(header[156:]):
-            raise ValueError(f"{where}: bad tar header checksum at byte {pos} (corrupt or truncated shard)")
+            raise C2SegError(f"{where}: bad tar header checksum at byte {pos} (corrupt or truncated shard)")
         name = header[:100].split(b"\0", 1)[0].decode()
         if header[257:262] == b"ustar" and header[345]:
             name = header[345:500].split(b"\0", 1)[0].decode() + "/" + name
         size = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
         kind = header[156:157]
         if kind in (b"x", b"g", b"L", b"K"):
-            raise ValueError(f"{where}: tar member at byte {pos} uses a {kind!r} extension header, which this "
+            raise C2SegError(f"{where}: tar member at byte {pos} uses a {kind!r} extension header, which this "
                              "reader does not support (the shard was not written by c2seg)")
         pos += BLOCK
         if pos + size > len(buf):
-            raise ValueError(f"{where}: member '{name}' runs past the end of the file (truncated shard)")
+            raise C2SegError(f"{where}: member '{name}' runs past the end of the file (truncated shard)")
         if kind in (b"0", b"\0"):
             yield name, pos, size
         pos += -(-size // BLOCK) * BLOCK

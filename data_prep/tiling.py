@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from c2seg.errors import C2SegError
 from c2seg.spec import SPLITS, City, DatasetSpec
 from data_prep.prep_config import PrepConfig
 from data_prep.readers.base import Scene
@@ -165,7 +166,7 @@ def _require_tiles(spec: DatasetSpec, city: City, cfg: PrepConfig, plan: CityPla
     for split, sp in plan.splits.items():
         needed = split in given or (split == "train" and city.role != "test") or (split == "val" and held_out)
         if not len(sp.tiles) and needed:
-            raise ValueError(f"{spec.source_file or spec.name}: city '{city.name}' gets no {split} tiles: "
+            raise C2SegError(f"{spec.source_file or spec.name}: city '{city.name}' gets no {split} tiles: "
                              f"{_no_tiles_reason(city, cfg, plan, split, held_out, given)}")
 
 

@@ -21,6 +21,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
+from c2seg.errors import C2SegError
 from c2seg.spec import DatasetSpec
 from data_prep.prep_config import PrepConfig
 from data_prep.tiling import CityPlan, SplitPlan
@@ -40,7 +41,7 @@ def file_lock(path: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-class ChunkError(ValueError):
+class ChunkError(C2SegError):
     """A zarr chunk fails to decode (checksum mismatch or corrupt compressed bytes); the message names the
     array folder and the chunk key (its file inside that folder)."""
 
@@ -101,7 +102,7 @@ def create_store(out: Path, spec: DatasetSpec, cfg: PrepConfig, plans: dict[str,
     root.attrs.update({"spec_hash": spec.spec_hash, "tile_size": cfg.tile_size, "stride": cfg.stride})
     t = cfg.tile_size
     for plan in plans.values():
-        for split, sp in plan.splits.items():
+        for sp in plan.splits.values():
             _create_split(root, spec, cfg, plan, sp, t)
     root.attrs["complete"] = True
 

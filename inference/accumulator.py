@@ -20,14 +20,15 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
+from c2seg.errors import C2SegError
 from c2seg.io import write_text_atomic
-from data_prep.readers.base import Window
+from c2seg.raster import Window
 
 log = logging.getLogger("c2seg.infer")
 READY = "READY"
 
 
-class AccumulatorError(ValueError):
+class AccumulatorError(C2SegError):
     """An existing output store does not match this run, or other ranks never finished."""
 
 

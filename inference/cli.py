@@ -8,6 +8,7 @@ import logging
 import warnings
 from pathlib import Path
 
+from c2seg.errors import C2SegError
 from c2seg.cli import add_spec_args, spec_from_args
 from c2seg.spec import SPLITS
 
@@ -140,7 +141,7 @@ def _run(args: argparse.Namespace) -> int:
     from inference.runner import infer_city
 
     if (args.task_index is None) != (args.num_tasks is None):
-        raise ValueError("give --task-index and --num-tasks together")
+        raise C2SegError("give --task-index and --num-tasks together")
     modalities = [m.strip() for m in args.modalities.split(",")] if args.modalities else None
     results = infer_city(args.model, spec_from_args(args), args.city, args.out, _config(args), modalities,
                          args.task_index, args.num_tasks, args.overwrite, args.split)
@@ -155,7 +156,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     spec = spec_from_args(args)
     if args.split and not args.city:
-        raise ValueError("--split picks scenes of --city; it does not apply to --truth")
+        raise C2SegError("--split picks scenes of --city; it does not apply to --truth")
     truths = list(truth_from_city(spec, args.city, args.split) if args.city else truth_from_rasters(args.truth))
     result = evaluate(spec, args.pred, truths)
     out = args.out or (args.pred / "metrics.json" if args.pred.is_dir() else args.pred.with_suffix(".metrics.json"))

@@ -22,7 +22,7 @@ from rasterio.windows import Window as RioWindow
 
 from c2seg.io import atomic_path, partial_path
 from c2seg.spec import DatasetSpec
-from data_prep.readers.base import Window, iter_windows
+from c2seg.raster import Window, iter_windows
 
 GDAL_CACHE_MB = 256  # GDAL's block cache while writing (its default, 5 % of RAM, would grow with the scene)
 READ_BLOCK = 4096  # px per side of the windows read when validating (memory stays bounded)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from c2seg.errors import C2SegError
 from inference.predictor import Tta
 from inference.windows import Blend
 
@@ -24,15 +25,15 @@ class InferConfig:
 
     def __post_init__(self) -> None:
         if self.window < 8:
-            raise ValueError(f"window must be >= 8 px, got {self.window}")
+            raise C2SegError(f"window must be >= 8 px, got {self.window}")
         if not 0.0 <= self.overlap < 1.0:
-            raise ValueError(f"overlap must be in [0, 1), got {self.overlap}")
+            raise C2SegError(f"overlap must be in [0, 1), got {self.overlap}")
         if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+            raise C2SegError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.block < 16 or self.block % 16:
-            raise ValueError(f"block must be a multiple of 16 (>= 16), got {self.block}")
+            raise C2SegError(f"block must be a multiple of 16 (>= 16), got {self.block}")
         if self.cog_blocksize < 128 or self.cog_blocksize % 16:
-            raise ValueError(f"cog_blocksize must be a multiple of 16 (>= 128), got {self.cog_blocksize}")
+            raise C2SegError(f"cog_blocksize must be a multiple of 16 (>= 128), got {self.cog_blocksize}")
 
     def store_key(self) -> dict:
         """The settings that change the numbers: an existing output store must match them to resume."""

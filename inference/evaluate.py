@@ -32,9 +32,11 @@ from rasterio.errors import RasterioError
 from rasterio.windows import Window as RioWindow
 from tqdm import tqdm
 
+from c2seg.errors import C2SegError
 from c2seg.metrics import confusion_matrix, scores_from_confusion
 from c2seg.spec import DatasetSpec
-from data_prep.readers.base import SceneError, Window, iter_windows
+from c2seg.raster import Window, iter_windows
+from data_prep.readers.base import SceneError
 from data_prep.readers.geotiff import _open as open_raster  # missing / empty / corrupt file: SceneError
 
 log = logging.getLogger("c2seg.infer")
@@ -61,7 +63,7 @@ def truth_from_city(spec: DatasetSpec, city: str, split: str | None = None) -> I
     from data_prep.readers import open_city
 
     if not spec.city(city).labelled:
-        raise ValueError(f"city '{city}' has no labels in spec {spec.source_file or spec.name}")
+        raise C2SegError(f"city '{city}' has no labels in spec {spec.source_file or spec.name}")
     for scene in open_city(spec, city, split):
         yield Truth(scene.name, scene.file_of("label"), scene.height, scene.width, scene.transform, scene.crs,
                     scene.read_label)
@@ -217,8 +219,8 @@ def evaluate(spec: DatasetSpec, pred: Path, truths: list[Truth]) -> dict:
 
 
 def plot_confusion(result: dict, spec: DatasetSpec, path: Path) -> Path:
-    """The row-normalised confusion matrix of ``result`` as a PNG (:func:`train.plots.confusion_figure`)."""
-    from train.plots import confusion_figure
+    """The row-normalised confusion matrix of ``result`` as a PNG (:func:`c2seg.plots.confusion_figure`)."""
+    from c2seg.plots import confusion_figure
 
     title = f"mIoU {100 * result['miou']:.1f}%  OA {100 * result['oa']:.1f}%"
     confusion_figure(np.asarray(result["confusion_matrix"]), spec, title).savefig(path, dpi=110)

@@ -11,6 +11,7 @@ import numpy as np
 import rasterio
 from rasterio.windows import Window as RioWindow
 
+from c2seg.errors import C2SegError
 from c2seg.spec import DatasetSpec
 from data_prep.readers.base import Scene
 from inference.accumulator import BlockStore
@@ -30,7 +31,7 @@ def write_class_map(store: BlockStore, scene: Scene, spec: DatasetSpec, path: Pa
 def write_probabilities(store: BlockStore, scene: Scene, spec: DatasetSpec, path: Path) -> Path:
     """Blended probabilities (one float32 band per scored class) as a tiled GeoTIFF."""
     if store.probs is None:
-        raise ValueError(f"{store.path}: probabilities were not kept (run with --save-probs)")
+        raise C2SegError(f"{store.path}: probabilities were not kept (run with --save-probs)")
     class_ids = store.group.attrs["class_ids"]
     profile = {"driver": "GTiff", "height": scene.height, "width": scene.width, "count": len(class_ids),
                "dtype": "float32", "crs": scene.crs, "transform": scene.transform, "tiled": True,

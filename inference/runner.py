@@ -16,6 +16,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from c2seg.errors import C2SegError
 from c2seg.distributed import array_task, detect_env
 from c2seg.spec import DatasetSpec, Modality
 from data_prep.readers.base import Scene
@@ -46,11 +47,11 @@ def select_modalities(model_modalities: list[str], scene: Scene, requested: list
     wanted = list(model_modalities) if requested is None else list(requested)
     unknown = [m for m in wanted if m not in model_modalities]
     if unknown:
-        raise ValueError(f"modalities {unknown} are not inputs of the model (it takes {list(model_modalities)})")
+        raise C2SegError(f"modalities {unknown} are not inputs of the model (it takes {list(model_modalities)})")
     present = [m for m in wanted if m in scene.modalities]
     missing = [m for m in model_modalities if m not in present]
     if not present:
-        raise ValueError(f"scene {scene.name} ({scene.path}) has none of the model's modalities {model_modalities}")
+        raise C2SegError(f"scene {scene.name} ({scene.path}) has none of the model's modalities {model_modalities}")
     if missing:
         log.warning("scene %s: predicting without modality %s (not %s); the model was trained with modality "
                     "dropout and uses %s", scene.name, missing,
@@ -70,7 +71,7 @@ def infer_scene(scene: Scene, predict: PredictFn, normalize: Normalize, modaliti
     t0 = time.perf_counter()
     store_path = out_dir / f"{scene.name}.zarr"
     if overwrite and world_size > 1:
-        raise ValueError(f"--overwrite needs a single rank; delete {store_path} before a multi-rank run")
+        raise C2SegError(f"--overwrite needs a single rank; delete {store_path} before a multi-rank run")
     if overwrite and store_path.exists():
         shutil.rmtree(store_path)
     key = {**cfg.store_key(), "modalities": list(modalities), **(store_key or {})}
@@ -118,7 +119,7 @@ def city_statistics(spec: DatasetSpec, city: str, modalities: tuple[Modality, ..
     import numpy as np
 
     from data_prep.readers import open_city
-    from data_prep.readers.base import iter_windows
+    from c2seg.raster import iter_windows
     from data_prep.stats import BandStats, fill_value, nodata_mask
 
     acc = {m.name: BandStats.empty(m.channels) for m in modalities}
@@ -155,7 +156,7 @@ def infer_city(model_path: str | Path, spec: DatasetSpec, city: str, out: str | 
     from data_prep.readers import open_city
     from inference.predictor import Predictor, pick_device
     from train.export import load_exported
-    from train.tracking import file_hash
+    from c2seg.io import file_sha256
 
     dist = detect_env()
     task_index, num_tasks = array_task(task_index, num_tasks)
@@ -164,14 +165,15 @@ def infer_city(model_path: str | Path, spec: DatasetSpec, city: str, out: str | 
         device = torch.device("cuda", dist.local_rank)
     model_path = Path(model_path)
     exported = load_exported(model_path, map_location=device)
-    problems = [p for p in spec_compatible(exported.spec, spec) if "is missing" not in p]
+    # a modality the data lacks is no problem: the model takes any subset (checked per scene)
+    problems = [p.text for p in spec_compatible(exported.spec, spec) if p.kind != "missing_modality"]
     if problems:
-        raise ValueError(f"{model_path}: the model does not fit spec {spec.source_file or spec.name}: "
+        raise C2SegError(f"{model_path}: the model does not fit spec {spec.source_file or spec.name}: "
                          + "; ".join(problems))
     class_ids = exported.spec.scored_class_ids
     predictor = Predictor(exported.model, class_ids, device, cfg.tta)
     normalize = Normalizer(exported.spec, city_normalization(exported, spec, city))
-    store_key = {"model_sha256": file_hash(model_path)}  # the weights, not the file's name or mtime
+    store_key = {"model_sha256": file_sha256(model_path)}  # the weights, not the file's name or mtime
     scenes = open_city(spec, city, split)
     mine = scenes[task_index::num_tasks]
     log.info("city %s: %d scenes, %d for task %d/%d; rank %d/%d on %s; window %d overlap %.2f blend %s tta %s; "

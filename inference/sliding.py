@@ -15,7 +15,8 @@ from itertools import groupby
 
 import numpy as np
 
-from data_prep.readers.base import Scene, Window
+from c2seg.raster import Window
+from data_prep.readers.base import Scene
 from data_prep.stats import fill_value, nodata_mask
 from inference.windows import blend_weights, windows_touching
 

@@ -12,7 +12,7 @@ from typing import Literal
 
 import numpy as np
 
-from data_prep.readers.base import Window, iter_windows
+from c2seg.raster import Window, iter_windows
 from data_prep.tiling import tile_origins
 
 Blend = Literal["gaussian", "cosine"]

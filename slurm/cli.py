@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from c2seg.errors import C2SegError
+
 SUBMIT_HELP = """\
 Render one job script per stage of the config into RUN_DIR/scripts, submit them with sbatch, each held
 with --dependency=afterok until the stages it needs completed (the stages of c2seg.pipeline, which
@@ -130,7 +132,7 @@ def _cluster(args: argparse.Namespace) -> int:
 
     multinode = args.nodes is not None or args.action in ("kill-node", "start-node")
     if args.action in ("kill-node", "start-node") and not args.node:
-        raise ValueError(f"slurm cluster {args.action} needs the node's name, e.g. node2")
+        raise C2SegError(f"slurm cluster {args.action} needs the node's name, e.g. node2")
     cmd = ["bash", str(MULTINODE_CLUSTER_SCRIPT if multinode else LOCAL_CLUSTER_SCRIPT), args.action]
     if args.action == "up" and multinode:
         cmd += ["--nodes", str(args.nodes)]

@@ -12,11 +12,13 @@ import subprocess
 from collections.abc import Iterable
 from pathlib import Path
 
+from c2seg.errors import C2SegError
+
 LOCAL_CLUSTER_SCRIPT = Path(__file__).resolve().parent / "local_cluster.sh"
 MULTINODE_CLUSTER_SCRIPT = Path(__file__).resolve().parent / "multinode_cluster.sh"
 
 
-class SlurmError(RuntimeError):
+class SlurmError(C2SegError):
     """A SLURM command is missing, refused a request or a job of the chain failed."""
 
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from c2seg.errors import C2SegError
 from c2seg.config import ConfigError, from_dict, load_overridden
 from c2seg.pipeline import STAGE_NAMES, StageName, stage
 
@@ -41,14 +42,14 @@ class Resources:
         for name in ("nodes", "tasks_per_node", "cpus_per_task"):
             value = getattr(self, name)
             if value is not None and value < 1:
-                raise ValueError(f"resources.{name} must be >= 1, got {value}")
+                raise C2SegError(f"resources.{name} must be >= 1, got {value}")
         if self.gpus_per_node is not None and self.gpus_per_node < 0:
-            raise ValueError(f"resources.gpus_per_node must be >= 0, got {self.gpus_per_node}")
+            raise C2SegError(f"resources.gpus_per_node must be >= 0, got {self.gpus_per_node}")
         if self.signal_seconds is not None and self.signal_seconds < 0:
-            raise ValueError(f"resources.signal_seconds must be >= 0, got {self.signal_seconds}")
+            raise C2SegError(f"resources.signal_seconds must be >= 0, got {self.signal_seconds}")
         for line in self.extra_sbatch or ():
             if not line.startswith("--"):
-                raise ValueError(f"resources.extra_sbatch: '{line}' must be an sbatch option like --exclusive")
+                raise C2SegError(f"resources.extra_sbatch: '{line}' must be an sbatch option like --exclusive")
 
     def merged(self, override: Resources) -> Resources:
         """These resources with every value that ``override`` sets."""
@@ -73,10 +74,10 @@ class StageConfig:
 
     def __post_init__(self) -> None:
         if self.array_tasks < 1:
-            raise ValueError(f"array_tasks must be >= 1, got {self.array_tasks}")
+            raise C2SegError(f"array_tasks must be >= 1, got {self.array_tasks}")
         for item in self.set:
             if "=" not in item:
-                raise ValueError(f"set: '{item}' must look like key.path=value")
+                raise C2SegError(f"set: '{item}' must look like key.path=value")
 
 
 @dataclass(frozen=True)
@@ -115,12 +116,12 @@ class SubmitConfig:
 
     def __post_init__(self) -> None:
         if not self.stages:
-            raise ValueError("stages must name at least one stage")
+            raise C2SegError("stages must name at least one stage")
         if len(set(self.stages)) != len(self.stages):
-            raise ValueError(f"stages lists a stage twice: {list(self.stages)}")
+            raise C2SegError(f"stages lists a stage twice: {list(self.stages)}")
         order = [STAGE_NAMES.index(s) for s in self.stages]
         if order != sorted(order):
-            raise ValueError(f"stages must follow the pipeline order {list(STAGE_NAMES)}, got {list(self.stages)}")
+            raise C2SegError(f"stages must follow the pipeline order {list(STAGE_NAMES)}, got {list(self.stages)}")
         for name in STAGE_NAMES:
             _check_stage_config(name, self.stage(name), name in self.stages)
 
@@ -137,12 +138,12 @@ def _check_stage_config(name: str, sc: StageConfig, runs: bool) -> None:
     st = stage(name)
     command = f"`c2seg {' '.join(st.command)}`"
     if st.trains and runs and not sc.config:
-        raise ValueError(f"{name}.config (a configs/train/*.yaml) is required when stage {name} runs")
+        raise C2SegError(f"{name}.config (a configs/train/*.yaml) is required when stage {name} runs")
     if sc.config and not st.takes_config:
-        raise ValueError(f"{name}.config is not supported ({command} has no config file); use {name}.args")
+        raise C2SegError(f"{name}.config is not supported ({command} has no config file); use {name}.args")
     if sc.set and not st.takes_set:
         where = f"{name}.config or {name}.args" if st.takes_config else f"{name}.args"
-        raise ValueError(f"{name}.set is not supported ({command} takes no --set): put the settings in {where}")
+        raise C2SegError(f"{name}.set is not supported ({command} takes no --set): put the settings in {where}")
 
 
 def load_submit_config(path: str | Path, overrides: dict[str, Any] | None = None) -> SubmitConfig:

@@ -14,6 +14,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from c2seg.errors import C2SegError
 from c2seg.pipeline import (SCORED_RUN, STAGE_NAMES, STAGES, RunLayout, Stage, StageInputs, command_line,
                             set_flags)
 from c2seg.spec import DatasetSpec, load_spec
@@ -89,7 +90,7 @@ def default_city(cfg: SubmitConfig, spec: DatasetSpec) -> str:
         return cfg.city
     targets = spec.cities_with_role("target")
     if not targets:
-        raise ValueError(f"spec {cfg.spec} has no target city; set `city` in the slurm config")
+        raise C2SegError(f"spec {cfg.spec} has no target city; set `city` in the slurm config")
     return targets[0].name
 
 

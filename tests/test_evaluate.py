@@ -20,7 +20,10 @@ from tests.fixtures_data import hand_scores
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def write(path: Path, array: np.ndarray, transform: Affine = Affine(10, 0, 0, 0, -10, 0)) -> Path:
+GRID = Affine(10, 0, 0, 0, -10, 0)
+
+
+def write(path: Path, array: np.ndarray, transform: Affine = GRID) -> Path:
     with rasterio.open(path, "w", driver="GTiff", height=array.shape[0], width=array.shape[1], count=1,
                        dtype="uint8", crs="EPSG:32632", transform=transform) as ds:
         ds.write(array[None])

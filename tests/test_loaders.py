@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from c2seg.errors import C2SegError
 from data_prep.loaders import ZarrTileDataset, make_wds_loader, plan_epoch
 from data_prep.manifest import ShardInfo, load_manifest
 
@@ -38,7 +39,7 @@ def test_plan_epoch_city_weights_set_shares():
     pieces = plan_epoch(shards, slots=2, batch_size=8, city_weights={"a": 3, "b": 1}, batches_per_slot=10)
     by_city = Counter(shards[i].city for i, _ in _ids(pieces))
     assert by_city == {"a": 120, "b": 40}
-    with pytest.raises(KeyError, match="not among the loaded"):
+    with pytest.raises(C2SegError, match="not among the loaded"):
         plan_epoch(shards, slots=2, batch_size=8, city_weights={"paris": 1})
 
 
@@ -118,7 +119,7 @@ def test_zarr_dataset_and_same_augmentation_for_all(tiny_prepared):
         assert torch.equal(apply(p["label"], k, f), a["label"]) and torch.equal(apply(p["sar"], k, f), a["sar"])
         moved += (k, f) != (0, False)
     assert moved > 0
-    with pytest.raises(KeyError, match="no city"):
+    with pytest.raises(C2SegError, match="no city"):
         ZarrTileDataset(tiny_prepared, "val", cities=["paris"])
 
 

@@ -30,7 +30,8 @@ def test_real_figures():
     assert bw.tiling.size == 256 and ab.tiling.size == 128
     # same classes, different sensors: compatible contract fingerprints differ
     assert ab.fingerprint != bw.fingerprint
-    assert spec_compatible(ab, bw) == ["modality 'hsi' has 116 bands, the model expects 242"]
+    assert [(p.kind, p.text) for p in spec_compatible(ab, bw)] == [
+        ("band_count", "modality 'hsi' has 116 bands, the model expects 242")]
 
 
 def _write(tmp_path, text):
@@ -144,7 +145,7 @@ def test_excluded_bands_set_what_the_model_sees_and_travel_in_the_records():
     assert again == spec and again.modality("msi").exclude_bands == ("B3", 1) and again.modality("msi").channels == 2
     plain = spec_from_dict(yaml.safe_load(BASE))
     assert spec.fingerprint != plain.fingerprint
-    assert spec_compatible(plain, spec) == ["modality 'msi' has 2 bands, the model expects 4"]
+    assert [p.text for p in spec_compatible(plain, spec)] == ["modality 'msi' has 2 bands, the model expects 4"]
 
 
 def test_example_specs_carry_the_sensors_band_centres():

@@ -290,5 +290,6 @@ def load_weights(path: str | Path, spec: DatasetSpec | None = None) -> Weights:
     if spec is not None:
         problems = spec_compatible(spec_from_dict(weights.spec, source=str(path)), spec)
         if problems:
-            raise CheckpointError(f"{path}: the dataset spec does not match the checkpoint: " + "; ".join(problems))
+            raise CheckpointError(f"{path}: the dataset spec does not match the checkpoint: "
+                                  + "; ".join(map(str, problems)))
     return weights

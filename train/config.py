@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from c2seg.errors import C2SegError
 from c2seg.config import ConfigError, bounded, check_bounds, from_dict, load_config
 
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -44,11 +45,11 @@ class ModelConfig:
     def __post_init__(self) -> None:
         check_bounds(self)
         if self.embed_dim % self.num_heads:
-            raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+            raise C2SegError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
         if (self.embed_dim // self.num_heads) % 2 or self.embed_dim % 4:
-            raise ValueError("embed_dim must be a multiple of 4 and the head size even")
+            raise C2SegError("embed_dim must be a multiple of 4 and the head size even")
         if self.patch_size < 1 or self.patch_size & (self.patch_size - 1):
-            raise ValueError(f"patch_size must be a power of two, got {self.patch_size}")
+            raise C2SegError(f"patch_size must be a power of two, got {self.patch_size}")
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,7 @@ class RadiometricConfig:
     def __post_init__(self) -> None:
         check_bounds(self)
         if not 0 < self.gain[0] <= self.gain[1]:
-            raise ValueError("data.radiometric.gain must be [low, high] with 0 < low <= high")
+            raise C2SegError("data.radiometric.gain must be [low, high] with 0 < low <= high")
 
 
 @dataclass(frozen=True)
@@ -128,7 +129,7 @@ class DeepSpeedConfig:
     def __post_init__(self) -> None:
         check_bounds(self)
         if self.offload_params and self.zero_stage != 3:
-            raise ValueError("deepspeed.offload_params needs zero_stage 3")
+            raise C2SegError("deepspeed.offload_params needs zero_stage 3")
 
 
 @dataclass(frozen=True)
@@ -200,7 +201,7 @@ class FinetuneConfig:
     def __post_init__(self) -> None:
         check_bounds(self)
         if self.pseudo_threshold is None and self.pseudo_class_keep is None:
-            raise ValueError("finetune: set pseudo_threshold, pseudo_class_keep or both (which target pixels "
+            raise C2SegError("finetune: set pseudo_threshold, pseudo_class_keep or both (which target pixels "
                              "get pseudo-labels)")
 
 

@@ -15,7 +15,7 @@ import torch
 from c2seg.spec import DatasetSpec, load_spec
 from train.augment import RadiometricJitter, affine_bands, jittered
 from train.config import DataConfig, RadiometricConfig
-from train.tracking import file_hash
+from c2seg.io import file_sha256
 
 
 class CityStandardizer:
@@ -90,7 +90,7 @@ class PreparedData:
         self.manifest = load_manifest(self.prep_dir)
         self.spec: DatasetSpec = load_spec(spec_path) if spec_path else self.manifest.spec
         self.tile_size: int = self.manifest.tile_size
-        self.manifest_hash = file_hash(self.prep_dir / "manifest.json")
+        self.manifest_hash = file_sha256(self.prep_dir / "manifest.json")  # the manifest was loaded: it is there
         self.normalization = self.manifest.normalizer().as_dict()
         if normalization not in ("pooled", "per_city"):
             raise ValueError(f"normalization must be 'pooled' or 'per_city', got {normalization!r}")

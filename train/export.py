@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from c2seg.errors import C2SegError
 from c2seg.spec import DatasetSpec, spec_from_dict
 from train.checkpoint import CheckpointError, load_weights
 from train.config import ModelConfig, model_config_from_dict
@@ -38,7 +39,7 @@ class ExportedModel:
         if self.normalization_mode == "pooled":
             return self.normalization
         if city not in self.city_normalization:
-            raise ValueError(f"the model standardises each city with its own statistics and has none for city "
+            raise C2SegError(f"the model standardises each city with its own statistics and has none for city "
                              f"'{city}' (it has {sorted(self.city_normalization)}); prepare the city with "
                              "`c2seg data prep` alongside the training cities, or train with "
                              "data.normalization=pooled")

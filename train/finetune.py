@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from c2seg.errors import C2SegError
 from c2seg.distributed import rank, reduce_tensor, world_size
 from c2seg.metrics import confusion_matrix, scores_from_confusion
 from c2seg.spec import DatasetSpec
@@ -34,7 +35,7 @@ from train.loop import Task
 from train.models import FusionSegmenter
 from train.models.critic import SOURCE, TARGET, OutputCritic, domain_loss
 from train.pretrain import load_backbone
-from train.plots import confusion_figure, preview_figure
+from c2seg.plots import confusion_figure, preview_figure
 from train.weights import Weights
 
 log = logging.getLogger("c2seg.train")
@@ -221,7 +222,7 @@ class FinetuneTask(Task):
         try:
             self.module.load_state_dict(weights.state_dict)
         except RuntimeError as exc:
-            raise ValueError(f"init_from: the segmenter's weights do not fit this model; was it trained with "
+            raise C2SegError(f"init_from: the segmenter's weights do not fit this model; was it trained with "
                              f"another model config? ({str(exc).splitlines()[0]})") from exc
 
     def start(self, engine, first_batch: int) -> None:

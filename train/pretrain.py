@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from c2seg.errors import C2SegError
 from c2seg.spec import DatasetSpec
 from train.config import ModelConfig, TrainConfig
 from train.data import batch_stream, model_inputs, select_cities
@@ -54,6 +55,6 @@ def load_backbone(module: torch.nn.Module, weights: Weights) -> None:
     missing = [k for k in own if k.startswith("backbone.") and k not in picked]
     wrong = [k for k, v in picked.items() if k in own and own[k].shape != v.shape]
     if missing or wrong:
-        raise ValueError(f"init_from: the checkpoint's backbone does not fit this model (missing {missing[:3]}, "
+        raise C2SegError(f"init_from: the checkpoint's backbone does not fit this model (missing {missing[:3]}, "
                          f"other shapes {wrong[:3]}); was it trained with another model config?")
     module.load_state_dict(picked, strict=False)

@@ -18,7 +18,6 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Callable
 
-from c2seg.io import file_sha256
 
 log = logging.getLogger("c2seg.train")
 REQUEST_BOUNDS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
@@ -60,11 +59,6 @@ def git_commit() -> str:
                               cwd=Path(__file__).resolve().parent, check=True).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-
-
-def file_hash(path: str | Path) -> str:
-    """SHA-256 of a file's bytes (c2seg.io.file_sha256); "missing" if absent."""
-    return file_sha256(path) if Path(path).is_file() else "missing"
 
 
 class Tracker:

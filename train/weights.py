@@ -29,6 +29,7 @@ from typing import Any, Literal
 
 import torch
 
+from c2seg.errors import C2SegError
 from c2seg.io import atomic_path
 
 log = logging.getLogger("c2seg.train")
@@ -40,7 +41,7 @@ Normalization = dict[str, dict[str, list[float]]]
 REQUIRED = ("kind", "task", "step", "state_dict", "model_config", "spec", "normalization", "modalities", "tile_size")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(C2SegError):
     """A checkpoint or weights / model file is missing, unreadable, damaged, or does not fit this run."""
 
 

@@ -10,21 +10,22 @@ the non-finite values are counted in :attr:`Scene.nonfinite_counts`.
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 from affine import Affine
 
+from c2seg.errors import C2SegError
 from c2seg.io import file_problem
+from c2seg.raster import Window
 from c2seg.spec import City, DatasetSpec
 
 if TYPE_CHECKING:
     from data_prep.readers.sensor import BandMeta
 
 
-class SceneError(ValueError):
+class SceneError(C2SegError):
     """A scene file is missing, corrupt or does not match the dataset spec. The message names the
     file and the problem."""
 
@@ -34,32 +35,6 @@ def require_file(path: Path, expected: str) -> None:
     problem = file_problem(path, expected)
     if problem:
         raise SceneError(f"{path}: {problem}")
-
-
-@dataclass(frozen=True)
-class Window:
-    """A pixel window: ``row`` / ``col`` of the upper-left corner, then its size."""
-
-    row: int
-    col: int
-    height: int
-    width: int
-
-    @property
-    def slices(self) -> tuple[slice, slice]:
-        return slice(self.row, self.row + self.height), slice(self.col, self.col + self.width)
-
-    def clipped(self, height: int, width: int) -> Window:
-        """The part of this window inside a ``height`` x ``width`` grid."""
-        r0, c0 = max(self.row, 0), max(self.col, 0)
-        r1, c1 = min(self.row + self.height, height), min(self.col + self.width, width)
-        return Window(r0, c0, max(r1 - r0, 0), max(c1 - c0, 0))
-
-
-def iter_windows(height: int, width: int, block: int) -> list[Window]:
-    """Row-major blocks covering a grid (edge blocks are smaller)."""
-    return [Window(r, c, min(block, height - r), min(block, width - c))
-            for r in range(0, height, block) for c in range(0, width, block)]
 
 
 class Scene(abc.ABC):
@@ -100,7 +75,7 @@ class Scene(abc.ABC):
     def full_window(self) -> Window:
         return Window(0, 0, self.height, self.width)
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional: a scene that keeps no file open has nothing to release
         """Release open file handles."""
 
     def __enter__(self) -> Scene:

@@ -33,7 +33,8 @@ from pathlib import Path
 import numpy as np
 
 from c2seg.spec import City, DatasetSpec, Modality
-from data_prep.readers.base import Scene, SceneError, Window, iter_windows
+from c2seg.raster import Window, iter_windows
+from data_prep.readers.base import Scene, SceneError
 from data_prep.stats import fill_value
 
 log = logging.getLogger("c2seg.readers")

@@ -11,6 +11,7 @@ import logging
 from dataclasses import replace
 from pathlib import Path
 
+from c2seg.errors import C2SegError
 from c2seg.spec import City, DatasetSpec, SceneFormat
 from data_prep.synth.city import BLOCK_PX, CitySynth
 from data_prep.synth.writers import (city_tiles, tile_cache_blocks, write_geotiff, write_mat_v5, write_mat_v73,
@@ -77,12 +78,12 @@ def generate_dataset(spec: DatasetSpec, height: int, width: int, seed: int = 0, 
     :func:`default_files`; the spec that reads the result is returned. Cities whose files all exist are kept
     unless ``overwrite``."""
     if height < 16 or width < 16:
-        raise ValueError(f"generated cities need at least 16 x 16 px, got {height} x {width}")
+        raise C2SegError(f"generated cities need at least 16 x 16 px, got {height} x {width}")
     if fmt is not None:
         spec = with_format(spec, fmt)
     lists = [c.name for c in spec.cities if c.format == "filelist"]
     if lists:
-        raise ValueError(f"{spec.source_file or spec.name}: cities {lists} are file lists (format: filelist), which "
+        raise C2SegError(f"{spec.source_file or spec.name}: cities {lists} are file lists (format: filelist), which "
                          "are not generated: generate the spec's cities in a release format (--format tiles)")
     for city in spec.cities:
         outputs = city_outputs(spec, city)

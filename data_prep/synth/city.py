@@ -15,7 +15,7 @@ from functools import cached_property
 import numpy as np
 
 from c2seg.spec import City, DatasetSpec, Modality
-from data_prep.readers.base import Window, iter_windows
+from c2seg.raster import Window, iter_windows
 from data_prep.readers.grid import grid_factor
 from data_prep.synth.domain import CityStyle, city_style
 from data_prep.synth.noise import hash_uniform, value_noise, voronoi

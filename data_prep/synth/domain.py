@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from c2seg.errors import C2SegError
 from c2seg.spec import City, DatasetSpec
 from data_prep.synth.spectra import class_profile
 
@@ -103,7 +104,7 @@ class CityStyle:
 def city_style(spec: DatasetSpec, city: City, seed: int, profile: str = "default") -> CityStyle:
     """The style of ``city`` under shift ``profile`` (:data:`SHIFT_PROFILES`); see the module docstring."""
     if profile not in SHIFT_PROFILES:
-        raise ValueError(f"unknown shift profile {profile!r}; choose one of {', '.join(SHIFT_PROFILES)}")
+        raise C2SegError(f"unknown shift profile {profile!r}; choose one of {', '.join(SHIFT_PROFILES)}")
     drawn = _drawn_style(spec, city, seed)
     if profile == "default":
         return drawn

@@ -20,9 +20,10 @@ import rasterio
 from affine import Affine
 from tqdm import tqdm
 
+from c2seg.errors import C2SegError
 from c2seg.io import atomic_dir, atomic_path
 from c2seg.spec import DatasetSpec
-from data_prep.readers.base import Window
+from c2seg.raster import Window
 from data_prep.synth.city import CitySynth
 from data_prep.tiling import tile_origins
 
@@ -103,7 +104,7 @@ def write_mat_v5(synth: CitySynth, path: Path, with_label: bool) -> None:
         h, w = synth.native_shape(m.name)
         size = h * w * m.bands * np.dtype(m.dtype).itemsize
         if size > MAT_V5_MAX_BYTES:
-            raise ValueError(f"{path}: modality '{m.name}' would be {size / 2**30:.1f} GiB, over MATLAB v5's 2 GiB "
+            raise C2SegError(f"{path}: modality '{m.name}' would be {size / 2**30:.1f} GiB, over MATLAB v5's 2 GiB "
                              f"per variable; generate this size as mat_v73 or geotiff (--format)")
     arrays = {m.key_in_mat: np.zeros((*synth.native_shape(m.name), m.bands), dtype=m.dtype) for m in spec.modalities}
     label = np.zeros((synth.height, synth.width), np.int16 if spec.label_remap else np.uint8)

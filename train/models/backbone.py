@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from c2seg.errors import C2SegError
 from c2seg.spec import DatasetSpec
 from train.config import ModelConfig
 from train.models.cross_fusion import CrossFusionEncoder
@@ -42,7 +43,7 @@ class FusionBackbone(nn.Module):
         """The model's modalities found in ``inputs``, in spec order."""
         names = [m for m in self.modalities if m in inputs]
         if not names:
-            raise ValueError(f"no input modality: the model expects some of {list(self.modalities)}, "
+            raise C2SegError(f"no input modality: the model expects some of {list(self.modalities)}, "
                              f"got {sorted(inputs)}")
         return names
 

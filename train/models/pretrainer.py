@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from c2seg.errors import C2SegError
 from c2seg.spec import DatasetSpec
 from train.config import ModelConfig, PretrainConfig
 from train.models.backbone import FusionBackbone
@@ -24,7 +25,7 @@ class MaskedPretrainer(nn.Module):
     def __init__(self, spec: DatasetSpec, cfg: ModelConfig, pre: PretrainConfig) -> None:
         super().__init__()
         if cfg.fusion != "joint":
-            raise ValueError(f"masked pretraining is implemented for fusion: joint; model '{cfg.name}' has fusion: "
+            raise C2SegError(f"masked pretraining is implemented for fusion: joint; model '{cfg.name}' has fusion: "
                              f"{cfg.fusion}, whose per-location fusion needs every token of a location: finetune it "
                              "from scratch, or use fusion: joint to pretrain")
         self.cfg, self.pre = cfg, pre
@@ -54,7 +55,7 @@ class MaskedPretrainer(nn.Module):
         p = self.cfg.patch_size
         for m in names:
             if inputs[m].shape[-1] % p or inputs[m].shape[-2] % p:
-                raise ValueError(f"pretraining tiles must be multiples of the patch size {p}")
+                raise C2SegError(f"pretraining tiles must be multiples of the patch size {p}")
         tokens = self.backbone.embed(inputs, names)
         b, _, n, d = tokens[names[0]].shape
         counts = [tokens[m].shape[1] * n for m in names]

@@ -1,4 +1,5 @@
-"""Figures logged during training: the validation confusion matrix and target prediction previews."""
+"""Figures more than one stage draws: the confusion matrix (training's validation, inference's evaluation)
+and prediction previews beside their inputs (training's validation)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 
 from c2seg.spec import DatasetSpec  # noqa: E402
 
 
-def confusion_figure(cm: np.ndarray, spec: DatasetSpec, title: str = ""):
+def confusion_figure(cm: np.ndarray, spec: DatasetSpec, title: str = "") -> Figure:
     """Row-normalised confusion matrix: truth rows x predicted columns of the scored classes, the last
     column the truth pixels without a prediction (``c2seg.metrics``' K x (K+1) layout)."""
     k = cm.shape[0]
@@ -33,7 +35,7 @@ def confusion_figure(cm: np.ndarray, spec: DatasetSpec, title: str = ""):
     return fig
 
 
-def preview_figure(batch: dict[str, torch.Tensor], pred: torch.Tensor, spec: DatasetSpec):
+def preview_figure(batch: dict[str, torch.Tensor], pred: torch.Tensor, spec: DatasetSpec) -> Figure:
     """First tile of a batch: a red/green/blue composite (:meth:`DatasetSpec.rgb_bands`), the truth and the
     prediction."""
     name, bands = spec.rgb_bands()

@@ -31,9 +31,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from c2seg.spec import load_spec  # noqa: E402  (after the path insert)
-from train.cli import count_parameters  # noqa: E402
-from train.config import load_model_config  # noqa: E402
-from train.models import FusionSegmenter  # noqa: E402
+from c2seg.train.cli import count_parameters  # noqa: E402
+from c2seg.train.config import load_model_config  # noqa: E402
+from c2seg.train.models import FusionSegmenter  # noqa: E402
 
 DENSE_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # datasheet, SXM, no sparsity
 
@@ -100,7 +100,7 @@ def _plain(model, inputs, label):
 
 def _deepspeed(model, inputs, label, batch: int, model_file: str, compile: bool, zero: int):
     from benchmarks.bench_train import train_config
-    from train.engine import create_engine, init_distributed
+    from c2seg.train.engine import create_engine, init_distributed
 
     init_distributed()
     engine = create_engine(model, train_config(model_file, zero, batch, 10 ** 6, "bf16", compile), 1)

@@ -40,9 +40,9 @@ def _peak_rss_mib() -> float:
 def _export_random(spec, model_yaml: Path, path: Path) -> Path:
     """An exported model file (c2seg-model/1) with random weights and unit normalisation."""
     from c2seg.config import to_dict
-    from train.config import load_model_config
-    from train.export import save_exported
-    from train.models import FusionSegmenter
+    from c2seg.train.config import load_model_config
+    from c2seg.train.export import save_exported
+    from c2seg.train.models import FusionSegmenter
 
     cfg = load_model_config(model_yaml)
     model = FusionSegmenter(spec, cfg)
@@ -86,14 +86,14 @@ def throughput(args) -> dict:
 
 def _throughput(args, work: Path) -> dict:
     from c2seg.spec import load_spec
-    from data_prep.manifest import Normalizer
-    from data_prep.readers import open_city
-    from data_prep.synth import generate_dataset
-    from inference.config import InferConfig
-    from inference.predictor import Predictor
-    from inference.runner import infer_scene
-    from inference.windows import window_grid
-    from train.export import load_exported
+    from c2seg.data_prep.manifest import Normalizer
+    from c2seg.data_prep.readers import open_city
+    from c2seg.data_prep.synth import generate_dataset
+    from c2seg.inference.config import InferConfig
+    from c2seg.inference.predictor import Predictor
+    from c2seg.inference.runner import infer_scene
+    from c2seg.inference.windows import window_grid
+    from c2seg.train.export import load_exported
 
     h, w = parse_size(args.size)
     spec = generate_dataset(load_spec(ROOT / "configs/datasets/demo_ab.yaml", data_root=work / "data"), h, w,
@@ -131,11 +131,11 @@ def memory_one(args) -> dict:
     from affine import Affine
 
     from c2seg.spec import read_spec_yaml, spec_from_dict
-    from data_prep.readers import open_city
-    from data_prep.manifest import Normalizer
-    from inference.config import InferConfig
-    from inference.predictor import Predictor
-    from inference.runner import infer_scene
+    from c2seg.data_prep.readers import open_city
+    from c2seg.data_prep.manifest import Normalizer
+    from c2seg.inference.config import InferConfig
+    from c2seg.inference.predictor import Predictor
+    from c2seg.inference.runner import infer_scene
 
     n = args.size
     work = Path(args.work)

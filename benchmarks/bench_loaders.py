@@ -36,10 +36,10 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.bench_prep import AB_SPEC, generated_cities  # noqa: E402
 from c2seg.cli import parse_size  # noqa: E402
 from benchmarks.report import figure  # noqa: E402
-from data_prep.loaders import ZarrTileDataset, collate_views, make_wds_loader  # noqa: E402
-from data_prep.manifest import finalize, load_manifest  # noqa: E402
-from data_prep.prep import run_prep  # noqa: E402
-from data_prep.prep_config import PrepConfig  # noqa: E402
+from c2seg.data_prep.loaders import ZarrTileDataset, collate_views, make_wds_loader  # noqa: E402
+from c2seg.data_prep.manifest import finalize, load_manifest  # noqa: E402
+from c2seg.data_prep.prep import run_prep  # noqa: E402
+from c2seg.data_prep.prep_config import PrepConfig  # noqa: E402
 
 
 def rasterio_tiles(spec, manifest, prep: Path) -> int:

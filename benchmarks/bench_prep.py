@@ -23,11 +23,11 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.report import figure  # noqa: E402
 from c2seg.cli import parse_size  # noqa: E402
 from c2seg.spec import DatasetSpec, load_spec  # noqa: E402
-from data_prep.manifest import finalize  # noqa: E402
-from data_prep.prep import run_prep  # noqa: E402
-from data_prep.prep_config import PrepConfig  # noqa: E402
-from data_prep.readers import Window, open_city  # noqa: E402
-from data_prep.synth import generate_dataset  # noqa: E402
+from c2seg.data_prep.manifest import finalize  # noqa: E402
+from c2seg.data_prep.prep import run_prep  # noqa: E402
+from c2seg.data_prep.prep_config import PrepConfig  # noqa: E402
+from c2seg.data_prep.readers import Window, open_city  # noqa: E402
+from c2seg.data_prep.synth import generate_dataset  # noqa: E402
 
 AB_SPEC = ROOT / "configs/datasets/demo_ab.yaml"
 

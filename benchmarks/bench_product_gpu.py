@@ -142,7 +142,7 @@ def model_without_dropout(model_yaml: str, work: Path) -> Path:
     import yaml
 
     from c2seg.config import to_dict
-    from train.config import load_model_config
+    from c2seg.train.config import load_model_config
 
     path = work / f"{Path(model_yaml).stem}_nodropout.yaml"
     cfg = dataclasses.replace(load_model_config(model_yaml), modality_dropout=0.0)
@@ -192,8 +192,8 @@ def pretrain_flops_per_sample(spec, mcfg, size: int, batch: int = 8) -> float:
     sample."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from train.config import load_train_config
-    from train.models import MaskedPretrainer
+    from c2seg.train.config import load_train_config
+    from c2seg.train.models import MaskedPretrainer
 
     torch.manual_seed(0)
     pcfg = load_train_config(CONFIGS["pretrain"]).pretrain
@@ -224,7 +224,7 @@ def summarise(records: list[dict], warmup: int, batch: int, flops: float, rates:
 def baseline(spec, model_yaml: Path, args, flops: float) -> dict:
     """The engine on synthetic GPU-resident batches (bench_gpu's deepspeed variant), in this process: last,
     because it starts a process group here."""
-    from train.config import load_model_config
+    from c2seg.train.config import load_model_config
 
     mcfg = load_model_config(model_yaml)
     opts = argparse.Namespace(model=str(model_yaml), size=128, compile=args.compile, zero=args.zero,
@@ -238,7 +238,7 @@ def baseline(spec, model_yaml: Path, args, flops: float) -> dict:
 def bench_train(args, work: Path, rates: tuple[float, float]) -> dict:
     """The train part (module docstring); ``rates``: the datasheet peak and the measured matmul TFLOP/s."""
     from c2seg.spec import load_spec
-    from train.config import load_model_config
+    from c2seg.train.config import load_model_config
 
     work.mkdir(parents=True, exist_ok=True)
     prep = prepare_ab(work, args.city_size, args.prep_workers)
@@ -316,8 +316,8 @@ class ParallelBlocks:
 def bw_scene(work: Path, size: int, workers: int):
     """The BW target city (Wuhan) at ``size`` x ``size`` px, written as the release's MATLAB v7.3 files."""
     from c2seg.spec import load_spec
-    from data_prep.synth import CitySynth
-    from data_prep.synth.writers import write_mat_v73
+    from c2seg.data_prep.synth import CitySynth
+    from c2seg.data_prep.synth.writers import write_mat_v73
 
     spec = load_spec(BW_SPEC, data_root=work / "bw")
     city = spec.cities_with_role("target")[0]
@@ -331,8 +331,8 @@ def bw_scene(work: Path, size: int, workers: int):
 
 def scene_windows(size: int, window: int, overlap: float) -> int:
     """Windows `c2seg infer run` predicts on a square scene (each block predicts every window touching it)."""
-    from inference.config import InferConfig
-    from inference.windows import block_grid, window_grid, windows_touching
+    from c2seg.inference.config import InferConfig
+    from c2seg.inference.windows import block_grid, window_grid, windows_touching
 
     grid = window_grid(size, size, window, overlap)
     return sum(len(windows_touching(grid, b)) for b in block_grid(size, size, InferConfig().block))
@@ -340,7 +340,7 @@ def scene_windows(size: int, window: int, overlap: float) -> int:
 
 def forward_seconds(model_path: Path, windows: int, window: int, batch: int) -> float:
     """Pure model time of ``windows`` windows: bf16 forward of full batches already on the GPU."""
-    from train.export import load_exported
+    from c2seg.train.export import load_exported
 
     exported = load_exported(model_path, map_location="cuda")
     model = exported.model.cuda().eval()

@@ -22,7 +22,7 @@ from benchmarks.report import figure  # noqa: E402
 
 def _spec(out: Path, fmt: str):
     from c2seg.spec import load_spec
-    from data_prep.synth import with_format
+    from c2seg.data_prep.synth import with_format
 
     spec = with_format(load_spec(Path(__file__).parent.parent / "configs/datasets/demo_ab.yaml", data_root=out), fmt)
     return replace(spec, cities=spec.cities[:1])
@@ -33,11 +33,11 @@ def phase(name: str, size: int, fmt: str, out: Path, block: int) -> dict:
     spec = _spec(out, fmt)
     t0 = time.perf_counter()
     if name == "generate":
-        from data_prep.synth import generate_dataset
+        from c2seg.data_prep.synth import generate_dataset
 
         generate_dataset(spec, size, size, seed=0, overwrite=True)
     else:
-        from data_prep.readers import iter_windows, open_city
+        from c2seg.data_prep.readers import iter_windows, open_city
 
         scene = open_city(spec, spec.cities[0].name)[0]
         for w in iter_windows(scene.height, scene.width, block):

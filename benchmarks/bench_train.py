@@ -38,8 +38,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from c2seg.config import load_yaml  # noqa: E402  (after the path insert)
-from data_prep.synth.domain import SHIFT_PROFILES  # noqa: E402
-from train.config import Fusion  # noqa: E402
+from c2seg.data_prep.synth.domain import SHIFT_PROFILES  # noqa: E402
+from c2seg.train.config import Fusion  # noqa: E402
 
 
 def _batch(spec, b: int, size: int) -> dict[str, torch.Tensor]:
@@ -51,7 +51,7 @@ def _batch(spec, b: int, size: int) -> dict[str, torch.Tensor]:
 
 def train_config(model: str, zero: int, batch: int, steps: int, precision: str = "fp32", compile: bool = False):
     """A TrainConfig for timing the engine on synthetic batches: no data folder, no tracking."""
-    from train.config import DataConfig, DeepSpeedConfig, TrackingConfig, TrainConfig
+    from c2seg.train.config import DataConfig, DeepSpeedConfig, TrackingConfig, TrainConfig
 
     return TrainConfig(model=model, data=DataConfig(prep_dir="-", batch_size=batch), output_dir="-", steps=steps,
                        compile=compile, deepspeed=DeepSpeedConfig(zero_stage=zero, precision=precision),
@@ -92,9 +92,9 @@ def overhead(args) -> dict:
     import torch.nn.functional as F
 
     from c2seg.spec import load_spec
-    from train.config import load_model_config
-    from train.engine import create_engine, init_distributed
-    from train.models import FusionSegmenter
+    from c2seg.train.config import load_model_config
+    from c2seg.train.engine import create_engine, init_distributed
+    from c2seg.train.models import FusionSegmenter
 
     spec = load_spec(args.spec)
     mcfg = load_model_config(args.model)
@@ -131,9 +131,9 @@ def memory(args) -> dict:
 
     from c2seg.distributed import gather_objects, world_size
     from c2seg.spec import load_spec
-    from train.config import load_model_config
-    from train.engine import create_engine, init_distributed
-    from train.models import FusionSegmenter
+    from c2seg.train.config import load_model_config
+    from c2seg.train.engine import create_engine, init_distributed
+    from c2seg.train.models import FusionSegmenter
 
     spec = load_spec(args.spec)
     mcfg = load_model_config(args.model)
@@ -330,7 +330,7 @@ def _fusion_cost(args, spec, mcfg) -> dict:
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    from train.models import FusionSegmenter
+    from c2seg.train.models import FusionSegmenter
 
     cfg = train_config(args.model, 0, args.batch, 10 ** 6)
     batches = {tile: _batch(spec, args.batch, tile) for tile in args.tiles}
@@ -385,8 +385,8 @@ def _fusion_accuracy(args, mcfg_data: dict) -> dict:
 def fusion(args) -> dict:
     """Joint attention vs per-location fusion + cross-attention: cost and / or accuracy (``--parts``)."""
     from c2seg.spec import load_spec
-    from train.config import model_config_from_dict
-    from train.models import FusionBackbone
+    from c2seg.train.config import model_config_from_dict
+    from c2seg.train.models import FusionBackbone
 
     spec = load_spec(args.spec)
     mcfg_data = load_yaml(args.model)

@@ -45,8 +45,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from c2seg.spec import load_spec  # noqa: E402  (after the path insert)
-from train.config import load_model_config  # noqa: E402
-from train.models import FusionSegmenter  # noqa: E402
+from c2seg.train.config import load_model_config  # noqa: E402
+from c2seg.train.models import FusionSegmenter  # noqa: E402
 
 GIB = 2 ** 30
 

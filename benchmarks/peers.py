@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from c2seg.spec import DatasetSpec  # noqa: E402  (after the path insert)
-from train.models.critic import SOURCE, TARGET, OutputCritic, domain_loss  # noqa: E402
+from c2seg.train.models.critic import SOURCE, TARGET, OutputCritic, domain_loss  # noqa: E402
 
 ARMS = ("unet", "unet_adv")
 
@@ -114,7 +114,7 @@ class Peer:
     def step(self, source: dict[str, torch.Tensor], target: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
         """One optimiser step of the segmenter (cross-entropy on ``source``, plus for unet_adv the adversarial
         loss on ``target``) and then of the discriminator; the losses."""
-        from train.finetune import segmentation_loss
+        from c2seg.train.finetune import segmentation_loss
 
         self.model.train()
         logits = self.model(_inputs(source, self.model))
@@ -147,7 +147,7 @@ class Peer:
 
 
 def _inputs(batch: dict[str, torch.Tensor], model: StackedUNet) -> dict[str, torch.Tensor]:
-    from train.data import model_inputs
+    from c2seg.train.data import model_inputs
 
     return model_inputs(batch, model.bands, torch.float32, torch.device("cpu"))
 
@@ -155,7 +155,7 @@ def _inputs(batch: dict[str, torch.Tensor], model: StackedUNet) -> dict[str, tor
 def build_peer(arm: str, spec: DatasetSpec, cfg, width: int = 32, lambda_adv: float = 0.001) -> Peer:
     """The peer of ``arm`` for training config ``cfg``: the segmenter's AdamW with the product's settings and
     weight-decay groups (train/engine.py); the discriminator's Adam as AdaptSegNet (lr 1e-4, betas 0.9, 0.99)."""
-    from train.engine import deepspeed_config, weight_decay_split
+    from c2seg.train.engine import deepspeed_config, weight_decay_split
 
     if arm not in ARMS:
         raise ValueError(f"arm must be one of {ARMS}, got {arm!r}")
@@ -177,7 +177,7 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, cfg):
     parameters), stepped after every optimiser step as the engine does."""
     from deepspeed.runtime.lr_schedules import WarmupCosineLR
 
-    from train.engine import deepspeed_config
+    from c2seg.train.engine import deepspeed_config
 
     return WarmupCosineLR(optimizer, **deepspeed_config(cfg, 1)["scheduler"]["params"])
 
@@ -185,8 +185,8 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, cfg):
 def batch_streams(data, cfg, spec: DatasetSpec, with_target: bool) -> tuple[Iterator, Iterator | None]:
     """The source (radiometric augmentation) and target (none) batch streams exactly as
     train/finetune.py's ``FinetuneTask.start`` makes them, for one rank."""
-    from train.data import batch_stream
-    from train.determinism import rng_isolated
+    from c2seg.train.data import batch_stream
+    from c2seg.train.determinism import rng_isolated
 
     d = cfg.data
     sources = list(d.source_cities or [c.name for c in spec.cities_with_role("source")])
@@ -207,7 +207,7 @@ def train_peer(peer: Peer, data, cfg, spec: DatasetSpec, metrics_file: Path) -> 
     """``cfg.steps`` steps of ``peer`` on the product's batch streams (torch, numpy and random reseeded per
     step as the product's loop does); one ``metrics.jsonl`` line per step. Returns the seconds spent in
     training steps (batch reads included, as the product's step times include them)."""
-    from train.determinism import seed_micro_batch
+    from c2seg.train.determinism import seed_micro_batch
 
     source, target = batch_streams(data, cfg, spec, peer.discriminator is not None)
     schedule = warmup_cosine(peer.optimizer, cfg)
@@ -230,7 +230,7 @@ def validate(model: StackedUNet, data, spec: DatasetSpec, batch_size: int) -> di
     """mIoU / OA / macro-F1 / kappa on the target cities' labelled val split, each tile once (as the product's
     validation scores it: argmax over the scored classes)."""
     from c2seg.metrics import confusion_matrix, scores_from_confusion
-    from train.finetune import predict_classes
+    from c2seg.train.finetune import predict_classes
 
     cities = [c.name for c in spec.cities_with_role("target") if c.labelled]
     ids = spec.scored_class_ids
@@ -249,10 +249,10 @@ def predict_city(model: StackedUNet, data, spec: DatasetSpec, city: str, out: Pa
                  overlap: float) -> list[Path]:
     """Class maps (GeoTIFF COG on the city's grid) of every scene of ``city`` by the product's sliding-window
     inference (inference/runner.py ``infer_scene``, gaussian blend, no TTA), normalised as in training."""
-    from data_prep.readers import open_city
-    from inference.config import InferConfig
-    from inference.predictor import Predictor
-    from inference.runner import infer_scene
+    from c2seg.data_prep.readers import open_city
+    from c2seg.inference.config import InferConfig
+    from c2seg.inference.predictor import Predictor
+    from c2seg.inference.runner import infer_scene
 
     cfg = InferConfig(window=window, overlap=overlap, device="cpu")
     ids = spec.scored_class_ids
@@ -288,8 +288,8 @@ class PeerRun:
 def run(args: argparse.Namespace) -> PeerRun:
     """Train, validate and predict one peer arm (kept when ``OUT/peer_run.json`` records the same settings)."""
     from c2seg.cli import spec_from_args
-    from train.config import load_train_config
-    from train.data import PreparedData
+    from c2seg.train.config import load_train_config
+    from c2seg.train.data import PreparedData
 
     out = Path(args.out)
     record = out / "peer_run.json"

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from c2seg.spec import DatasetSpec
 
-STAGES = ("data_prep.cli", "train.cli", "inference.cli", "slurm.cli", "c2seg.demo")
+STAGES = ("c2seg.data_prep.cli", "c2seg.train.cli", "c2seg.inference.cli", "c2seg.slurm.cli", "c2seg.demo")
 
 
 def parse_size(text: str) -> tuple[int, int]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from data_prep import cli_prep, cli_scenes
+from c2seg.data_prep import cli_prep, cli_scenes
 
 
 def register(stages: argparse._SubParsersAction) -> None:

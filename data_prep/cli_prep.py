@@ -56,9 +56,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _prep(args: argparse.Namespace) -> int:
     from c2seg.config import parse_override
     from c2seg.distributed import array_task
-    from data_prep.manifest import finalize
-    from data_prep.prep import run_prep
-    from data_prep.prep_config import load_prep_config
+    from c2seg.data_prep.manifest import finalize
+    from c2seg.data_prep.prep import run_prep
+    from c2seg.data_prep.prep_config import load_prep_config
 
     spec = spec_from_args(args)
     cfg = load_prep_config(args.config, dict(parse_override(s) for s in args.set))
@@ -70,14 +70,14 @@ def _prep(args: argparse.Namespace) -> int:
 
 
 def _finalize(args: argparse.Namespace) -> int:
-    from data_prep.manifest import finalize
+    from c2seg.data_prep.manifest import finalize
 
     print(finalize(args.out))
     return 0
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from data_prep.verify import verify
+    from c2seg.data_prep.verify import verify
 
     problems = verify(args.out, args.samples_per_shard, args.all_chunks)
     for p in problems:

@@ -12,7 +12,7 @@ import yaml
 from c2seg.errors import C2SegError
 from c2seg.cli import add_spec_args, parse_size, spec_from_args
 from c2seg.spec import SceneFormat
-from data_prep.synth.domain import SHIFT_PROFILES
+from c2seg.data_prep.synth.domain import SHIFT_PROFILES
 
 log = logging.getLogger("c2seg.data")
 FORMATS = tuple(f for f in get_args(SceneFormat) if f != "filelist")  # the formats generate writes
@@ -59,7 +59,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _generate(args: argparse.Namespace) -> int:
     from c2seg.config import to_dict
-    from data_prep.synth import generate_dataset
+    from c2seg.data_prep.synth import generate_dataset
 
     spec = spec_from_args(args)
     height, width = args.size
@@ -78,7 +78,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from data_prep.inspect import city_problems, format_summary, inspect_dataset, spec_block
+    from c2seg.data_prep.inspect import city_problems, format_summary, inspect_dataset, spec_block
 
     if args.out is not None and args.out.exists() and not args.out.is_dir():
         raise C2SegError(f"{args.out}: is a file, expected a folder for the quicklooks (--out)")

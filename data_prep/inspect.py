@@ -23,10 +23,10 @@ from tqdm import tqdm
 
 from c2seg.config import to_dict
 from c2seg.spec import DatasetSpec, Modality
-from data_prep.readers import Scene, iter_windows, open_city
-from data_prep.readers.sensor import BandMeta
-from data_prep.scene_checks import scene_problems
-from data_prep.stats import count_out_of_bounds
+from c2seg.data_prep.readers import Scene, iter_windows, open_city
+from c2seg.data_prep.readers.sensor import BandMeta
+from c2seg.data_prep.scene_checks import scene_problems
+from c2seg.data_prep.stats import count_out_of_bounds
 
 log = logging.getLogger("c2seg.inspect")
 

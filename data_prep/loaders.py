@@ -26,9 +26,9 @@ import webdataset as wds
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from c2seg.errors import C2SegError
-from data_prep.manifest import Manifest, ShardInfo, load_manifest
-from data_prep.shards import decode_npy, iter_samples
-from data_prep.stats import fill_as
+from c2seg.data_prep.manifest import Manifest, ShardInfo, load_manifest
+from c2seg.data_prep.shards import decode_npy, iter_samples
+from c2seg.data_prep.stats import fill_as
 
 Piece = tuple[int, int, int]  # (shard index, first sample, stop)
 
@@ -354,7 +354,7 @@ class ZarrTileDataset(Dataset):
 
     def __getitems__(self, indices: list[int]) -> list[dict[str, torch.Tensor]]:
         """The items at ``indices``, read and normalised as one batch."""
-        from data_prep.zarr_store import consecutive_runs, read_tiles  # zarr loads only where this is used
+        from c2seg.data_prep.zarr_store import consecutive_runs, read_tiles  # zarr loads only where this is used
 
         by_city: dict[str, list[int]] = {}
         for i in indices:

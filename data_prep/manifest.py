@@ -25,10 +25,10 @@ from c2seg.errors import C2SegError
 from c2seg.config import load_json_record
 from c2seg.io import write_text_atomic
 from c2seg.spec import SPLITS, DatasetSpec, spec_from_dict
-from data_prep.prep import Job, load_job
-from data_prep.stats import BandStats, bounds_problem, fill_value, nodata_mask
-from data_prep.tiling import CityPlan
-from data_prep.zarr_store import STORE, write_kept
+from c2seg.data_prep.prep import Job, load_job
+from c2seg.data_prep.stats import BandStats, bounds_problem, fill_value, nodata_mask
+from c2seg.data_prep.tiling import CityPlan
+from c2seg.data_prep.zarr_store import STORE, write_kept
 
 log = logging.getLogger("c2seg.prep")
 
@@ -158,7 +158,7 @@ class Normalizer:
     modality's fill value) become 0."""
 
     def __init__(self, spec: DatasetSpec, stats: dict[str, dict]) -> None:
-        from data_prep.stats import fill_value
+        from c2seg.data_prep.stats import fill_value
 
         self.modalities = spec.modality_names
         self.mean = {m: np.asarray(stats[m]["mean"], np.float32) for m in self.modalities}

@@ -37,14 +37,14 @@ from c2seg.errors import C2SegError
 from c2seg.config import from_dict, load_json_record, to_dict
 from c2seg.io import atomic_path, remove_dead_partials, write_text_atomic
 from c2seg.spec import DatasetSpec, spec_from_dict
-from data_prep.prep_config import PrepConfig
+from c2seg.data_prep.prep_config import PrepConfig
 from c2seg.raster import Window
-from data_prep.readers.base import Scene
-from data_prep.scene_checks import require_matching
-from data_prep.shards import sample_key, write_shard
-from data_prep.stats import BandStats, bounds_problem, fill_value, nodata_mask
-from data_prep.tiling import CityPlan, SplitPlan, plan_city
-from data_prep.zarr_store import create_store, file_lock, write_tiles
+from c2seg.data_prep.readers.base import Scene
+from c2seg.data_prep.scene_checks import require_matching
+from c2seg.data_prep.shards import sample_key, write_shard
+from c2seg.data_prep.stats import BandStats, bounds_problem, fill_value, nodata_mask
+from c2seg.data_prep.tiling import CityPlan, SplitPlan, plan_city
+from c2seg.data_prep.zarr_store import create_store, file_lock, write_tiles
 
 log = logging.getLogger("c2seg.prep")
 
@@ -55,7 +55,7 @@ SceneOpener = Callable[[DatasetSpec, str], list[Scene]]
 
 
 def default_opener(spec: DatasetSpec, city: str) -> list[Scene]:
-    from data_prep.readers import open_city
+    from c2seg.data_prep.readers import open_city
 
     return open_city(spec, city)
 

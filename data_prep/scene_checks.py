@@ -13,8 +13,8 @@ import math
 from rasterio.crs import CRS
 
 from c2seg.spec import DatasetSpec, Modality
-from data_prep.readers.base import Scene, SceneError
-from data_prep.readers.sensor import BandMeta
+from c2seg.data_prep.readers.base import Scene, SceneError
+from c2seg.data_prep.readers.sensor import BandMeta
 
 GRID_TOLERANCE = 0.01  # relative, for projected CRSs (UTM's scale factor stays within 0.1 % .. 1 %)
 GEOGRAPHIC_GRID_TOLERANCE = 0.10  # relative, for degree grids (spherical Earth; latitude varies over a scene)

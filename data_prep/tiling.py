@@ -28,8 +28,8 @@ import numpy as np
 
 from c2seg.errors import C2SegError
 from c2seg.spec import SPLITS, City, DatasetSpec
-from data_prep.prep_config import PrepConfig
-from data_prep.readers.base import Scene
+from c2seg.data_prep.prep_config import PrepConfig
+from c2seg.data_prep.readers.base import Scene
 
 STORE_ITEMSIZE = {"float32": 4, "float16": 2, "uint16": 2}
 

@@ -20,9 +20,9 @@ import zarr
 from tqdm import tqdm
 
 from c2seg.io import file_sha256
-from data_prep.manifest import MANIFEST, empty_splits, load_manifest
-from data_prep.shards import decode_npy, iter_samples, sample_key
-from data_prep.zarr_store import ChunkError, has_checksums, read_tiles
+from c2seg.data_prep.manifest import MANIFEST, empty_splits, load_manifest
+from c2seg.data_prep.shards import decode_npy, iter_samples, sample_key
+from c2seg.data_prep.zarr_store import ChunkError, has_checksums, read_tiles
 
 log = logging.getLogger("c2seg.prep")
 INDEX_ARRAYS = ("windows", "scene")

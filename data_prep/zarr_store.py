@@ -23,8 +23,8 @@ from zarr.codecs import BloscCodec, Crc32cCodec
 
 from c2seg.errors import C2SegError
 from c2seg.spec import DatasetSpec
-from data_prep.prep_config import PrepConfig
-from data_prep.tiling import CityPlan, SplitPlan
+from c2seg.data_prep.prep_config import PrepConfig
+from c2seg.data_prep.tiling import CityPlan, SplitPlan
 
 STORE = "dataset.zarr"
 

@@ -125,7 +125,7 @@ def _config(args: argparse.Namespace):
     from dataclasses import asdict
 
     from c2seg.config import from_dict, load_yaml
-    from inference.config import InferConfig
+    from c2seg.inference.config import InferConfig
 
     data = load_yaml(args.config) if args.config else {}
     flags = {"window": args.window, "overlap": args.overlap, "blend": args.blend, "tta": args.tta,
@@ -138,7 +138,7 @@ def _config(args: argparse.Namespace):
 
 
 def _run(args: argparse.Namespace) -> int:
-    from inference.runner import infer_city
+    from c2seg.inference.runner import infer_city
 
     if (args.task_index is None) != (args.num_tasks is None):
         raise C2SegError("give --task-index and --num-tasks together")
@@ -151,7 +151,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from inference.evaluate import evaluate, log_to_mlflow, plot_confusion, truth_from_city, truth_from_rasters, \
+    from c2seg.inference.evaluate import evaluate, log_to_mlflow, plot_confusion, truth_from_city, truth_from_rasters, \
         write_result
 
     spec = spec_from_args(args)
@@ -163,7 +163,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     write_result(result, out)
     plot = plot_confusion(result, spec, out.with_name(out.stem + "_confusion.png"))
     if args.mlflow_run:  # a tracking server that is down warns; the scores are written already
-        from train.tracking import TrackingCall
+        from c2seg.train.tracking import TrackingCall
 
         with TrackingCall(f"scores not logged to run {args.mlflow_run}", log):
             log_to_mlflow(result, args.mlflow_run, f"eval/{args.city or args.truth.stem}", [out, plot],
@@ -174,7 +174,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _check_cog(args: argparse.Namespace) -> int:
-    from inference.cog import validate_cog
+    from c2seg.inference.cog import validate_cog
 
     bad = 0
     for path in args.files:

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from c2seg.errors import C2SegError
-from inference.predictor import Tta
-from inference.windows import Blend
+from c2seg.inference.predictor import Tta
+from c2seg.inference.windows import Blend
 
 
 @dataclass(frozen=True)

@@ -36,8 +36,8 @@ from c2seg.errors import C2SegError
 from c2seg.metrics import confusion_matrix, scores_from_confusion
 from c2seg.spec import DatasetSpec
 from c2seg.raster import Window, iter_windows
-from data_prep.readers.base import SceneError
-from data_prep.readers.geotiff import _open as open_raster  # missing / empty / corrupt file: SceneError
+from c2seg.data_prep.readers.base import SceneError
+from c2seg.data_prep.readers.geotiff import _open as open_raster  # missing / empty / corrupt file: SceneError
 
 log = logging.getLogger("c2seg.infer")
 BLOCK = 2048
@@ -60,7 +60,7 @@ class Truth:
 def truth_from_city(spec: DatasetSpec, city: str, split: str | None = None) -> Iterator[Truth]:
     """Labels of every scene of ``city`` (those given ``split`` only, when not None) through the readers
     (remapped to class ids)."""
-    from data_prep.readers import open_city
+    from c2seg.data_prep.readers import open_city
 
     if not spec.city(city).labelled:
         raise C2SegError(f"city '{city}' has no labels in spec {spec.source_file or spec.name}")

@@ -13,10 +13,10 @@ from rasterio.windows import Window as RioWindow
 
 from c2seg.errors import C2SegError
 from c2seg.spec import DatasetSpec
-from data_prep.readers.base import Scene
-from inference.accumulator import BlockStore
-from inference.cog import class_colormap, write_class_cog
-from inference.windows import block_grid
+from c2seg.data_prep.readers.base import Scene
+from c2seg.inference.accumulator import BlockStore
+from c2seg.inference.cog import class_colormap, write_class_cog
+from c2seg.inference.windows import block_grid
 
 QUICKLOOK_PX = 1024
 

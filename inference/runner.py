@@ -19,12 +19,12 @@ from tqdm import tqdm
 from c2seg.errors import C2SegError
 from c2seg.distributed import array_task, detect_env
 from c2seg.spec import DatasetSpec, Modality
-from data_prep.readers.base import Scene
-from inference.accumulator import BlockStore
-from inference.config import InferConfig
-from inference.mosaic import write_class_map, write_probabilities, write_quicklook, write_submission_tile
-from inference.sliding import Normalize, PredictFn, predict_block
-from inference.windows import block_grid, window_grid
+from c2seg.data_prep.readers.base import Scene
+from c2seg.inference.accumulator import BlockStore
+from c2seg.inference.config import InferConfig
+from c2seg.inference.mosaic import write_class_map, write_probabilities, write_quicklook, write_submission_tile
+from c2seg.inference.sliding import Normalize, PredictFn, predict_block
+from c2seg.inference.windows import block_grid, window_grid
 
 log = logging.getLogger("c2seg.infer")
 
@@ -118,9 +118,9 @@ def city_statistics(spec: DatasetSpec, city: str, modalities: tuple[Modality, ..
     city a ``per_city`` model has no statistics for."""
     import numpy as np
 
-    from data_prep.readers import open_city
+    from c2seg.data_prep.readers import open_city
     from c2seg.raster import iter_windows
-    from data_prep.stats import BandStats, fill_value, nodata_mask
+    from c2seg.data_prep.stats import BandStats, fill_value, nodata_mask
 
     acc = {m.name: BandStats.empty(m.channels) for m in modalities}
     rng = np.random.default_rng(0)
@@ -152,10 +152,10 @@ def infer_city(model_path: str | Path, spec: DatasetSpec, city: str, out: str | 
     import torch
 
     from c2seg.spec import spec_compatible
-    from data_prep.manifest import Normalizer
-    from data_prep.readers import open_city
-    from inference.predictor import Predictor, pick_device
-    from train.export import load_exported
+    from c2seg.data_prep.manifest import Normalizer
+    from c2seg.data_prep.readers import open_city
+    from c2seg.inference.predictor import Predictor, pick_device
+    from c2seg.train.export import load_exported
     from c2seg.io import file_sha256
 
     dist = detect_env()

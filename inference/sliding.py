@@ -16,9 +16,9 @@ from itertools import groupby
 import numpy as np
 
 from c2seg.raster import Window
-from data_prep.readers.base import Scene
-from data_prep.stats import fill_value, nodata_mask
-from inference.windows import blend_weights, windows_touching
+from c2seg.data_prep.readers.base import Scene
+from c2seg.data_prep.stats import fill_value, nodata_mask
+from c2seg.inference.windows import blend_weights, windows_touching
 
 Normalize = Callable[[str, np.ndarray], np.ndarray]
 PredictFn = Callable[[dict[str, np.ndarray]], np.ndarray]

@@ -13,7 +13,7 @@ from typing import Literal
 import numpy as np
 
 from c2seg.raster import Window, iter_windows
-from data_prep.tiling import tile_origins
+from c2seg.data_prep.tiling import tile_origins
 
 Blend = Literal["gaussian", "cosine"]
 MIN_WEIGHT = 1e-3  # weights are clamped here so edge pixels of every window still count

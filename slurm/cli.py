@@ -68,9 +68,9 @@ def register(stages: argparse._SubParsersAction) -> None:
 
 def _submit(args: argparse.Namespace) -> int:
     from c2seg.config import parse_override
-    from slurm.cluster import SlurmError
-    from slurm.config import load_submit_config
-    from slurm.submit import run_dir_of, submit_chain
+    from c2seg.slurm.cluster import SlurmError
+    from c2seg.slurm.config import load_submit_config
+    from c2seg.slurm.submit import run_dir_of, submit_chain
 
     cfg = load_submit_config(args.config, dict(parse_override(s) for s in args.set))
     try:
@@ -94,9 +94,9 @@ def _submit(args: argparse.Namespace) -> int:
 
 def _wait(run_dir: Path, timeout: float) -> int:
     """Wait for the chain; close its MLflow runs with the outcome either way."""
-    from slurm.cluster import SlurmError
-    from slurm.status import wait_chain
-    from slurm.tracking import close_chain
+    from c2seg.slurm.cluster import SlurmError
+    from c2seg.slurm.status import wait_chain
+    from c2seg.slurm.tracking import close_chain
 
     try:
         wait_chain(run_dir, timeout, progress=lambda s: print(f"[slurm] {s}", flush=True))
@@ -110,8 +110,8 @@ def _wait(run_dir: Path, timeout: float) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from slurm.status import chain_status, failure_message, first_failure
-    from slurm.tracking import close_chain
+    from c2seg.slurm.status import chain_status, failure_message, first_failure
+    from c2seg.slurm.tracking import close_chain
 
     if args.wait:
         return _wait(args.run_dir, args.timeout)
@@ -128,7 +128,7 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _cluster(args: argparse.Namespace) -> int:
-    from slurm.cluster import LOCAL_CLUSTER_SCRIPT, MULTINODE_CLUSTER_SCRIPT
+    from c2seg.slurm.cluster import LOCAL_CLUSTER_SCRIPT, MULTINODE_CLUSTER_SCRIPT
 
     multinode = args.nodes is not None or args.action in ("kill-node", "start-node")
     if args.action in ("kill-node", "start-node") and not args.node:

@@ -18,7 +18,7 @@ from c2seg.errors import C2SegError
 from c2seg.pipeline import (SCORED_RUN, STAGE_NAMES, STAGES, RunLayout, Stage, StageInputs, command_line,
                             set_flags)
 from c2seg.spec import DatasetSpec, load_spec
-from slurm.config import Resources, SubmitConfig
+from c2seg.slurm.config import Resources, SubmitConfig
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from c2seg.config import load_json_record
-from slurm.cluster import SlurmError, job_info, queue_states
-from slurm.render import Job
+from c2seg.slurm.cluster import SlurmError, job_info, queue_states
+from c2seg.slurm.render import Job
 
 FAILED_STATES = ("FAILED", "CANCELLED")
 CHAIN_FORMAT = "c2seg-chain/1"

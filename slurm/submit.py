@@ -11,11 +11,11 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from slurm import tracking
-from slurm.cluster import SlurmError, check_partitions, run_slurm, sbatch
-from slurm.config import SubmitConfig
-from slurm.render import REPO_ROOT, Job, render_chain
-from slurm.status import CHAIN_FORMAT
+from c2seg.slurm import tracking
+from c2seg.slurm.cluster import SlurmError, check_partitions, run_slurm, sbatch
+from c2seg.slurm.config import SubmitConfig
+from c2seg.slurm.render import REPO_ROOT, Job, render_chain
+from c2seg.slurm.status import CHAIN_FORMAT
 
 log = logging.getLogger("c2seg.slurm")
 

@@ -8,7 +8,7 @@ jobs' outcome, tags them with the nodes each job ran on (``slurm.<job>.nodes``),
 stages' own MLflow runs (``<output_dir>/mlflow_run_id``) under the
 parent. Tracking problems only warn: they never stop a submission.
 
-    python -m slurm.tracking close RUN_DIR
+    python -m c2seg.slurm.tracking close RUN_DIR
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import os
 import sys
 from pathlib import Path
 
-from train.tracking import TrackingCall
+from c2seg.train.tracking import TrackingCall
 
 log = logging.getLogger("c2seg.slurm")
 PARENT_TAG = "mlflow.parentRunId"
@@ -77,7 +77,7 @@ def end_runs(uri: str, runs: dict[str, str], status: str) -> None:
 
 def close_chain(run_dir: Path) -> None:
     """End the chain's MLflow runs with the jobs' outcome (idempotent; runs already ended are kept)."""
-    from slurm.status import FAILED_STATES, chain_status, first_failure, job_nodes, load_chain
+    from c2seg.slurm.status import FAILED_STATES, chain_status, first_failure, job_nodes, load_chain
 
     run_dir = Path(run_dir)
     chain = load_chain(run_dir)
@@ -120,7 +120,7 @@ def close_chain(run_dir: Path) -> None:
 
 def main(argv: list[str]) -> int:
     if len(argv) != 2 or argv[0] != "close":
-        print("usage: python -m slurm.tracking close RUN_DIR", file=sys.stderr)
+        print("usage: python -m c2seg.slurm.tracking close RUN_DIR", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     close_chain(Path(argv[1]))

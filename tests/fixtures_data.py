@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from c2seg.spec import DatasetSpec, load_spec
-from data_prep.synth import generate_dataset
+from c2seg.data_prep.synth import generate_dataset
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "datasets"
 TINY_SIZE = (96, 128)

@@ -149,7 +149,7 @@ def tile_city_spec(tiny_spec, folder: Path) -> tuple[Path, Path]:
     and a spec file naming them: (spec file, data root)."""
     import yaml
 
-    from data_prep.synth import generate_dataset
+    from c2seg.data_prep.synth import generate_dataset
 
     data = folder / "tiles"
     spec = generate_dataset(tiny_spec.with_data_root(data), 32, 96, seed=1, fmt="tiles")

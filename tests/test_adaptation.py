@@ -7,12 +7,12 @@ import pytest
 import rasterio
 import torch
 
-from data_prep.loaders import ZarrTileDataset, collate_views
-from data_prep.manifest import load_manifest
-from data_prep.readers import open_city
+from c2seg.data_prep.loaders import ZarrTileDataset, collate_views
+from c2seg.data_prep.manifest import load_manifest
+from c2seg.data_prep.readers import open_city
 from tests.fixtures_train import refresh_saved_hash, run_train, tiny_args
-from train.config import FinetuneConfig
-from train.data import CityStandardizer, PreparedData
+from c2seg.train.config import FinetuneConfig
+from c2seg.train.data import CityStandardizer, PreparedData
 
 
 def test_city_remap_equals_direct_per_city_normalisation(tiny_spec, tiny_prepared):
@@ -72,9 +72,9 @@ def test_per_city_model_exports_and_infers_with_city_statistics(tiny_spec, tiny_
     """A per_city fine-tune (with DAFormer-weighted pseudo-labels) exports its mode and every city's
     statistics; inference on a city uses that city's statistics, or computes them from the scenes of a
     city it has none for."""
-    from inference.config import InferConfig
-    from inference.runner import city_statistics, infer_city
-    from train.export import export_model, load_exported
+    from c2seg.inference.config import InferConfig
+    from c2seg.inference.runner import city_statistics, infer_city
+    from c2seg.train.export import export_model, load_exported
 
     run = tmp_path / "run"
     run_train(tiny_args("finetune", tiny_prepared, run, "deepspeed.zero_stage=0", "steps=3", "checkpoint_every=3",
@@ -119,7 +119,7 @@ def test_class_balanced_pseudo_labels_keep_every_predicted_class():
     """With pseudo_class_keep, the most confident share of each predicted class counts as confident even
     when no pixel reaches the threshold; without it the threshold alone decides, and with no threshold the
     share alone does."""
-    from train.finetune import confident_pixels
+    from c2seg.train.finetune import confident_pixels
 
     g = torch.Generator().manual_seed(0)
     pseudo = torch.randint(1, 4, (2, 16, 16), generator=g)
@@ -170,7 +170,7 @@ def test_finetune_from_a_finetuned_model_starts_from_its_whole_segmenter(tiny_pr
 def test_class_balance_evens_out_the_classes_of_the_target_loss(power):
     """Every class's total weight scales as its pixel count ** (1 - power): at power 1 each class weighs the
     same; ignored pixels weigh 0 and the labelled ones average 1 (the loss keeps its scale)."""
-    from train.finetune import class_balance
+    from c2seg.train.finetune import class_balance
 
     labels = torch.full((2, 8, 8), 3)
     labels[0, :2] = 1  # 16 pixels
@@ -193,8 +193,8 @@ def test_partial_adaptation_leaves_out_the_classes_the_source_model_hardly_predi
     """finetune.target_class_min_share: the classes the source model (the run's init_from) predicts on less than
     that share of the target city's train pixels count as absent while adapting; the log names them, the
     checkpoint keeps the classes left in (so a resumed run does not re-estimate them from its teacher)."""
-    from train.export import export_model, load_exported
-    from train.finetune import predict_classes
+    from c2seg.train.export import export_model, load_exported
+    from c2seg.train.finetune import predict_classes
 
     source = load_exported(export_model(finetuned_tiny, tmp_path / "source.pt"))
     spec = source.spec

@@ -10,9 +10,9 @@ import torch
 
 from c2seg.config import ConfigError, from_dict
 from c2seg.spec import load_spec
-from data_prep.manifest import Normalizer
-from train.augment import RadiometricJitter, jittered
-from train.config import RadiometricConfig
+from c2seg.data_prep.manifest import Normalizer
+from c2seg.train.augment import RadiometricJitter, jittered
+from c2seg.train.config import RadiometricConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -83,7 +83,7 @@ def test_yaml_is_loaded_safely(tmp_path):
     ({"finetune.target_class_min_share": 1.5}, "finetune.target_class_min_share must be in [0, 1), got 1.5"),
 ])
 def test_train_config_numbers_out_of_bounds_name_the_file_key_and_value(override, message):
-    from train.config import load_train_config
+    from c2seg.train.config import load_train_config
 
     path = "configs/train/finetune_tiny.yaml"
     with pytest.raises(ConfigError) as err:
@@ -92,7 +92,7 @@ def test_train_config_numbers_out_of_bounds_name_the_file_key_and_value(override
 
 
 def test_model_config_numbers_out_of_bounds_name_the_file_key_and_value(tmp_path):
-    from train.config import load_model_config
+    from c2seg.train.config import load_model_config
 
     path = tmp_path / "m.yaml"
     path.write_text("name: m\nembed_dim: 64\ndepth: 2\nnum_heads: 0\n")  # 0 heads: a division by zero before

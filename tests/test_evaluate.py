@@ -14,7 +14,7 @@ import rasterio
 from affine import Affine
 
 from c2seg.cli import main
-from inference.evaluate import evaluate, truth_from_rasters
+from c2seg.inference.evaluate import evaluate, truth_from_rasters
 from tests.fixtures_data import hand_scores
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -134,7 +134,7 @@ def test_one_label_raster_pairs_with_one_prediction_of_another_name(tmp_path):
 def test_blocks_count_every_pixel_once(tmp_path):
     """The first block, read before the grids are compared, is counted once, like every other block."""
     from c2seg.spec import load_spec
-    from inference.evaluate import confusion_over
+    from c2seg.inference.evaluate import confusion_over
 
     truths = list(truth_from_rasters(write(tmp_path / "labels.tif", LABELS)))
     pred = write(tmp_path / "pred.tif", np.roll(LABELS, 1, axis=1))

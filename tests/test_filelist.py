@@ -11,10 +11,10 @@ from affine import Affine
 
 from c2seg.config import ConfigError, from_dict
 from c2seg.spec import spec_from_dict
-from data_prep.manifest import finalize, load_manifest
-from data_prep.prep import run_prep
-from data_prep.prep_config import PrepConfig
-from data_prep.readers import SceneError, open_city
+from c2seg.data_prep.manifest import finalize, load_manifest
+from c2seg.data_prep.prep import run_prep
+from c2seg.data_prep.prep_config import PrepConfig
+from c2seg.data_prep.readers import SceneError, open_city
 from tests.fixtures_data import write_geotiff
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -183,17 +183,17 @@ def test_prep_stores_a_test_city_and_leaves_it_out_of_the_statistics(enmap):
 
 
 def _train_config(prep: Path, out: Path, **data):
-    from train.config import TrainConfig
+    from c2seg.train.config import TrainConfig
 
     return from_dict(TrainConfig, {"model": str(ROOT / "configs/models/tiny.yaml"), "output_dir": str(out),
                                    "steps": 1, "data": {"prep_dir": str(prep), **data}})
 
 
 def test_pretraining_and_adaptation_never_read_a_test_city(enmap, tmp_path):
-    from train.config import load_model_config
-    from train.data import PreparedData
-    from train.finetune import FinetuneTask
-    from train.pretrain import PretrainTask
+    from c2seg.train.config import load_model_config
+    from c2seg.train.data import PreparedData
+    from c2seg.train.finetune import FinetuneTask
+    from c2seg.train.pretrain import PretrainTask
 
     _, prep, _ = enmap
     data = PreparedData(prep)
@@ -215,7 +215,7 @@ def test_pretraining_and_adaptation_never_read_a_test_city(enmap, tmp_path):
 def test_validation_falls_back_to_the_source_val_split_when_no_target_is_labelled(enmap, tmp_path):
     from dataclasses import replace
 
-    from train.data import PreparedData, select_cities
+    from c2seg.train.data import PreparedData, select_cities
 
     _, prep, _ = enmap
     data = PreparedData(prep)
@@ -230,12 +230,12 @@ def test_inference_predicts_and_evaluate_scores_a_test_city(enmap, tmp_path):
     import torch
 
     from c2seg.config import to_dict
-    from inference.config import InferConfig
-    from inference.evaluate import evaluate, truth_from_city
-    from inference.runner import infer_city
-    from train.config import load_model_config
-    from train.export import save_exported
-    from train.models import FusionSegmenter
+    from c2seg.inference.config import InferConfig
+    from c2seg.inference.evaluate import evaluate, truth_from_city
+    from c2seg.inference.runner import infer_city
+    from c2seg.train.config import load_model_config
+    from c2seg.train.export import save_exported
+    from c2seg.train.models import FusionSegmenter
 
     spec, prep, _ = enmap
     cfg = load_model_config(ROOT / "configs/models/tiny.yaml")

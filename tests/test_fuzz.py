@@ -28,10 +28,10 @@ import numpy as np
 import pytest
 
 from c2seg.spec import load_spec
-from data_prep.prep_config import load_prep_config
-from data_prep.readers import open_city
-from data_prep.synth import generate_dataset
-from train.config import load_model_config, load_train_config
+from c2seg.data_prep.prep_config import load_prep_config
+from c2seg.data_prep.readers import open_city
+from c2seg.data_prep.synth import generate_dataset
+from c2seg.train.config import load_model_config, load_train_config
 
 REPO = Path(__file__).resolve().parent.parent
 INPUTS_PER_KIND = int(os.environ.get("C2SEG_FUZZ_INPUTS", "250"))
@@ -183,10 +183,10 @@ def make_kinds(tmp: Path) -> list[Kind]:
     import torch
 
     from c2seg.config import to_dict
-    from data_prep.synth import with_format
-    from train.checkpoint import load_weights
-    from train.export import load_exported, save_exported
-    from train.models import FusionSegmenter
+    from c2seg.data_prep.synth import with_format
+    from c2seg.train.checkpoint import load_weights
+    from c2seg.train.export import load_exported, save_exported
+    from c2seg.train.models import FusionSegmenter
 
     cfg_dir = tmp / "configs"
     base = _copy(REPO / "configs/datasets/c2seg_ab.yaml", cfg_dir / "c2seg_ab.yaml")

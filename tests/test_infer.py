@@ -14,13 +14,13 @@ import zarr
 from affine import Affine
 from rasterio.windows import Window as RioWindow
 
-from data_prep.manifest import Normalizer
-from data_prep.readers import open_city
-from inference.cog import validate_cog, write_class_cog
-from inference.config import InferConfig
-from inference.predictor import Predictor
-from inference.runner import infer_scene, select_modalities
-from inference.windows import axis_starts, blend_weights, block_grid, window_grid
+from c2seg.data_prep.manifest import Normalizer
+from c2seg.data_prep.readers import open_city
+from c2seg.inference.cog import validate_cog, write_class_cog
+from c2seg.inference.config import InferConfig
+from c2seg.inference.predictor import Predictor
+from c2seg.inference.runner import infer_scene, select_modalities
+from c2seg.inference.windows import axis_starts, blend_weights, block_grid, window_grid
 
 
 class PixelLinear(torch.nn.Module):
@@ -158,7 +158,7 @@ def test_nodata_is_the_ignore_id_where_class_0_is_a_real_class(setup, tmp_path):
     from dataclasses import replace
     from types import SimpleNamespace
 
-    from inference.mosaic import write_submission_tile
+    from c2seg.inference.mosaic import write_submission_tile
 
     spec, norm, model = setup
     root = tmp_path / "data"

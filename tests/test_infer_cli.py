@@ -18,9 +18,9 @@ import torch
 import yaml
 import zarr
 
-from data_prep.manifest import Normalizer
-from data_prep.synth import generate_dataset
-from inference.cog import validate_cog
+from c2seg.data_prep.manifest import Normalizer
+from c2seg.data_prep.synth import generate_dataset
+from c2seg.inference.cog import validate_cog
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -29,9 +29,9 @@ ROOT = Path(__file__).resolve().parent.parent
 def exported_model(tiny_spec, tmp_path_factory) -> Path:
     """A c2seg-model/1 file of the tiny fusion segmenter (random weights), as `c2seg train export` writes."""
     from c2seg.config import to_dict
-    from train.config import load_model_config
-    from train.export import save_exported
-    from train.models import FusionSegmenter
+    from c2seg.train.config import load_model_config
+    from c2seg.train.export import save_exported
+    from c2seg.train.models import FusionSegmenter
 
     cfg = load_model_config(ROOT / "configs" / "models" / "tiny.yaml")
     torch.manual_seed(0)

@@ -12,9 +12,9 @@ from PIL import Image
 
 from c2seg.cli import main
 from c2seg.spec import load_spec
-from data_prep.prep import run_prep
-from data_prep.prep_config import PrepConfig
-from data_prep.readers import SceneError
+from c2seg.data_prep.prep import run_prep
+from c2seg.data_prep.prep_config import PrepConfig
+from c2seg.data_prep.readers import SceneError
 from tests.fixtures_data import CONFIGS, TINY_SIZE, geotiff_spec, write_geotiff
 
 

@@ -18,13 +18,13 @@ from affine import Affine
 from zarr.codecs import Crc32cCodec
 
 from c2seg.cli import main
-from data_prep.loaders import ZarrTileDataset
-from data_prep.manifest import load_manifest
-from data_prep.shards import iter_samples
-from data_prep.verify import verify
-from data_prep.zarr_store import ChunkError
-from inference.cog import write_class_cog
-from inference.windows import block_grid
+from c2seg.data_prep.loaders import ZarrTileDataset
+from c2seg.data_prep.manifest import load_manifest
+from c2seg.data_prep.shards import iter_samples
+from c2seg.data_prep.verify import verify
+from c2seg.data_prep.zarr_store import ChunkError
+from c2seg.inference.cog import write_class_cog
+from c2seg.inference.windows import block_grid
 
 CITY, SPLIT = "synth_source", "train"
 ROOT = Path(__file__).resolve().parent.parent

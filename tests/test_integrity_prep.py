@@ -21,10 +21,10 @@ import rasterio
 from c2seg.cli import main
 from c2seg.config import ConfigError
 from c2seg.spec import City, load_spec
-from data_prep.manifest import finalize
-from data_prep.prep import run_prep
-from data_prep.readers import SceneError, open_city
-from data_prep.verify import verify
+from c2seg.data_prep.manifest import finalize
+from c2seg.data_prep.prep import run_prep
+from c2seg.data_prep.readers import SceneError, open_city
+from c2seg.data_prep.verify import verify
 from tests.fixtures_data import CONFIGS
 from tests.fixtures_prep import TINY_PREP
 
@@ -93,7 +93,7 @@ def test_a_tile_size_larger_than_every_scene_fails_prep_before_any_work(tiny_spe
 
 def test_verify_refuses_a_store_where_a_city_has_no_train_tiles(tiny_prepared, tmp_path):
     """A store whose city kept no train tile, as prep wrote one before it refused them, is not OK."""
-    from data_prep.zarr_store import write_kept
+    from c2seg.data_prep.zarr_store import write_kept
 
     out = Path(shutil.copytree(tiny_prepared, tmp_path / "prep"))
     manifest = json.loads((out / "manifest.json").read_text())

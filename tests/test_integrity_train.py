@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from tests.fixtures_train import ROOT, free_port, refresh_saved_hash, run_train, tiny_args, train_env
-from train.checkpoint import (CheckpointError, checkpoint_problem, latest_checkpoint, load_weights, resolve_resume,
+from c2seg.train.checkpoint import (CheckpointError, checkpoint_problem, latest_checkpoint, load_weights, resolve_resume,
                               unpickling_problem)
 
 STEP3, STEP6 = "checkpoints/step_00000003", "checkpoints/step_00000006"
@@ -129,9 +129,9 @@ def test_resume_with_another_model_names_both_and_how_to_go_on(tiny_prepared, ru
 def _exported_tiny(pretrained_tiny, out: Path, **tensors: torch.Tensor) -> Path:
     """An exported model file of the tiny segmenter (fresh weights, ``tensors`` replaced)."""
     from c2seg.spec import spec_from_dict
-    from train.config import model_config_from_dict
-    from train.export import save_exported
-    from train.models import FusionSegmenter
+    from c2seg.train.config import model_config_from_dict
+    from c2seg.train.export import save_exported
+    from c2seg.train.models import FusionSegmenter
 
     data = load_weights(pretrained_tiny)
     model = FusionSegmenter(spec_from_dict(data.spec), model_config_from_dict(data.model_config))
@@ -151,7 +151,7 @@ def _overwrite_inside(file: Path, tensor: torch.Tensor) -> None:
 
 
 def test_exported_model_with_overwritten_tensor_bytes_is_refused(pretrained_tiny, tmp_path):
-    from train.export import load_exported
+    from c2seg.train.export import load_exported
 
     model = _exported_tiny(pretrained_tiny, tmp_path / "model.pt")
     state = torch.load(model, weights_only=True)["state_dict"]
@@ -173,7 +173,7 @@ def test_checkpoint_weights_with_overwritten_bytes_are_refused(run_copy):
 
 
 def test_non_finite_weights_are_refused_naming_the_tensor(pretrained_tiny, tmp_path):
-    from train.export import load_exported
+    from c2seg.train.export import load_exported
 
     nan = torch.zeros(64, 64)
     nan[3, 5] = float("nan")
@@ -185,7 +185,7 @@ def test_non_finite_weights_are_refused_naming_the_tensor(pretrained_tiny, tmp_p
 
 
 def test_exported_model_without_checksum_loads_with_a_warning(pretrained_tiny, tmp_path, caplog):
-    from train.export import load_exported
+    from c2seg.train.export import load_exported
 
     model = _exported_tiny(pretrained_tiny, tmp_path / "model.pt")
     data = torch.load(model, weights_only=True)
@@ -219,7 +219,7 @@ def test_evaluate_against_a_closed_tracking_port_warns_fast_and_exits_0(tiny_spe
 
 
 def test_slurm_chain_tracking_against_a_closed_port_returns_fast(tmp_path, caplog, monkeypatch):
-    from slurm.tracking import start_chain
+    from c2seg.slurm.tracking import start_chain
 
     bounds = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
     for name in bounds:  # unset by the user; restored (unset) after the test

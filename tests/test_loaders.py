@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from c2seg.errors import C2SegError
-from data_prep.loaders import ZarrTileDataset, make_wds_loader, plan_epoch
-from data_prep.manifest import ShardInfo, load_manifest
+from c2seg.data_prep.loaders import ZarrTileDataset, make_wds_loader, plan_epoch
+from c2seg.data_prep.manifest import ShardInfo, load_manifest
 
 
 def _shards(counts: dict[str, list[int]]) -> list[ShardInfo]:
@@ -146,7 +146,7 @@ def test_augmented_wds_batches_move_every_modality_and_label_together(tiny_prepa
 
 
 def test_batch_assembler_zeroes_nodata_and_matches_the_normalizer(tiny_prepared):
-    from data_prep.loaders import BatchAssembler
+    from c2seg.data_prep.loaders import BatchAssembler
 
     m = load_manifest(tiny_prepared)
     norm, t = m.normalizer(), m.tile_size
@@ -167,7 +167,7 @@ def test_batch_assembler_zeroes_nodata_and_matches_the_normalizer(tiny_prepared)
 
 
 def test_zarr_batches_equal_items_and_collate_without_copy(tiny_prepared):
-    from data_prep.loaders import collate_views
+    from c2seg.data_prep.loaders import collate_views
 
     ds = ZarrTileDataset(tiny_prepared, "train")
     order = [5, 1, 2, 3, len(ds) - 1]  # a run of consecutive slots, and tiles of both cities
@@ -190,7 +190,7 @@ def test_each_tile_once_with_equal_batches_pads_the_ranks_that_have_fewer(tiny_p
     """Under ZeRO-3 every rank must run as many forwards: the ranks with fewer val batches repeat one,
     marked ``padding``; the unmarked batches still hold every tile exactly once. With one rank more than
     tiles, the last rank has no tile at all and pads with tile 0."""
-    from train.data import PreparedData
+    from c2seg.train.data import PreparedData
 
     data = PreparedData(tiny_prepared)
     n = len(list(data.each_tile_once("val", ["synth_target"], 1)))
@@ -218,8 +218,8 @@ def prepared_by_msi_dtype(tiny_spec, tmp_path_factory):
 
     import rasterio
 
-    from data_prep.manifest import finalize
-    from data_prep.prep import run_prep
+    from c2seg.data_prep.manifest import finalize
+    from c2seg.data_prep.prep import run_prep
     from tests.fixtures_prep import TINY_PREP
 
     root = tmp_path_factory.mktemp("integer_msi")
@@ -246,9 +246,9 @@ def test_every_store_dtype_trains_with_augmentation_and_verifies(prepared_by_msi
 
     import zarr
 
-    from data_prep.loaders import collate_views
-    from data_prep.prep_config import StoreDtype
-    from data_prep.verify import verify
+    from c2seg.data_prep.loaders import collate_views
+    from c2seg.data_prep.prep_config import StoreDtype
+    from c2seg.data_prep.verify import verify
 
     assert dtype in get_args(StoreDtype) and len(get_args(StoreDtype)) == 3  # every documented dtype is tested
     out, reference = prepared_by_msi_dtype(dtype), prepared_by_msi_dtype("float32")
@@ -281,8 +281,8 @@ def test_every_store_dtype_trains_with_augmentation_and_verifies(prepared_by_msi
 def test_a_fill_value_the_stored_dtype_cannot_hold_marks_no_pixel_nodata(tiny_prepared):
     """A spec nodata of -32768 (EnMAP's) with MSI stored as uint16: no stored value can be it, so batches are
     normalised with no nodata pixel instead of failing on the cast."""
-    from data_prep.loaders import BatchAssembler
-    from data_prep.stats import fill_as, nodata_mask
+    from c2seg.data_prep.loaders import BatchAssembler
+    from c2seg.data_prep.stats import fill_as, nodata_mask
 
     assert fill_as(-32768, np.uint16) is None and fill_as(0.5, np.uint16) is None and fill_as(1e6, np.float16) is None
     assert fill_as(0, np.uint16) == 0 and fill_as(-9999, np.float16) == np.float16(-10000)

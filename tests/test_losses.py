@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from train.config import DataConfig, DeepSpeedConfig, OptimConfig, TrainConfig
-from train.engine import deepspeed_config
-from train.finetune import classmix, ema_decay_at, ema_update, segmentation_loss, weighted_pseudo_loss
+from c2seg.train.config import DataConfig, DeepSpeedConfig, OptimConfig, TrainConfig
+from c2seg.train.engine import deepspeed_config
+from c2seg.train.finetune import classmix, ema_decay_at, ema_update, segmentation_loss, weighted_pseudo_loss
 
 LN3 = math.log(3.0)
 

@@ -10,9 +10,9 @@ import torch
 
 from c2seg.config import ConfigError
 from c2seg.spec import load_spec
-from train.cli import count_parameters
-from train.config import ModelConfig, PretrainConfig, load_model_config
-from train.models import FusionSegmenter, MaskedPretrainer
+from c2seg.train.cli import count_parameters
+from c2seg.train.config import ModelConfig, PretrainConfig, load_model_config
+from c2seg.train.models import FusionSegmenter, MaskedPretrainer
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = load_model_config(ROOT / "configs/models/tiny.yaml")
@@ -84,7 +84,7 @@ def test_a_dropped_modality_changes_nothing_and_keeps_every_parameter_in_the_gra
 
 
 def test_modality_dropout_draws_one_modality_with_its_chance():
-    from train.finetune import modality_to_drop
+    from c2seg.train.finetune import modality_to_drop
 
     names = ["hsi", "msi", "sar"]
     torch.manual_seed(1)  # torch.rand() < 0.5 in draws 2, 4, 5, 7, 10, each followed by torch.randint(3)
@@ -126,7 +126,7 @@ def test_fused_features_depend_on_every_modality_there_and_elsewhere(spec, fusio
 def test_weight_decay_spares_biases_norms_and_embedding_tables(spec, task):
     """Every parameter is in exactly one group; embedding tables (modality and spectral-group embeddings),
     biases and norms get no weight decay, projection matrices and kernels do."""
-    from train.engine import weight_decay_split
+    from c2seg.train.engine import weight_decay_split
 
     model = FusionSegmenter(spec, TINY) if task == "segmenter" else MaskedPretrainer(spec, TINY, PretrainConfig())
     decay, no_decay = weight_decay_split(model)
@@ -199,7 +199,7 @@ def test_model_config_rejects_unknown_keys_and_bad_values(tmp_path):
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs/train").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_train_configs_load(path):
-    from train.config import load_train_config
+    from c2seg.train.config import load_train_config
 
     cfg = load_train_config(path)
     assert load_model_config(cfg.model).name

@@ -13,11 +13,11 @@ import torch
 
 from benchmarks.peers import StackedUNet, UNet, build_peer
 from c2seg.spec import load_spec
-from data_prep.synth import CitySynth
-from data_prep.synth.domain import SHIFT_PROFILES, city_style, prior_absent_classes
+from c2seg.data_prep.synth import CitySynth
+from c2seg.data_prep.synth.domain import SHIFT_PROFILES, city_style, prior_absent_classes
 from tests.fixtures_data import CONFIGS
-from train.config import DataConfig, TrainConfig
-from train.models.critic import OutputCritic
+from c2seg.train.config import DataConfig, TrainConfig
+from c2seg.train.models.critic import OutputCritic
 
 # sha256 of every city's rendered arrays (40 x 56 px, seed 3), recorded at 95437d4 before shift profiles existed
 DEFAULT_HASHES = {
@@ -68,7 +68,7 @@ def test_discriminator_scores_cells_of_softmax_maps():
 
 
 def _source_loss(peer, batch) -> float:
-    from train.finetune import segmentation_loss
+    from c2seg.train.finetune import segmentation_loss
 
     with torch.no_grad():
         logits = peer.model({m: batch[m] for m in peer.model.bands})

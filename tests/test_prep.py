@@ -18,14 +18,14 @@ import zarr
 
 from c2seg.config import ConfigError
 from c2seg.spec import load_spec
-from data_prep.manifest import finalize, load_manifest
-from data_prep.prep import run_prep
-from data_prep.prep_config import PrepConfig, load_prep_config
-from data_prep.readers import open_city
-from data_prep.shards import decode_npy, read_shard
-from data_prep.synth import generate_dataset, with_format
-from data_prep.tiling import plan_city, tile_origins
-from data_prep.verify import verify
+from c2seg.data_prep.manifest import finalize, load_manifest
+from c2seg.data_prep.prep import run_prep
+from c2seg.data_prep.prep_config import PrepConfig, load_prep_config
+from c2seg.data_prep.readers import open_city
+from c2seg.data_prep.shards import decode_npy, read_shard
+from c2seg.data_prep.synth import generate_dataset, with_format
+from c2seg.data_prep.tiling import plan_city, tile_origins
+from c2seg.data_prep.verify import verify
 from tests.fixtures_data import CONFIGS
 from tests.fixtures_prep import TINY_PREP
 
@@ -83,7 +83,7 @@ def test_tar_and_zarr_hold_the_scene_values(tiny_spec, tiny_prepared):
     key, entries = next(read_shard(tiny_prepared / sp["shards"][1]["path"]))
     meta = json.loads(entries["json"])
     r, c, h, w = meta["window"]
-    from data_prep.readers import Window
+    from c2seg.data_prep.readers import Window
 
     raw = scene.read("hsi", Window(r, c, h, w))
     tile = decode_npy(entries["hsi.npy"])
@@ -190,7 +190,7 @@ def test_config_errors_are_clear(tmp_path, tiny_spec):
 def test_shards_read_by_webdataset_and_by_sample_range(tiny_prepared, tmp_path):
     import webdataset as wds
 
-    from data_prep.shards import decode_npy, iter_samples
+    from c2seg.data_prep.shards import decode_npy, iter_samples
 
     m = load_manifest(tiny_prepared)
     shard = m.shards("train", ["synth_source"])[0]
@@ -264,7 +264,7 @@ def test_only_stored_pixels_must_fit_the_store_dtype(tiny_spec, tmp_path):
 def test_source_cities_train_whole_by_default(tiny_spec):
     """With the default ``source_val_fraction`` (0) a source city holds out no block, so no tile straddles
     one and every labelled pixel is in a train tile; the target city still holds out its val blocks."""
-    from data_prep.tiling import plan_city
+    from c2seg.data_prep.tiling import plan_city
 
     cfg = PrepConfig(tile_size=32, stride=16, val_block_size=48).resolved(tiny_spec)
     plans = {c.name: plan_city(tiny_spec, c, open_city(tiny_spec, c.name), cfg) for c in tiny_spec.cities}
@@ -330,9 +330,9 @@ def test_excluded_bands_are_what_prep_stores_the_manifest_records_and_an_exporte
     import torch
 
     from c2seg.config import to_dict
-    from train.config import load_model_config
-    from train.export import load_exported, save_exported
-    from train.models import FusionSegmenter
+    from c2seg.train.config import load_model_config
+    from c2seg.train.export import load_exported, save_exported
+    from c2seg.train.models import FusionSegmenter
 
     msi = replace(tiny_spec.modality("msi"), exclude_bands=("B3", 4))
     spec = replace(tiny_spec, modalities=tuple(msi if m.name == "msi" else m for m in tiny_spec.modalities))

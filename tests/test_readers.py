@@ -14,10 +14,10 @@ import rasterio
 from affine import Affine
 
 from c2seg.spec import load_spec
-from data_prep.readers import SceneError, Window, open_city
-from data_prep.readers.sensor import BandMeta
-from data_prep.synth import CitySynth, generate_city, generate_dataset
-from data_prep.synth.writers import city_tiles
+from c2seg.data_prep.readers import SceneError, Window, open_city
+from c2seg.data_prep.readers.sensor import BandMeta
+from c2seg.data_prep.synth import CitySynth, generate_city, generate_dataset
+from c2seg.data_prep.synth.writers import city_tiles
 from tests.fixtures_data import CONFIGS, geotiff_spec, write_geotiff
 
 # (spec, format, height, width): AB-like pair as .mat v5 and tiles, BW-like as v7.3 with 30 m HSI and raw
@@ -160,7 +160,7 @@ def test_misaligned_grids(tiny_copy, change):
 def test_nonfinite_values_make_their_pixels_nodata(tiny_copy, caplog):
     """A NaN / inf in one band of a SAR pixel makes the whole pixel nodata (every band at the fill value), so
     the nodata mask prep uses counts it and the statistics leave it out; it is never 0 dB beside a valid band."""
-    from data_prep.stats import BandStats, fill_value, nodata_mask
+    from c2seg.data_prep.stats import BandStats, fill_value, nodata_mask
 
     path = tiny_copy.resolve(tiny_copy.cities[0], "sar")
     data = _read_raw(path)

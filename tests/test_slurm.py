@@ -12,8 +12,8 @@ import pytest
 from c2seg.cli import main
 from c2seg.config import ConfigError
 from c2seg.pipeline import STAGE_NAMES, StageName
-from slurm import submit
-from slurm.config import SubmitConfig, load_submit_config
+from c2seg.slurm import submit
+from c2seg.slurm.config import SubmitConfig, load_submit_config
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "configs" / "slurm" / "cluster_example.yaml"
@@ -134,7 +134,7 @@ def test_missing_sbatch_is_a_clear_error(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs/slurm").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_slurm_configs_render_the_whole_chain(path, tmp_path):
-    from slurm.config import load_submit_config
+    from c2seg.slurm.config import load_submit_config
 
     cfg = load_submit_config(path, {"run_dir": str(tmp_path / "run")})
     jobs = submit.submit_chain(cfg, dry_run=True, config_path=str(path))

@@ -20,8 +20,8 @@ import pytest
 import rasterio
 
 from c2seg.cli import main
-from slurm.cluster import SlurmError, run_slurm, slurm_env
-from slurm.config import load_submit_config
+from c2seg.slurm.cluster import SlurmError, run_slurm, slurm_env
+from c2seg.slurm.config import load_submit_config
 from tests.fixtures_train import assert_same_weights, infer_locally, tile_city_spec
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -135,7 +135,7 @@ def test_usr1_checkpoints_requeues_and_matches_uninterrupted(chain, tmp_path):
 
 def test_inference_array_over_three_scenes_equals_local_run(chain, tiny_spec, tmp_path):
     from c2seg.spec import load_spec
-    from data_prep.readers import open_city
+    from c2seg.data_prep.readers import open_city
 
     spec_file, data = tile_city_spec(tiny_spec, tmp_path)
     assert len(open_city(load_spec(spec_file, data_root=data), "synth_target")) == 3

@@ -23,8 +23,8 @@ import pytest
 import rasterio
 
 from c2seg.cli import main
-from slurm.cluster import MULTINODE_CLUSTER_SCRIPT, run_slurm
-from slurm.config import load_submit_config
+from c2seg.slurm.cluster import MULTINODE_CLUSTER_SCRIPT, run_slurm
+from c2seg.slurm.config import load_submit_config
 from tests.fixtures_train import assert_same_weights, infer_locally, tile_city_spec
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]

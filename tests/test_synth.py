@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from c2seg.spec import load_spec
-from data_prep.readers import Window, open_city
-from data_prep.synth import CitySynth, city_outputs, generate_dataset
-from data_prep.synth.spectra import band_matrix
+from c2seg.data_prep.readers import Window, open_city
+from c2seg.data_prep.synth import CitySynth, city_outputs, generate_dataset
+from c2seg.data_prep.synth.spectra import band_matrix
 from tests.fixtures_data import CONFIGS
 
 H, W = 192, 384  # crosses the 256 px block grid

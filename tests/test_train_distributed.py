@@ -87,9 +87,9 @@ def test_export_then_load_without_deepspeed_gives_identical_logits(finetuned_tin
     assert out.stdout.split()[0] == "32"
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    from train.config import load_model_config
-    from train.models import FusionSegmenter
-    from train.export import load_exported
+    from c2seg.train.config import load_model_config
+    from c2seg.train.models import FusionSegmenter
+    from c2seg.train.export import load_exported
 
     exported = load_exported(model_file)
     state = get_fp32_state_dict_from_zero_checkpoint(str(finetuned_tiny / "checkpoints"),

@@ -11,7 +11,7 @@ import torch
 from c2seg.spec import load_spec
 from tests.fixtures_prep import TINY_PREP
 from tests.fixtures_train import FINETUNE_TINY, ROOT, refresh_saved_hash, run_train, tiny_args
-from train.checkpoint import CheckpointError, load_weights
+from c2seg.train.checkpoint import CheckpointError, load_weights
 
 
 def test_unknown_config_key_names_the_file_and_key(tiny_prepared, tmp_path):
@@ -53,7 +53,7 @@ def test_resume_at_another_world_size_says_how_to_continue(tiny_prepared, pretra
 
 
 def test_exported_file_of_another_kind_is_refused(tmp_path):
-    from train.export import load_exported
+    from c2seg.train.export import load_exported
 
     bad = tmp_path / "x.pt"
     torch.save({"format": "other"}, bad)
@@ -64,8 +64,8 @@ def test_exported_file_of_another_kind_is_refused(tmp_path):
 def test_a_labelled_target_without_val_tiles_warns_and_trains_on(tiny_spec, tmp_path):
     """Held-out blocks are optional (``val_fraction: 0``): validation says there is nothing to score
     and fine-tuning still finishes."""
-    from data_prep.manifest import finalize
-    from data_prep.prep import run_prep
+    from c2seg.data_prep.manifest import finalize
+    from c2seg.data_prep.prep import run_prep
 
     prep = tmp_path / "prep"
     run_prep(tiny_spec, dataclasses.replace(TINY_PREP, val_fraction=0.0), prep)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from train.weights import FORMAT, CheckpointError, Weights, read_weights, save_weights, tensors_sha256
+from c2seg.train.weights import FORMAT, CheckpointError, Weights, read_weights, save_weights, tensors_sha256
 
 STATE = {"head.weight": torch.arange(6, dtype=torch.float32).reshape(2, 3), "head.bias": torch.tensor([0.5, -1.0])}
 META = {"model_config": {"name": "m"}, "spec": {"name": "s"}, "normalization": {"msi": {"mean": [1.0], "std": [2.0]}},

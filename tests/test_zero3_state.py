@@ -12,9 +12,9 @@ WORKER = textwrap.dedent("""
     import json, sys
     import deepspeed, torch
     from c2seg.spec import load_spec
-    from train.config import TrainConfig, DataConfig, DeepSpeedConfig, load_model_config
-    from train.engine import create_engine, full_state_dict, init_distributed, iter_full_state
-    from train.models import FusionSegmenter
+    from c2seg.train.config import TrainConfig, DataConfig, DeepSpeedConfig, load_model_config
+    from c2seg.train.engine import create_engine, full_state_dict, init_distributed, iter_full_state
+    from c2seg.train.models import FusionSegmenter
 
     env = init_distributed()
     spec = load_spec("configs/datasets/demo_tiny.yaml")

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from c2seg.spec import DatasetSpec
-from train.config import RadiometricConfig
+from c2seg.train.config import RadiometricConfig
 
 
 class RadiometricJitter:

@@ -33,9 +33,9 @@ from c2seg.distributed import any_rank, barrier, gather_objects, rank
 from c2seg.distributed import world_size as ranks
 from c2seg.io import file_sha256, write_text_atomic
 from c2seg.spec import DatasetSpec, spec_compatible, spec_from_dict
-from train.config import ModelConfig, load_model_config, model_config_from_dict
-from train.engine import full_state_dict
-from train.weights import CheckpointError, Weights, first_line, read_weights, save_weights
+from c2seg.train.config import ModelConfig, load_model_config, model_config_from_dict
+from c2seg.train.engine import full_state_dict
+from c2seg.train.weights import CheckpointError, Weights, first_line, read_weights, save_weights
 
 log = logging.getLogger("c2seg.train")
 STATE_FILE = "train_state.json"

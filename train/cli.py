@@ -56,11 +56,11 @@ def register(stages: argparse._SubParsersAction) -> None:
 
 def _run_training(args: argparse.Namespace) -> int:
     from c2seg.config import parse_override
-    from train.config import load_train_config
-    from train.data import PreparedData
-    from train.finetune import FinetuneTask
-    from train.loop import run_training
-    from train.pretrain import PretrainTask
+    from c2seg.train.config import load_train_config
+    from c2seg.train.data import PreparedData
+    from c2seg.train.finetune import FinetuneTask
+    from c2seg.train.loop import run_training
+    from c2seg.train.pretrain import PretrainTask
 
     overrides = dict(parse_override(o) for o in args.overrides)
     cfg = load_train_config(args.config, overrides)
@@ -70,7 +70,7 @@ def _run_training(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from train.export import export_model
+    from c2seg.train.export import export_model
 
     path = export_model(args.run_dir, args.out, args.weights)
     print(path)
@@ -81,8 +81,8 @@ def count_parameters(model_path: Path, spec) -> dict[str, int]:
     """Parameters per top-level part of the segmenter, built on the meta device."""
     import torch
 
-    from train.config import load_model_config
-    from train.models import FusionSegmenter
+    from c2seg.train.config import load_model_config
+    from c2seg.train.models import FusionSegmenter
 
     with torch.device("meta"):
         model = FusionSegmenter(spec, load_model_config(model_path))

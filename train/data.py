@@ -13,8 +13,8 @@ from typing import Any
 import torch
 
 from c2seg.spec import DatasetSpec, load_spec
-from train.augment import RadiometricJitter, affine_bands, jittered
-from train.config import DataConfig, RadiometricConfig
+from c2seg.train.augment import RadiometricJitter, affine_bands, jittered
+from c2seg.train.config import DataConfig, RadiometricConfig
 from c2seg.io import file_sha256
 
 
@@ -84,7 +84,7 @@ class PreparedData:
     ``normalization`` ``per_city`` standardises every tile with its own city's statistics."""
 
     def __init__(self, prep_dir: str | Path, spec_path: str | None = None, normalization: str = "pooled") -> None:
-        from data_prep.manifest import load_manifest
+        from c2seg.data_prep.manifest import load_manifest
 
         self.prep_dir = Path(prep_dir)
         self.manifest = load_manifest(self.prep_dir)
@@ -109,7 +109,7 @@ class PreparedData:
                **kwargs: Any) -> Iterable[dict[str, torch.Tensor]]:
         """``data_prep.loaders.make_wds_loader`` (``kwargs``) of ``split``; tiles get the radiometric
         augmentation ``radiometric`` (when its ``prob`` > 0), then this run's normalisation."""
-        from data_prep.loaders import make_wds_loader
+        from c2seg.data_prep.loaders import make_wds_loader
 
         loader = make_wds_loader(self.prep_dir, split, cities=list(cities), **kwargs)
         jitter = None
@@ -131,7 +131,7 @@ class PreparedData:
         callers whose forward is collective (ZeRO-3 gathers parameters in every forward)."""
         from torch.utils.data import DataLoader, Subset
 
-        from data_prep.loaders import ZarrTileDataset, collate_views
+        from c2seg.data_prep.loaders import ZarrTileDataset, collate_views
 
         tiles = ZarrTileDataset(self.prep_dir, split, cities=list(cities))
         rounds = math.ceil(len(range(0, len(tiles), world_size)) / batch_size)  # rank 0's: the most

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from c2seg.distributed import DistEnv, detect_env, init_process_group, rank
-from train.config import TrainConfig
+from c2seg.train.config import TrainConfig
 
 log = logging.getLogger("c2seg.train")
 

@@ -14,10 +14,10 @@ import torch
 
 from c2seg.errors import C2SegError
 from c2seg.spec import DatasetSpec, spec_from_dict
-from train.checkpoint import CheckpointError, load_weights
-from train.config import ModelConfig, model_config_from_dict
-from train.models import FusionSegmenter
-from train.weights import Weights, read_weights, save_weights
+from c2seg.train.checkpoint import CheckpointError, load_weights
+from c2seg.train.config import ModelConfig, model_config_from_dict
+from c2seg.train.models import FusionSegmenter
+from c2seg.train.weights import Weights, read_weights, save_weights
 
 log = logging.getLogger("c2seg.train")
 

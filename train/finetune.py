@@ -27,16 +27,16 @@ from c2seg.errors import C2SegError
 from c2seg.distributed import rank, reduce_tensor, world_size
 from c2seg.metrics import confusion_matrix, scores_from_confusion
 from c2seg.spec import DatasetSpec
-from train.config import FinetuneConfig, ModelConfig, TrainConfig
-from train.data import batch_stream, model_inputs, select_cities
-from train.determinism import rng_isolated
-from train.engine import engine_dtype, iter_full_state
-from train.loop import Task
-from train.models import FusionSegmenter
-from train.models.critic import SOURCE, TARGET, OutputCritic, domain_loss
-from train.pretrain import load_backbone
+from c2seg.train.config import FinetuneConfig, ModelConfig, TrainConfig
+from c2seg.train.data import batch_stream, model_inputs, select_cities
+from c2seg.train.determinism import rng_isolated
+from c2seg.train.engine import engine_dtype, iter_full_state
+from c2seg.train.loop import Task
+from c2seg.train.models import FusionSegmenter
+from c2seg.train.models.critic import SOURCE, TARGET, OutputCritic, domain_loss
+from c2seg.train.pretrain import load_backbone
 from c2seg.plots import confusion_figure, preview_figure
-from train.weights import Weights
+from c2seg.train.weights import Weights
 
 log = logging.getLogger("c2seg.train")
 

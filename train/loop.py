@@ -28,13 +28,13 @@ from tqdm import tqdm
 from c2seg.config import to_dict
 from c2seg.distributed import mean_over_ranks, world_size
 from c2seg.spec import DatasetSpec
-from train.checkpoint import (StopRequest, check_same_model, load_checkpoint, load_weights, resolve_resume,
+from c2seg.train.checkpoint import (StopRequest, check_same_model, load_checkpoint, load_weights, resolve_resume,
                               save_checkpoint, saved_state)
-from train.config import ModelConfig, TrainConfig, load_model_config
-from train.determinism import data_wait_seconds, seed_micro_batch
-from train.engine import create_engine, init_distributed
-from train.tracking import Tracker, git_commit
-from train.weights import Weights
+from c2seg.train.config import ModelConfig, TrainConfig, load_model_config
+from c2seg.train.determinism import data_wait_seconds, seed_micro_batch
+from c2seg.train.engine import create_engine, init_distributed
+from c2seg.train.tracking import Tracker, git_commit
+from c2seg.train.weights import Weights
 
 log = logging.getLogger("c2seg.train")
 EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped by a signal after saving a checkpoint; rerun with --resume auto

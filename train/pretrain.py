@@ -7,13 +7,13 @@ import torch
 
 from c2seg.errors import C2SegError
 from c2seg.spec import DatasetSpec
-from train.config import ModelConfig, TrainConfig
-from train.data import batch_stream, model_inputs, select_cities
-from train.determinism import rng_isolated
-from train.engine import engine_dtype
-from train.loop import Task
-from train.models import MaskedPretrainer
-from train.weights import Weights
+from c2seg.train.config import ModelConfig, TrainConfig
+from c2seg.train.data import batch_stream, model_inputs, select_cities
+from c2seg.train.determinism import rng_isolated
+from c2seg.train.engine import engine_dtype
+from c2seg.train.loop import Task
+from c2seg.train.models import MaskedPretrainer
+from c2seg.train.weights import Weights
 
 
 class PretrainTask(Task):

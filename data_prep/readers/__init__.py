@@ -13,11 +13,11 @@ from pathlib import Path
 from c2seg.io import similar_files
 from c2seg.spec import City, DatasetSpec
 from c2seg.raster import Window, iter_windows
-from data_prep.readers.base import Scene, SceneError
-from data_prep.readers.filelist import open_filelist_city
-from data_prep.readers.geotiff import GeoTiffScene, open_geotiff_city
-from data_prep.readers.mat import MatV5Scene, MatV73Scene, open_mat_v5_city, open_mat_v73_city
-from data_prep.readers.tiles import open_tile_city
+from c2seg.data_prep.readers.base import Scene, SceneError
+from c2seg.data_prep.readers.filelist import open_filelist_city
+from c2seg.data_prep.readers.geotiff import GeoTiffScene, open_geotiff_city
+from c2seg.data_prep.readers.mat import MatV5Scene, MatV73Scene, open_mat_v5_city, open_mat_v73_city
+from c2seg.data_prep.readers.tiles import open_tile_city
 
 OPENERS = {
     "geotiff": open_geotiff_city,

@@ -22,7 +22,7 @@ from c2seg.raster import Window
 from c2seg.spec import City, DatasetSpec
 
 if TYPE_CHECKING:
-    from data_prep.readers.sensor import BandMeta
+    from c2seg.data_prep.readers.sensor import BandMeta
 
 
 class SceneError(C2SegError):

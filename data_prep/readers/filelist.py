@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from c2seg.spec import CHIP, City, DatasetSpec
-from data_prep.readers.base import SceneError, require_file
-from data_prep.readers.geotiff import GeoTiffScene
+from c2seg.data_prep.readers.base import SceneError, require_file
+from c2seg.data_prep.readers.geotiff import GeoTiffScene
 
 GLOB_CHARS = "*?["
 

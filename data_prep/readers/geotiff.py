@@ -16,9 +16,9 @@ from rasterio.errors import RasterioError
 from rasterio.windows import Window as RioWindow
 
 from c2seg.spec import City, DatasetSpec
-from data_prep.readers.base import SceneError, require_file
-from data_prep.readers.grid import GridScene, grid_factor
-from data_prep.readers.sensor import read_band_meta
+from c2seg.data_prep.readers.base import SceneError, require_file
+from c2seg.data_prep.readers.grid import GridScene, grid_factor
+from c2seg.data_prep.readers.sensor import read_band_meta
 
 
 def _open(path: Path):

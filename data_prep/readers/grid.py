@@ -34,8 +34,8 @@ import numpy as np
 
 from c2seg.spec import City, DatasetSpec, Modality
 from c2seg.raster import Window, iter_windows
-from data_prep.readers.base import Scene, SceneError
-from data_prep.stats import fill_value
+from c2seg.data_prep.readers.base import Scene, SceneError
+from c2seg.data_prep.stats import fill_value
 
 log = logging.getLogger("c2seg.readers")
 

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from c2seg.spec import City, DatasetSpec
-from data_prep.readers.base import SceneError, require_file
-from data_prep.readers.grid import GridScene, grid_factor, mat_transform
+from c2seg.data_prep.readers.base import SceneError, require_file
+from c2seg.data_prep.readers.grid import GridScene, grid_factor, mat_transform
 
 LABEL_KEY = "label"
 

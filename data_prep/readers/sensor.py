@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from data_prep.readers.base import SceneError
+from c2seg.data_prep.readers.base import SceneError
 
 NM_PER_UNIT = {"nanometers": 1.0, "nanometer": 1.0, "nm": 1.0, "micrometers": 1000.0, "micrometer": 1000.0,
                "um": 1000.0, "µm": 1000.0, "microns": 1000.0}

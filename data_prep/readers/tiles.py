@@ -9,8 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from c2seg.spec import City, DatasetSpec
-from data_prep.readers.base import SceneError
-from data_prep.readers.geotiff import GeoTiffScene
+from c2seg.data_prep.readers.base import SceneError
+from c2seg.data_prep.readers.geotiff import GeoTiffScene
 
 TILE_SUFFIXES = (".tiff", ".tif")
 

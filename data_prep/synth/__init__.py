@@ -13,8 +13,8 @@ from pathlib import Path
 
 from c2seg.errors import C2SegError
 from c2seg.spec import City, DatasetSpec, SceneFormat
-from data_prep.synth.city import BLOCK_PX, CitySynth
-from data_prep.synth.writers import (city_tiles, tile_cache_blocks, write_geotiff, write_mat_v5, write_mat_v73,
+from c2seg.data_prep.synth.city import BLOCK_PX, CitySynth
+from c2seg.data_prep.synth.writers import (city_tiles, tile_cache_blocks, write_geotiff, write_mat_v5, write_mat_v73,
                                      write_tiles)
 
 log = logging.getLogger("c2seg.synth")

@@ -16,10 +16,10 @@ import numpy as np
 
 from c2seg.spec import City, DatasetSpec, Modality
 from c2seg.raster import Window, iter_windows
-from data_prep.readers.grid import grid_factor
-from data_prep.synth.domain import CityStyle, city_style
-from data_prep.synth.noise import hash_uniform, value_noise, voronoi
-from data_prep.synth.spectra import (ENDMEMBERS, band_matrix, class_profile, modality_kind, optical_wavelengths,
+from c2seg.data_prep.readers.grid import grid_factor
+from c2seg.data_prep.synth.domain import CityStyle, city_style
+from c2seg.data_prep.synth.noise import hash_uniform, value_noise, voronoi
+from c2seg.data_prep.synth.spectra import (ENDMEMBERS, band_matrix, class_profile, modality_kind, optical_wavelengths,
                                      sar_band_offsets)
 
 BLOCK_PX = 256

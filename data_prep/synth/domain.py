@@ -23,7 +23,7 @@ import numpy as np
 
 from c2seg.errors import C2SegError
 from c2seg.spec import City, DatasetSpec
-from data_prep.synth.spectra import class_profile
+from c2seg.data_prep.synth.spectra import class_profile
 
 MATERIAL_SHIFT = 0.3  # share of each class's endmember mixture replaced by another in a fully shifted city
 

@@ -24,8 +24,8 @@ from c2seg.errors import C2SegError
 from c2seg.io import atomic_dir, atomic_path
 from c2seg.spec import DatasetSpec
 from c2seg.raster import Window
-from data_prep.synth.city import CitySynth
-from data_prep.tiling import tile_origins
+from c2seg.data_prep.synth.city import CitySynth
+from c2seg.data_prep.tiling import tile_origins
 
 MAT_V5_MAX_BYTES = 2**31 - 1
 DEFAULT_CRS = "EPSG:32632"

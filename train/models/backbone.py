@@ -22,10 +22,10 @@ from torch import nn
 
 from c2seg.errors import C2SegError
 from c2seg.spec import DatasetSpec
-from train.config import ModelConfig
-from train.models.cross_fusion import CrossFusionEncoder
-from train.models.embed import SpectralPatchEmbed, sincos_pos_embed
-from train.models.encoder import TransformerEncoder
+from c2seg.train.config import ModelConfig
+from c2seg.train.models.cross_fusion import CrossFusionEncoder
+from c2seg.train.models.embed import SpectralPatchEmbed, sincos_pos_embed
+from c2seg.train.models.encoder import TransformerEncoder
 
 
 class FusionBackbone(nn.Module):

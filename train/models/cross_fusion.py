@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from train.models.encoder import Block, TransformerEncoder, run_block
+from c2seg.train.models.encoder import Block, TransformerEncoder, run_block
 
 
 class CrossFusionEncoder(nn.Module):

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from c2seg.spec import Modality
-from train.config import ModelConfig
+from c2seg.train.config import ModelConfig
 
 
 def _fourier(values: torch.Tensor, dim: int) -> torch.Tensor:

@@ -15,10 +15,10 @@ from torch import nn
 
 from c2seg.errors import C2SegError
 from c2seg.spec import DatasetSpec
-from train.config import ModelConfig, PretrainConfig
-from train.models.backbone import FusionBackbone
-from train.models.embed import sincos_pos_embed
-from train.models.encoder import TransformerEncoder, init_weights
+from c2seg.train.config import ModelConfig, PretrainConfig
+from c2seg.train.models.backbone import FusionBackbone
+from c2seg.train.models.embed import sincos_pos_embed
+from c2seg.train.models.encoder import TransformerEncoder, init_weights
 
 
 class MaskedPretrainer(nn.Module):

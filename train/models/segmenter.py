@@ -10,11 +10,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from c2seg.spec import DatasetSpec
-from train.config import ModelConfig
-from train.models.backbone import FusionBackbone
-from train.models.decoder import SegDecoder
-from train.models.encoder import init_weights
-from train.models.stem import ConvStem, SkipDecoder
+from c2seg.train.config import ModelConfig
+from c2seg.train.models.backbone import FusionBackbone
+from c2seg.train.models.decoder import SegDecoder
+from c2seg.train.models.encoder import init_weights
+from c2seg.train.models.stem import ConvStem, SkipDecoder
 
 
 class FusionSegmenter(nn.Module):

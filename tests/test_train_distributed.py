@@ -204,3 +204,23 @@ def test_compiled_engine_keeps_weight_names_and_eager_logits(tmp_path):
                          timeout=400)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1].startswith("ok")
+
+
+def test_bf16_engine_trains_and_keeps_fp32_weights(tiny_prepared, tmp_path):
+    """The bf16 engine path on CPU: batches in bf16, finite losses, the consolidated weights saved in fp32 (what
+    export and init_from read). fp16 needs a GPU: on CPU it is one line before DeepSpeed starts."""
+    from c2seg.train.weights import read_weights
+
+    run = tmp_path / "bf16"
+    sets = ["deepspeed.zero_stage=0", "steps=2", "checkpoint_every=2", "finetune.eval_every=2", "finetune.adapt=false"]
+    proc = run_train(tiny_args("finetune", tiny_prepared, run, "deepspeed.precision=bf16", *sets))
+    assert "ZeRO-0, bf16" in proc.stderr
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2] and all(math.isfinite(r["loss"]) for r in records)
+    saved = read_weights(run / "checkpoints" / "step_00000002" / "weights.pt")
+    assert {t.dtype for t in saved.state_dict.values() if t.is_floating_point()} == {torch.float32}
+    fp16 = run_train(tiny_args("finetune", tiny_prepared, tmp_path / "fp16", "deepspeed.precision=fp16", *sets),
+                     check=False)
+    assert fp16.returncode != 0 and fp16.stderr.strip().splitlines()[-1].endswith(
+        "error: deepspeed.precision fp16 needs a CUDA GPU (DeepSpeed's CPU accelerator has no fp16 kernels); use "
+        "bf16 or fp32 on CPU")

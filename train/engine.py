@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from c2seg.errors import C2SegError
 from c2seg.distributed import DistEnv, detect_env, init_process_group, rank
 from c2seg.train.config import TrainConfig
 
@@ -102,6 +103,9 @@ def create_engine(model: nn.Module, cfg: TrainConfig, world_size: int):
     """Wrap ``model`` in a DeepSpeed engine with optimizer and LR scheduler from ``cfg``."""
     import deepspeed
 
+    if cfg.deepspeed.precision == "fp16" and not torch.cuda.is_available():
+        raise C2SegError("deepspeed.precision fp16 needs a CUDA GPU (DeepSpeed's CPU accelerator has no fp16 "
+                         "kernels); use bf16 or fp32 on CPU")
     conf = deepspeed_config(cfg, world_size)
     if cfg.compile:
         model.compile()  # in place, so checkpoints and exports keep the plain weight names

@@ -91,7 +91,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from c2seg.spec import load_spec
 
     spec = load_spec(cfg.spec, data_root=cfg.data_root)
-    target = spec.cities_with_role("target")[0].name
+    target = spec.scored_city().name
     layout = RunLayout(out)
     spec_args = ("--spec", cfg.spec, *(("--data-root", cfg.data_root) if cfg.data_root else ()))
     configs = {"prep": cfg.prep_config, "pretrain": cfg.pretrain_config, "source_only": cfg.source_only_config,

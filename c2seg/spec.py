@@ -365,6 +365,16 @@ class DatasetSpec:
     def cities_with_role(self, role: CityRole) -> tuple[City, ...]:
         return tuple(c for c in self.cities if c.role == role)
 
+    def scored_city(self) -> City:
+        """The city a whole chain (the demo, a SLURM submission) predicts and scores by default: the first
+        labelled test city, else the first labelled target city, else the first target city."""
+        order: tuple[tuple[CityRole, bool], ...] = (("test", True), ("target", True), ("target", False))
+        for role, labelled in order:
+            found = [c for c in self.cities_with_role(role) if c.labelled or not labelled]
+            if found:
+                return found[0]
+        raise C2SegError(f"dataset '{self.name}' has no target or test city to predict")
+
     def training_cities(self, role: CityRole, names: tuple[str, ...] | list[str] | None = None,
                         setting: str = "") -> tuple[str, ...]:
         """The cities training reads in ``role``: ``names`` (given by a config's ``setting``) when not None, else

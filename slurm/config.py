@@ -97,7 +97,7 @@ class SubmitConfig:
     spec: str  # dataset spec YAML
     stages: tuple[StageName, ...] = STAGE_NAMES
     data_root: str | None = None
-    city: str | None = None  # city to predict and score; default: the spec's first target city
+    city: str | None = None  # city to predict and score; default: DatasetSpec.scored_city (test, else target)
     model: str | None = None  # model file export writes and infer predicts with; default RUN_DIR/models/adapted.pt
     python: str | None = None  # interpreter with c2seg installed, as seen from the compute nodes;
     # default: the one running `c2seg slurm submit`

@@ -14,7 +14,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from c2seg.errors import C2SegError
 from c2seg.pipeline import (SCORED_RUN, STAGE_NAMES, STAGES, RunLayout, Stage, StageInputs, command_line,
                             set_flags)
 from c2seg.spec import DatasetSpec, load_spec
@@ -84,14 +83,11 @@ def _sets(items: tuple[str, ...]) -> str:
 
 
 def default_city(cfg: SubmitConfig, spec: DatasetSpec) -> str:
-    """The city to predict: the config's, else the spec's first target city."""
+    """The city to predict: the config's, else the spec's scored city (a labelled test city, else a target)."""
     if cfg.city:
         spec.city(cfg.city)  # raises naming the known cities
         return cfg.city
-    targets = spec.cities_with_role("target")
-    if not targets:
-        raise C2SegError(f"spec {cfg.spec} has no target city; set `city` in the slurm config")
-    return targets[0].name
+    return spec.scored_city().name
 
 
 def workdir_of(cfg: SubmitConfig) -> Path:

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from c2seg.config import ConfigError
+from c2seg.errors import C2SegError
 from c2seg.spec import load_spec, spec_compatible
 
 SPECS = sorted(Path("configs/datasets").glob("*.yaml"))
@@ -157,3 +158,17 @@ def test_example_specs_carry_the_sensors_band_centres():
     centres = enmap.wavelengths_nm
     assert len(centres) == 224 and centres[0] == 418.42 and centres[-1] == 2445.3
     assert centres[90] == 993.34 and centres[91] == 901.96  # band 91 ends the VNIR, band 92 starts the SWIR
+
+
+def test_the_scored_city_is_a_labelled_test_city_else_a_target():
+    from dataclasses import replace
+
+    spec = load_spec("configs/datasets/demo_tiny.yaml")
+    source, target = spec.cities
+    assert spec.scored_city().name == "synth_target"
+    unlabelled = replace(target, labelled=False)
+    test = replace(target, name="held_out", role="test")
+    assert replace(spec, cities=(source, unlabelled, test)).scored_city().name == "held_out"
+    assert replace(spec, cities=(source, unlabelled, replace(test, labelled=False))).scored_city().name == "synth_target"
+    with pytest.raises(C2SegError, match="has no target or test city"):
+        replace(spec, cities=(source,)).scored_city()

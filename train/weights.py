@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -93,7 +93,7 @@ def save_weights(path: str | Path, weights: Weights) -> Path:
     """Write ``weights`` atomically (a reader never sees half a file), with the checksum of its tensors."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    data = {"format": FORMAT, "version": VERSION, **asdict(weights)}
+    data = {"format": FORMAT, "version": VERSION, **vars(weights)}  # not asdict: it would deep-copy every tensor
     with atomic_path(path) as tmp:
         torch.save({**data, TENSOR_CHECKSUM: tensors_sha256(data)}, tmp)
     return path

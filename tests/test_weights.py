@@ -70,3 +70,25 @@ def test_files_that_are_not_version_2_weights_are_refused_in_one_line(tmp_path, 
     with pytest.raises(CheckpointError) as err:
         read_weights(path)
     assert str(err.value) == f"{path}: {says}"
+
+
+class _ShellPayload:
+    """Unpickling it would run ``touch MARKER``: what a hostile model or checkpoint file would do."""
+
+    def __init__(self, marker) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_weights_file_that_would_run_code_is_refused_and_never_runs_it(tmp_path):
+    marker, path = tmp_path / "pwned", tmp_path / "model.pt"
+    torch.save({"format": FORMAT, "version": 2, "kind": "model", "state_dict": STATE, "x": _ShellPayload(marker)},
+               path)
+    with pytest.raises(CheckpointError) as err:
+        read_weights(path, kind="model")
+    assert str(err.value).startswith(f"{path}: not a readable c2seg weights file (Trying to load unsupported GLOBAL")
+    assert not marker.exists()

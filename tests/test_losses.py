@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from c2seg.train.config import DataConfig, DeepSpeedConfig, OptimConfig, TrainConfig
 from c2seg.train.engine import deepspeed_config
-from c2seg.train.finetune import classmix, ema_decay_at, ema_update, segmentation_loss, weighted_pseudo_loss
+from c2seg.train.finetune import (classmix, ema_decay_at, ema_update, masked_view, segmentation_loss,
+                                  weighted_pseudo_loss)
 
 LN3 = math.log(3.0)
 
@@ -71,6 +72,21 @@ def test_classmix_pastes_half_of_each_source_tiles_classes_with_their_labels():
 def _train_config(**deepspeed) -> TrainConfig:
     return TrainConfig(model="m.yaml", data=DataConfig(prep_dir="-", batch_size=4), output_dir="-", steps=100,
                        optim=OptimConfig(lr=1e-3, warmup_steps=10), deepspeed=DeepSpeedConfig(**deepspeed))
+
+
+def test_masked_view_blanks_the_same_blocks_in_every_modality():
+    """MIC's masked tiles: whole 2 x 2 px blocks set to 0 at the chosen ratio, the rest untouched; a modality on a
+    grid of half the size gets the same blocks at its own resolution (1 x 1 px)."""
+    msi, hsi = torch.arange(1.0, 1 + 2 * 8 * 8).view(1, 2, 8, 8), torch.full((1, 3, 4, 4), 7.0)
+    torch.manual_seed(0)
+    out = masked_view({"msi": msi, "hsi": hsi}, block=2, ratio=0.5)
+    kept = (out["msi"][0, 0] != 0).float()
+    blocks = kept.view(4, 2, 4, 2).mean((1, 3))
+    assert set(blocks.unique().tolist()) == {0.0, 1.0}  # each block wholly kept or wholly blanked
+    torch.manual_seed(0)
+    assert torch.equal(blocks, (torch.rand(4, 4) >= 0.5).float())  # one draw per block: 5 of 16 kept here
+    assert torch.equal(out["msi"], msi * kept)  # every band, the same pixels
+    assert torch.equal(out["hsi"], hsi * blocks)
 
 
 def test_deepspeed_config_batch_sizes_precision_and_zero3_gathering():

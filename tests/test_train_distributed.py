@@ -111,10 +111,12 @@ def test_kill_9_then_resume_auto_is_bit_exact(tiny_prepared, tmp_path, command, 
     """Same world size and thread count: the resumed run's losses and final weights (EMA teacher included)
     equal the uninterrupted run's exactly. The checkpoint at step 3 lies mid-epoch (4 batches per epoch),
     and finetune validates right after it, so neither a loader re-created mid-epoch nor validation may
-    shift a random draw. Partial adaptation is on, so its class estimate runs on both ranks, and so is the
-    adversarial critic (its weights and Adam state are checkpointed, its gradients averaged over the ranks)."""
+    shift a random draw. Partial adaptation is on, so its class estimate runs on both ranks, and so are the
+    adversarial critic (its weights and Adam state are checkpointed, its gradients averaged over the ranks) and
+    masked image consistency (its masks drawn in the step)."""
     sets = [f"deepspeed.zero_stage={zero}", "steps=8", "checkpoint_every=3", "finetune.eval_every=3",
-            "finetune.target_class_min_share=0.05", "finetune.adversarial_weight=0.01"]
+            "finetune.target_class_min_share=0.05", "finetune.adversarial_weight=0.01",
+            "finetune.masked_consistency=0.5"]
     straight = tmp_path / "straight"
     run_train(tiny_args(command, tiny_prepared, straight, *sets), nproc=2)
     killed = tmp_path / "killed"
@@ -134,7 +136,7 @@ def test_kill_9_then_resume_auto_is_bit_exact(tiny_prepared, tmp_path, command, 
     assert_same_weights(straight, killed)
     if command == "finetune":
         last = json.loads((killed / "metrics.jsonl").read_text().splitlines()[-1])
-        assert last["loss_adversarial"] > 0
+        assert last["loss_adversarial"] > 0 and last["loss_masked"] > 0
         _, tensors = checkpoint_tensors(killed)
         assert {k.split(".")[2] for k in tensors if k.startswith("extra.critic.")} == {"model", "optim"}
 

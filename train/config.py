@@ -193,6 +193,12 @@ class FinetuneConfig:
     # trained to fool it on target tiles with this weight (0: off; AdaptSegNet uses 0.001)
     adversarial_weight: float = bounded(0.0, ge=0)
     critic_lr: float = bounded(1e-4, gt=0)
+    # masked image consistency (MIC): the student also sees the target tiles with mask_ratio of their
+    # mask_block x mask_block px squares blanked and learns the teacher's pseudo-labels of the whole tiles there,
+    # with this weight (0: off), so that it reads a pixel from its context as well as from its own spectrum
+    masked_consistency: float = bounded(0.0, ge=0)
+    mask_ratio: float = bounded(0.7, ge=0, lt=1)
+    mask_block: int = bounded(8, ge=1)
     adapt_warmup_steps: int = bounded(0, ge=0)  # no target loss before this step
     mix: Literal["classmix", "none"] = "classmix"
     eval_every: int = bounded(50, ge=1)

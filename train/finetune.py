@@ -5,7 +5,9 @@ of each predicted class, CBST) become pseudo-labels (``pseudo_weighting: mask``)
 tile's loss weighted by its share of confident pixels (``fraction``), and ClassMix pastes half of each
 source tile's classes onto a target tile (pasted pixels weigh 1); ``pseudo_class_balance`` evens out the
 classes' weights in the target loss; ``target_class_min_share`` leaves out the classes the source model
-hardly predicts on the target city (partial domain adaptation). Validation on the labelled val split of
+hardly predicts on the target city (partial domain adaptation); ``masked_consistency`` (MIC) also trains the
+student on target tiles with most of their blocks blanked, against the teacher's pseudo-labels of the whole
+tiles, so that it learns to read a pixel from its context. Validation on the labelled val split of
 ``data.val_cities`` (default: the labelled target cities, else the source cities' val split): mIoU, OA,
 macro-F1, kappa, per-class IoU (c2seg.metrics), logged with a confusion-matrix
 plot and prediction previews."""
@@ -94,6 +96,21 @@ def classmix(src: dict[str, torch.Tensor], src_label: torch.Tensor, tgt: dict[st
     m = torch.stack(masks)
     mixed = {k: torch.where(m[:, None], src[k], tgt[k]) for k in tgt if k in src}
     return mixed, torch.where(m, src_label, pseudo), m
+
+
+def masked_view(inputs: dict[str, torch.Tensor], block: int, ratio: float) -> dict[str, torch.Tensor]:
+    """Masked image consistency (MIC): the tiles with a random ``ratio`` of their ``block`` x ``block`` px
+    squares set to 0 (the standardised mean), the same squares of each tile in every modality (a modality
+    on a coarser grid gets the mask resized, nearest)."""
+    first = next(iter(inputs.values()))
+    b, (h, w) = first.shape[0], first.shape[-2:]
+    keep = (torch.rand(b, 1, -(-h // block), -(-w // block)) >= ratio).float()
+    keep = keep.repeat_interleave(block, 2).repeat_interleave(block, 3)[..., :h, :w]
+    out = {}
+    for name, x in inputs.items():
+        mask = keep if x.shape[-2:] == (h, w) else F.interpolate(keep, size=x.shape[-2:], mode="nearest")
+        out[name] = x * mask.to(x.device, x.dtype)
+    return out
 
 
 def modality_to_drop(names: list[str], chance: float) -> str | None:
@@ -307,17 +324,24 @@ class FinetuneTask(Task):
             src_label = torch.where(torch.isin(src_label, kept), src_label, torch.full_like(src_label,
                                                                                           self.spec.ignore_id))
         pseudo, weight, sure = self.labeller(self.teacher, tgt_in, kept)
-        mixed_in, mixed_label, weight = self._mixed_target(src_in, src_label, tgt_in, pseudo, weight)
-        views = [src_in, mixed_in] + ([tgt_in] if self.critic is not None else [])  # the critic: pure target
+        mixed_in, mixed_label, mixed_weight = self._mixed_target(src_in, src_label, tgt_in, pseudo, weight)
+        mic = self.ft.masked_consistency > 0
+        views = [src_in, mixed_in] + ([masked_view(tgt_in, self.ft.mask_block, self.ft.mask_ratio)] if mic else [])
+        views += [tgt_in] if self.critic is not None else []  # the critic: pure target
         batch = {k: torch.cat([v[k] for v in views]) for k in src_in if k in mixed_in}
         logits = engine(batch, drop=self._drop(batch))
-        loss, sup, adapt = adaptation_loss(logits, src_label, mixed_label, weight, self.ft, self.spec.ignore_id,
-                                           self._cw())
+        loss, sup, adapt = adaptation_loss(logits, src_label, mixed_label, mixed_weight, self.ft,
+                                           self.spec.ignore_id, self._cw())
         logs = {"loss_source": float(sup.detach()), "loss_target": float(adapt.detach()),
                 "pseudo_confident": float(sure.float().mean())}
+        n = src_label.shape[0]
+        if mic:  # the student, on masked target tiles, must predict what the teacher sees on whole ones
+            masked = weighted_pseudo_loss(logits[2 * n:3 * n], pseudo, self._balanced(pseudo, weight),
+                                          self.spec.ignore_id, self._cw())
+            loss = loss + self.ft.masked_consistency * masked
+            logs["loss_masked"] = float(masked.detach())
         if self.critic is not None:
-            n = src_label.shape[0]
-            fool = self._fool_critic(logits[:n], logits[2 * n:])
+            fool = self._fool_critic(logits[:n], logits[-n:])
             loss = loss + self.ft.adversarial_weight * fool
             logs["loss_adversarial"] = float(fool.detach())
         return loss, logs
@@ -333,9 +357,13 @@ class FinetuneTask(Task):
             weight = torch.where(pasted, torch.ones_like(weight), weight)
         else:
             mixed_in, mixed_label = tgt_in, pseudo
+        return mixed_in, mixed_label, self._balanced(mixed_label, weight)
+
+    def _balanced(self, labels: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """``weight`` times the class balance of ``labels`` (``pseudo_class_balance``; unchanged at 0)."""
         if self.ft.pseudo_class_balance > 0:
-            weight = weight * class_balance(mixed_label, ignore, self.ft.pseudo_class_balance)
-        return mixed_in, mixed_label, weight
+            return weight * class_balance(labels, self.spec.ignore_id, self.ft.pseudo_class_balance)
+        return weight
 
     def _fool_critic(self, src_logits: torch.Tensor, tgt_logits: torch.Tensor) -> torch.Tensor:
         """The student's adversarial loss: the critic (frozen here) should take its target maps for source maps;

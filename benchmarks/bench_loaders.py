@@ -3,7 +3,8 @@
 (a)  what users do today: open each city's per-modality GeoTIFFs with rasterio and read every train
      tile window of each modality and the label, normalised into float tensors (the same output);
 (b)  the disk limit: read the shard bytes with no decoding;
-then ``make_wds_loader`` (0 workers, with and without augmentation) and ``ZarrTileDataset`` through a
+then ``make_wds_loader`` (0 workers, with and without augmentation, and with new memory per batch
+instead of its ring of batch memory) and ``ZarrTileDataset`` through a
 DataLoader with a batch sampler (its ``__getitems__`` reads a batch at once) and item by item.
 
 Cities are AB-like (configs/datasets/demo_ab.yaml: 242-band HSI + 4 MSI + 2 SAR, tile 128) GeoTIFFs of
@@ -36,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.bench_prep import AB_SPEC, generated_cities  # noqa: E402
 from c2seg.cli import parse_size  # noqa: E402
 from benchmarks.report import figure  # noqa: E402
-from c2seg.data_prep.loaders import ZarrTileDataset, collate_views, make_wds_loader  # noqa: E402
+from c2seg.data_prep.loaders import RING_SIZE, ZarrTileDataset, collate_views, make_wds_loader  # noqa: E402
 from c2seg.data_prep.manifest import finalize, load_manifest  # noqa: E402
 from c2seg.data_prep.prep import run_prep  # noqa: E402
 from c2seg.data_prep.prep_config import PrepConfig  # noqa: E402
@@ -103,9 +104,9 @@ def main() -> None:
         m = load_manifest(prep)
         zarr_ds = ZarrTileDataset(prep, "train")
 
-        def wds(augment: bool) -> Callable[[], int]:
+        def wds(augment: bool, ring_size: int = RING_SIZE) -> Callable[[], int]:
             return lambda: sum(b["msi"].shape[0] for b in make_wds_loader(prep, "train", batch_size=bs,
-                                                                          augment=augment))
+                                                                          augment=augment, ring_size=ring_size))
 
         def zarr_batches() -> int:
             loader = torch.utils.data.DataLoader(zarr_ds, batch_size=bs, shuffle=True, drop_last=True,
@@ -121,6 +122,7 @@ def main() -> None:
                 "(b) shard bytes, no decoding": lambda: shard_bytes(m),
                 "WebDataset loader": wds(False),
                 "WebDataset loader, augment": wds(True),
+                "WebDataset loader, new memory per batch": wds(False, ring_size=0),
                 "Zarr dataset, batch sampler": zarr_batches,
                 "Zarr dataset, item by item": zarr_items}
         rates = timed(runs, passes)

@@ -71,8 +71,9 @@ def plain_write(prep: Path, dest: Path) -> float:
         with atomic_write(target, fsync=True) as f:
             f.write(data)
         seconds += time.perf_counter() - t0
-    root = zarr.open_group(prep / STORE, mode="r")
-    for path, arr in root.arrays():
+    arrays = [(path, a) for path, a in zarr.open_group(prep / STORE, mode="r").members(max_depth=None)
+              if isinstance(a, zarr.Array)]
+    for path, arr in arrays:
         data = arr[:]
         t0 = time.perf_counter()
         copy = zarr.create_array(dest / STORE / path, shape=arr.shape, chunks=arr.chunks, dtype=arr.dtype,

@@ -3,7 +3,10 @@
 (a)  what users do today: open each city's per-modality GeoTIFFs with rasterio and read every train
      tile window of each modality and the label, normalised into float tensors (the same output);
 (b)  the disk limit: read the shard bytes with no decoding;
-then ``make_wds_loader`` (0 workers, with and without augmentation) and ``ZarrTileDataset`` through a
+(c)  the Zarr dataset's limit: read each tile's zarr chunk files and decode them with the format's codecs
+     (crc32c checked, Blosc decompressed), without zarr and without normalisation;
+then ``make_wds_loader`` (0 workers, with and without augmentation, and with new memory per batch
+instead of its ring of batch memory) and ``ZarrTileDataset`` through a
 DataLoader with a batch sampler (its ``__getitems__`` reads a batch at once) and item by item.
 
 Cities are AB-like (configs/datasets/demo_ab.yaml: 242-band HSI + 4 MSI + 2 SAR, tile 128) GeoTIFFs of
@@ -13,6 +16,7 @@ note. The runs take turns within every pass, so load from other processes hits t
 
     .venv/bin/python benchmarks/bench_loaders.py --size 768x768 --batch-size 8
     .venv/bin/python benchmarks/bench_loaders.py --quick
+    .venv/bin/python benchmarks/bench_loaders.py --sweep   # batch 8 / 32 / 64 x 0 / 1 / 2 workers against (b)
 """
 
 from __future__ import annotations
@@ -24,11 +28,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import google_crc32c
 import numpy as np
 import rasterio
 import torch
 import zarr
+from numcodecs import Blosc
 from rasterio.windows import Window
+from zarr.codecs import BloscCodec
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -36,10 +43,11 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.bench_prep import AB_SPEC, generated_cities  # noqa: E402
 from c2seg.cli import parse_size  # noqa: E402
 from benchmarks.report import figure  # noqa: E402
-from c2seg.data_prep.loaders import ZarrTileDataset, collate_views, make_wds_loader  # noqa: E402
+from c2seg.data_prep.loaders import RING_SIZE, ZarrTileDataset, collate_views, make_wds_loader  # noqa: E402
 from c2seg.data_prep.manifest import finalize, load_manifest  # noqa: E402
 from c2seg.data_prep.prep import run_prep  # noqa: E402
 from c2seg.data_prep.prep_config import PrepConfig  # noqa: E402
+from c2seg.data_prep.zarr_store import array_dir  # noqa: E402
 
 
 def rasterio_tiles(spec, manifest, prep: Path) -> int:
@@ -69,6 +77,26 @@ def shard_bytes(manifest) -> int:
     return sum(s.samples for s in manifest.shards("train"))
 
 
+def zarr_chunks(manifest, prep: Path) -> int:
+    """Every train tile's zarr chunks read from their files and decoded by the format's codecs (crc32c
+    checked, Blosc decompressed), without zarr and without normalisation: the Zarr dataset's limit."""
+    blosc, n = Blosc(), 0  # Blosc reads codec, shuffle and type size from each chunk's header
+    for city in manifest.cities.values():
+        rec = city["splits"]["train"]
+        g = zarr.open_group(prep / rec["zarr"], mode="r")
+        tiles = [g[name] for name in g.array_keys() if g[name].ndim >= 3]  # the modalities and the label
+        for slot in g["kept"][:]:
+            for arr in tiles:
+                data = (array_dir(arr) / arr.metadata.encode_chunk_key((int(slot),) + (0,) * (arr.ndim - 1))
+                        ).read_bytes()
+                if google_crc32c.value(data[:-4]) != int.from_bytes(data[-4:], "little"):
+                    raise ValueError(f"{array_dir(arr)}: chunk of slot {slot} fails its checksum")
+                if any(isinstance(c, BloscCodec) for c in arr.compressors):
+                    blosc.decode(data[:-4])
+            n += 1
+    return n
+
+
 def timed(runs: dict[str, Callable[[], int]], passes: int) -> dict[str, tuple[float, float]]:
     """Per run: (first-pass rate, best rate of ``passes`` further passes) in tiles/s. The runs take
     turns within each pass, so load from other processes on the machine hits them alike."""
@@ -90,6 +118,8 @@ def main() -> None:
     ap.add_argument("--passes", type=int, default=3, help="timed passes after the first one")
     ap.add_argument("--work", default=None, help="folder for generated cities and prep (kept; default: temp)")
     ap.add_argument("--quick", action="store_true", help="384 x 384 cities, 2 passes")
+    ap.add_argument("--sweep", action="store_true", help="only the WebDataset loader, at batch sizes 8, 32 and 64 "
+                                                         "with 0, 1 and 2 workers, against (b)")
     args = ap.parse_args()
     size = (384, 384) if args.quick else parse_size(args.size)
     passes = 2 if args.quick else args.passes
@@ -103,9 +133,10 @@ def main() -> None:
         m = load_manifest(prep)
         zarr_ds = ZarrTileDataset(prep, "train")
 
-        def wds(augment: bool) -> Callable[[], int]:
-            return lambda: sum(b["msi"].shape[0] for b in make_wds_loader(prep, "train", batch_size=bs,
-                                                                          augment=augment))
+        def wds(augment: bool = False, ring_size: int = RING_SIZE, batch_size: int = bs,
+                workers: int = 0) -> Callable[[], int]:
+            return lambda: sum(b["msi"].shape[0] for b in make_wds_loader(
+                prep, "train", batch_size=batch_size, augment=augment, ring_size=ring_size, num_workers=workers))
 
         def zarr_batches() -> int:
             loader = torch.utils.data.DataLoader(zarr_ds, batch_size=bs, shuffle=True, drop_last=True,
@@ -117,20 +148,27 @@ def main() -> None:
                 zarr_ds[i]
             return len(zarr_ds)
 
-        runs = {"(a) rasterio windows from GeoTIFF": lambda: rasterio_tiles(spec, m, prep),
-                "(b) shard bytes, no decoding": lambda: shard_bytes(m),
-                "WebDataset loader": wds(False),
-                "WebDataset loader, augment": wds(True),
-                "Zarr dataset, batch sampler": zarr_batches,
-                "Zarr dataset, item by item": zarr_items}
+        raw = {"(b) shard bytes, no decoding": lambda: shard_bytes(m)}
+        if args.sweep:
+            runs = {**raw, **{f"WebDataset loader, batch {n}, {w} workers": wds(batch_size=n, workers=w)
+                              for n in (8, 32, 64) for w in (0, 1, 2)}}
+        else:
+            runs = {"(a) rasterio windows from GeoTIFF": lambda: rasterio_tiles(spec, m, prep), **raw,
+                    "(c) zarr chunks decoded (codec + checksum), no zarr": lambda: zarr_chunks(m, prep),
+                    "WebDataset loader": wds(),
+                    "WebDataset loader, augment": wds(augment=True),
+                    "WebDataset loader, new memory per batch": wds(ring_size=0),
+                    "Zarr dataset, batch sampler": zarr_batches,
+                    "Zarr dataset, item by item": zarr_items}
         rates = timed(runs, passes)
     total = sum(s.samples for s in m.shards("train"))
     tile_mb = sum(mod.bands for mod in spec.modalities) * m.tile_size**2 * 2 / 2**20
-    note = f"{total} train tiles of {m.tile_size} px ({tile_mb:.1f} MB float16), batch {bs}, {spec.name}"
-    a, b = rates["(a) rasterio windows from GeoTIFF"][1], rates["(b) shard bytes, no decoding"][1]
+    note = f"{total} train tiles of {m.tile_size} px ({tile_mb:.1f} MB float16), {spec.name}"
+    refs = {ref: rates[name][1] for name in rates for ref in ("(a)", "(b)", "(c)") if name.startswith(ref)}
     for name, (first, best) in rates.items():
-        figure("loaders", name, best, "tiles/s", f"x{best / a:.1f} of (a), {best / b:.2f} of (b); first pass "
-                                                 f"{first:.0f}; {note}")
+        ratios = ", ".join(f"{best / rate:.2f} of {ref}" for ref, rate in refs.items())
+        batch = "" if args.sweep else f"batch {bs}, "
+        figure("loaders", name, best, "tiles/s", f"{ratios}; first pass {first:.0f}; {batch}{note}")
 
 
 if __name__ == "__main__":

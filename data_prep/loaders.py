@@ -10,12 +10,27 @@ sample (the last slot is padded by wrapping around), and no rank ever waits on a
 whatever the shard count. With ``city_weights`` each city fills a share of the epoch in proportion to
 its weight (its shards cycled, reshuffled each round); with ``batches_per_epoch`` the epoch holds
 exactly that many batches per rank.
+
+How long a batch lives. Filling new memory costs about as much as normalising into it (every page
+faults on first touch), so the WebDataset loader reuses its batch memory: with 0 workers it writes
+batch k's float tensors (the modalities) into the memory of batch k - ``ring_size`` (default 2). So a
+batch stays valid until the loader yields the ``ring_size``-th batch after it: the consumer may hold the
+current batch and the ``ring_size - 1`` before it. Training reads one batch per stream per micro-step
+and is done with it (backward included) before it asks for the next, so the default covers it with a
+batch to spare. Copy (``.clone()``) what you keep longer, or pass ``ring_size=0`` (new memory for every
+batch, as ``list(loader)`` needs). With workers, and in ``ZarrTileDataset`` (random access: callers keep
+items as long as they like), every batch gets new memory. ``label``, ``has_label`` and ``city_id`` are
+always new.
+
+webdataset: its ``shuffle`` (the buffered sample shuffle within a slot) is the only thing the loaders
+run from it; reading the tar shards is done here, from memory maps (data_prep/shards.py). The
+dependency stays: WebDataset is the shard format's reference implementation, users read the shards
+with it, and the tests read shards back through it.
 """
 
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,6 +46,7 @@ from c2seg.data_prep.shards import decode_npy, iter_samples
 from c2seg.data_prep.stats import fill_as
 
 Piece = tuple[int, int, int]  # (shard index, first sample, stop)
+RING_SIZE = 2  # batches of float memory the WebDataset loader uses in turn (see the module doc)
 
 
 def plan_epoch(shards: list[ShardInfo], *, slots: int, batch_size: int, city_weights: dict[str, float] | None = None,
@@ -124,39 +140,16 @@ def _one_thread():
         torch.set_num_threads(n)
 
 
-def _free_refcount() -> int:
-    """``sys.getrefcount`` of a buffer nothing else holds, seen from the loop in :meth:`_BatchMemory.empty`
-    (the list, the loop name, the call argument: measured, as interpreters count differently)."""
-    for buf in [bytearray(1)]:
-        return sys.getrefcount(buf)
-    raise AssertionError
-
-
-class _BatchMemory:
-    """Reusable float32 batch memory. A fresh allocation of a batch page-faults on first touch, which
-    costs about as much as filling it; so a buffer is handed out again once no tensor or view of it
-    is left (each tensor made by ``torch.frombuffer`` holds a reference to its buffer). In a DataLoader
-    worker, batches go to shared memory instead: a batch sent to the main process is moved there anyway,
-    and filling it there directly saves that copy."""
-
-    FREE = _free_refcount()
-
-    def __init__(self, keep: int = 6) -> None:
-        self.keep = keep
-        self.buffers: list[bytearray] = []
-
-    def empty(self, shape: tuple[int, ...]) -> torch.Tensor:
-        if get_worker_info() is not None:
-            return torch.empty(shape).share_memory_()
-        nbytes = 4 * math.prod(shape)
-        for buf in self.buffers:
-            if len(buf) == nbytes and sys.getrefcount(buf) == self.FREE:
-                return torch.frombuffer(buf, dtype=torch.float32).view(shape)
-        buf = bytearray(nbytes)
-        if len(self.buffers) >= self.keep:
-            self.buffers.pop(0)
-        self.buffers.append(buf)
-        return torch.frombuffer(buf, dtype=torch.float32).view(shape)
+def _batch_tensor(memory: dict[str, torch.Tensor] | None, modality: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """Float32 memory for one modality of a batch: ``memory``'s tensor when it has ``shape`` (else a new
+    one kept there), or, with no ``memory``, a new tensor; in a DataLoader worker a new one in shared memory
+    (a batch sent to the main process is moved there anyway: filling it there saves that copy)."""
+    if memory is None:
+        fresh = torch.empty(shape)
+        return fresh.share_memory_() if get_worker_info() is not None else fresh
+    if modality not in memory or memory[modality].shape != shape:
+        memory[modality] = torch.empty(shape)
+    return memory[modality]
 
 
 StoredTile = tuple[dict[str, np.ndarray], "np.ndarray | None", int]  # (arrays per modality, label, city id)
@@ -181,16 +174,18 @@ class BatchAssembler:
         self.fill = norm.fill
         self.city_ids = {c.name: i for i, c in enumerate(spec.cities)}
         self.tile, self.ignore_id = manifest.tile_size, spec.ignore_id
-        self.memory = _BatchMemory()
 
-    def __call__(self, tiles: list[StoredTile], rng: np.random.Generator | None) -> dict[str, torch.Tensor]:
+    def __call__(self, tiles: list[StoredTile], rng: np.random.Generator | None,
+                 memory: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """The batch of ``tiles``; its float tensors are written into ``memory`` (modality -> tensor, filled
+        on first use and reused after) when given, else into new memory."""
         n, t = len(tiles), self.tile
         moves = [(int(rng.integers(4)), bool(rng.integers(2))) for _ in tiles] if rng is not None else [(0, False)] * n
         out: dict[str, torch.Tensor] = {}
         with _one_thread():
             for m in self.modalities:
                 first = tiles[0][0][m]
-                batch = self.memory.empty((n, first.shape[0], t, t))
+                batch = _batch_tensor(memory, m, (n, first.shape[0], t, t))
                 for i, ((arrays, _, _), move) in enumerate(zip(tiles, moves)):
                     self._normalise_into(batch[i], arrays[m], m, *move)
                 out[m] = batch
@@ -221,12 +216,13 @@ class BatchAssembler:
 
 
 class WdsTiles(IterableDataset):
-    """Batches of one rank from the WebDataset shards (see the module doc for the split)."""
+    """Batches of one rank from the WebDataset shards (see the module doc for the split and for how long
+    a batch stays valid)."""
 
     def __init__(self, prep_dir: str | Path, split: str, *, cities: list[str] | None, batch_size: int,
                  num_workers: int, rank: int, world_size: int, city_weights: dict[str, float] | None,
                  augment: bool, batches_per_epoch: int | None, seed: int, epoch: int,
-                 shuffle_buffer: int = 64) -> None:
+                 shuffle_buffer: int = 64, ring_size: int = RING_SIZE) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
         self.manifest = load_manifest(prep_dir)
@@ -235,7 +231,7 @@ class WdsTiles(IterableDataset):
         self.batch_size, self.workers = batch_size, max(num_workers, 1)
         self.rank, self.world_size = rank, world_size
         self.city_weights, self.augment, self.seed, self.epoch = city_weights, augment, seed, epoch
-        self.shuffle_buffer = shuffle_buffer
+        self.shuffle_buffer, self.ring_size = shuffle_buffer, ring_size
         total = sum(s.samples for s in self.shards)
         if batches_per_epoch is None:
             self.per_slot = math.ceil(total / (world_size * self.workers * batch_size))
@@ -273,11 +269,14 @@ class WdsTiles(IterableDataset):
         if self.shuffle_buffer > 1:
             tiles = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer,
                                 seed=int(np.random.default_rng(seed).integers(2**31)))(tiles)
+        # the ring: batch k is written into the memory of batch k - ring_size (none in a worker: see the module doc)
+        ring: list[dict[str, torch.Tensor]] = [{} for _ in range(self.ring_size if info is None else 0)]
         batch: list[StoredTile] = []
         for tile in tiles:
             batch.append(tile)
             if len(batch) == self.batch_size:
-                yield self.assemble(batch, rng)
+                yield self.assemble(batch, rng, ring[0] if ring else None)
+                ring = ring[1:] + ring[:1]
                 batch = []
 
 
@@ -301,12 +300,15 @@ def collate_views(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tenso
 def make_wds_loader(prep_dir: str | Path, split: str, *, cities: list[str] | None = None, batch_size: int,
                     num_workers: int = 0, rank: int = 0, world_size: int = 1,
                     city_weights: dict[str, float] | None = None, augment: bool = False,
-                    batches_per_epoch: int | None = None, seed: int = 0, epoch: int = 0) -> DataLoader:
+                    batches_per_epoch: int | None = None, seed: int = 0, epoch: int = 0,
+                    ring_size: int = RING_SIZE) -> DataLoader:
     """A DataLoader over the shards of ``split`` for this rank: the same number of batches on every
-    rank (``len(loader)``), normalised tensors, optional flips / rot90 and per-city weights."""
+    rank (``len(loader)``), normalised tensors, optional flips / rot90 and per-city weights. With 0
+    workers a batch's float tensors stay valid until the loader yields the ``ring_size``-th batch after it
+    (0: never reused); see the module doc."""
     dataset = WdsTiles(prep_dir, split, cities=cities, batch_size=batch_size, num_workers=num_workers,
                        rank=rank, world_size=world_size, city_weights=city_weights, augment=augment,
-                       batches_per_epoch=batches_per_epoch, seed=seed, epoch=epoch)
+                       batches_per_epoch=batches_per_epoch, seed=seed, epoch=epoch, ring_size=ring_size)
     return DataLoader(dataset, batch_size=None, num_workers=num_workers,
                       multiprocessing_context="spawn" if num_workers else None)
 

@@ -27,7 +27,7 @@ import zlib
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import psutil
@@ -177,18 +177,33 @@ def _close_scenes() -> None:
     _SCENES.clear()
 
 
-def _max_rel_error(stored: np.ndarray, values: np.ndarray) -> float:
-    """Largest ``|stored - values| / max(|values|, 1e-6)``, computed in cache-sized band chunks."""
-    worst, step = 0.0, max(1, (1 << 18) // max(values[0].size, 1))
-    for c0 in range(0, len(values), step):
-        v = values[c0:c0 + step]
-        err = stored[c0:c0 + step].astype(np.float32)
+def _covered(shape: tuple[int, ...], parts: list[tuple[slice, slice]]) -> np.ndarray | bool:
+    """``(h, w)`` True on the pixels of ``parts`` (a ``where=`` for reductions); plain True when they cover
+    every pixel."""
+    covered = np.zeros(shape, bool)
+    for rs, cs in parts:
+        covered[rs, cs] = True
+    return True if covered.all() else covered
+
+
+def _band_chunks(*arrays: np.ndarray) -> Iterator[list[np.ndarray]]:
+    """``arrays`` (C, h, w each) a cache-sized chunk of bands at a time."""
+    step = max(1, (1 << 18) // max(arrays[0][0].size, 1))
+    for c0 in range(0, len(arrays[0]), step):
+        yield [a[c0:c0 + step] for a in arrays]
+
+
+def _max_rel_error(stored: np.ndarray, values: np.ndarray, covered: np.ndarray | bool) -> float:
+    """Largest ``|stored - values| / max(|values|, 1e-6)`` over the ``covered`` pixels."""
+    worst = 0.0
+    for s, v in _band_chunks(stored, values):
+        err = s.astype(np.float32)
         np.subtract(err, v, out=err)
         np.abs(err, out=err)
         den = np.abs(v)
         np.maximum(den, np.float32(1e-6), out=den)
         np.divide(err, den, out=err)
-        worst = max(worst, float(err.max()))
+        worst = max(worst, float(err.max(where=covered, initial=0.0)))
     return worst
 
 
@@ -196,13 +211,17 @@ def _to_store(values: np.ndarray, dtype: str, modality: str, where: str,
               parts: list[tuple[slice, slice]]) -> tuple[np.ndarray, float]:
     """``values`` (C, h, w) cast to the stored dtype (once, whole), and the largest relative error of the
     cast; only the pixels of ``parts`` (the kept tiles' windows) are stored, so only they must fit the
-    dtype and count in the error."""
+    dtype and count in the error (each pixel checked once, though tiles overlap)."""
     if dtype == "float32" or not parts:
         return values, 0.0
-    views = [values[:, rs, cs] for rs, cs in parts]
-    lo, hi = min(float(v.min()) for v in views), max(float(v.max()) for v in views)
+    covered = _covered(values.shape[1:], parts)
+    lo, hi = np.inf, -np.inf
+    for (v,) in _band_chunks(values):
+        lo = min(lo, float(v.min(where=covered, initial=np.inf)))
+        hi = max(hi, float(v.max(where=covered, initial=-np.inf)))
     if dtype == "uint16":
-        if lo < 0 or hi > 65535 or not all(np.array_equal(v, np.round(v)) for v in views):
+        whole = all(np.all(v == np.round(v), where=covered) for (v,) in _band_chunks(values))
+        if lo < 0 or hi > 65535 or not whole:
             raise C2SegError(f"{where}: modality '{modality}' holds values that are not integers in 0..65535, "
                              f"so store_dtypes.{modality}: uint16 would lose them (use float16 or float32)")
         return values.astype(np.uint16), 0.0
@@ -211,21 +230,20 @@ def _to_store(values: np.ndarray, dtype: str, modality: str, where: str,
                          f"set store_dtypes.{modality}: float32")
     with np.errstate(over="ignore"):  # out-of-range values can only lie in pixels that are not stored
         stored = values.astype(np.float16)
-    return stored, max(_max_rel_error(stored[:, rs, cs], values[:, rs, cs]) for rs, cs in parts)
+    return stored, _max_rel_error(stored, values, covered)
 
 
 def _run_tiles(job: Job, city: str, split: str, k: int) -> dict:
-    """One unit: read the box around its tiles once per modality, cast it once, cut every tile from
-    it (views), then write the shard (in a thread) while the zarr chunks are compressed and written."""
+    """One unit: per scene, read the box around its tiles once per modality, cast it once and copy its kept
+    tiles out once, into one array per modality (the shard's payloads are its rows, the zarr writes its
+    slices); then write the shard (in a thread) while the zarr chunks are compressed and written."""
     spec, cfg, t = job.spec, job.cfg, job.cfg.tile_size
     sp = job.plans[city].splits[split]
     start, stop = sp.units[k]
     tiles = sp.tiles[start:stop]
     scenes = _scenes(job, city)
     kept: list[int] = []
-    zarr_tiles: dict[str, list[np.ndarray]] = {m: [] for m in spec.modality_names}
-    if sp.labelled:
-        zarr_tiles["label"] = []
+    zarr_parts: list[tuple[list[int], dict[str, np.ndarray]]] = []  # per scene: slots, their tiles per array
     samples, hist, max_err = [], np.zeros(256, np.int64), dict.fromkeys(spec.modality_names, 0.0)
     dropped = 0
     for scene_idx in np.unique(tiles[:, 0]):
@@ -247,25 +265,24 @@ def _run_tiles(job: Job, city: str, split: str, k: int) -> dict:
             block[m], err = _to_store(raw.pop(m), cfg.store_dtypes[m], m, str(scene.path),
                                       [(rs, cs) for *_, rs, cs in keep])
             max_err[m] = max(max_err[m], err)
-        label = scene.read_label(box) if sp.labelled else None
-        for slot, r, c, rs, cs in keep:
-            entries: dict = {}
-            for m in spec.modality_names:
-                entries[f"{m}.npy"] = block[m][:, rs, cs]
-                zarr_tiles[m].append(entries[f"{m}.npy"])
-            if label is not None:
-                lab = label[rs, cs]
-                zarr_tiles["label"].append(lab)
-                entries["label.npy"] = lab
-                hist += np.bincount(lab.ravel(), minlength=256)
+        if not keep:
+            continue
+        if sp.labelled:
+            block["label"] = scene.read_label(box)
+        tiles_of = {name: np.stack([b[..., rs, cs] for *_, rs, cs in keep]) for name, b in block.items()}
+        zarr_parts.append(([w[0] for w in keep], tiles_of))
+        for j, (slot, r, c, _, _) in enumerate(keep):
+            entries: dict = {f"{name}.npy": stacked[j] for name, stacked in tiles_of.items()}
+            if sp.labelled:
+                hist += np.bincount(tiles_of["label"][j].ravel(), minlength=256)
             entries["json"] = json.dumps({"city": city, "split": split, "scene": scene.name, "slot": slot,
                                           "window": [int(r), int(c), t, t]}).encode()
             samples.append((sample_key(city, split, slot), entries))
             kept.append(slot)
     with ThreadPoolExecutor(1) as pool:  # file writes, sha256, fsync and blosc all release the GIL
         shard = pool.submit(write_shard, job.out / sp.shard_path(k), samples)
-        if kept:
-            write_tiles(job.out, city, split, kept, zarr_tiles)
+        for slots, tiles_of in zarr_parts:
+            write_tiles(job.out, city, split, slots, tiles_of)
         size, sha = shard.result()
     return {"unit": sp.unit_name(k), "city": city, "split": split, "kept": kept, "dropped_nodata": dropped,
             "class_histogram": hist.tolist(), "max_rel_error": max_err,

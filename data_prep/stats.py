@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from c2seg.spec import Modality
 
@@ -71,6 +72,21 @@ def bounds_problem(stats: BandStats, modality: Modality) -> str | None:
             f"[{lo:g}, {hi:g}] for unit '{modality.unit}'")
 
 
+DOT_HALVES_ABOVE = 10_000  # values: OpenBLAS's ddot splits longer vectors between its threads
+
+
+def _dot_self(x: np.ndarray) -> np.float64:
+    """``x . x`` summed in a fixed order by one-thread BLAS dots (call under a one-thread BLAS limit): the two
+    halves of a vector longer than ``DOT_HALVES_ABOVE`` each, then added. That is the order a 2-thread
+    OpenBLAS dot sums in, so the statistics of earlier preps on 2 cores stay bit for bit, and they no longer
+    depend on the machine's core count. (A threaded dot hands every band to another thread: on busy cores
+    that waited ~9 ms a band, nearly all of prep's statistics time.)"""
+    if len(x) <= DOT_HALVES_ABOVE:
+        return np.dot(x, x)
+    half = (len(x) + 1) // 2
+    return np.dot(x[:half], x[:half]) + np.dot(x[half:], x[half:])
+
+
 @dataclass
 class BandStats:
     """Mergeable per-band accumulator for one modality."""
@@ -96,11 +112,12 @@ class BandStats:
         if n == 0:
             return
         mean, m2 = np.empty(bands), np.empty(bands)
-        for b in range(bands):
-            x = pixels[b].astype(np.float64)
-            mean[b] = x.mean()
-            x -= mean[b]
-            m2[b] = np.dot(x, x)
+        with threadpool_limits(1, user_api="blas"):
+            for b in range(bands):
+                x = pixels[b].astype(np.float64)
+                mean[b] = x.mean()
+                x -= mean[b]
+                m2[b] = _dot_self(x)
         block = BandStats(np.full(bands, n, np.int64), mean, m2, pixels.min(axis=1).astype(np.float64),
                           pixels.max(axis=1).astype(np.float64),
                           pixels[:, rng.choice(n, size=min(keep, n), replace=False)].T.astype(np.float32))

@@ -74,8 +74,8 @@ def test_batches_normalised_labelled_and_equal_per_rank(tiny_prepared):
     lens = [len(make_wds_loader(tiny_prepared, "train", batch_size=3, rank=r, world_size=3, batches_per_epoch=5,
                                 city_weights={"synth_source": 1, "synth_target": 1})) for r in range(3)]
     assert lens == [5, 5, 5]
-    batches = list(make_wds_loader(tiny_prepared, "train", batch_size=4, rank=1, world_size=3,
-                                   batches_per_epoch=6, city_weights={"synth_source": 1, "synth_target": 1}))
+    batches = list(make_wds_loader(tiny_prepared, "train", batch_size=4, rank=1, world_size=3, batches_per_epoch=6,
+                                   city_weights={"synth_source": 1, "synth_target": 1}, ring_size=0))
     assert len(batches) == 6
     b = torch.utils.data.default_collate(batches)  # (6, 4, ...)
     assert b["hsi"].shape == (6, 4, 32, 32, 32) and b["label"].dtype == torch.int64
@@ -87,6 +87,33 @@ def test_batches_normalised_labelled_and_equal_per_rank(tiny_prepared):
     x = b["msi"].transpose(0, 2).reshape(4, -1)
     assert x.mean(dim=1).abs().max() < 0.5 and ((x.std(dim=1) - 1).abs() < 0.5).all()
     assert set(m.normalizer().as_dict()) == {"hsi", "msi", "sar"}
+
+
+def test_a_batch_is_kept_for_ring_size_batches_then_its_memory_is_reused(tiny_prepared):
+    """The lifetime contract (module doc): with ring size 2, batch k keeps its values while batch k + 1 is
+    made, and batch k + 2 is written into its memory; ring size 0 gives every batch new memory."""
+    kwargs = dict(batch_size=2, batches_per_epoch=4, seed=3)
+    expected = [{k: v.clone() for k, v in b.items()} for b in make_wds_loader(tiny_prepared, "train", **kwargs)]
+    assert not torch.equal(expected[0]["hsi"], expected[2]["hsi"])  # so an overwrite would show
+    held = []
+    for k, batch in enumerate(make_wds_loader(tiny_prepared, "train", ring_size=2, **kwargs)):
+        held.append(batch)
+        for key in batch:
+            assert torch.equal(batch[key], expected[k][key]), key
+        if k >= 1:
+            for key in batch:  # the batch before is untouched
+                assert torch.equal(held[k - 1][key], expected[k - 1][key]), key
+        if k >= 2:  # the batch two back now holds this batch's modalities, in the same memory
+            for m in ("hsi", "msi", "sar"):
+                assert held[k - 2][m].data_ptr() == batch[m].data_ptr()
+                assert torch.equal(held[k - 2][m], expected[k][m])
+            assert torch.equal(held[k - 2]["label"], expected[k - 2]["label"])  # labels are never reused
+    assert len(held) == 4
+    fresh = list(make_wds_loader(tiny_prepared, "train", ring_size=0, **kwargs))
+    assert len({b["hsi"].data_ptr() for b in fresh}) == 4
+    for b, e in zip(fresh, expected, strict=True):
+        for key in b:
+            assert torch.equal(b[key], e[key]), key
 
 
 def test_zarr_dataset_and_same_augmentation_for_all(tiny_prepared):
@@ -124,7 +151,7 @@ def test_zarr_dataset_and_same_augmentation_for_all(tiny_prepared):
 
 
 def test_augmented_wds_batches_move_every_modality_and_label_together(tiny_prepared):
-    kwargs = dict(batch_size=4, batches_per_epoch=4, seed=3)
+    kwargs = dict(batch_size=4, batches_per_epoch=4, seed=3, ring_size=0)  # list() keeps every batch
     plain = list(make_wds_loader(tiny_prepared, "train", **kwargs))
     moved = list(make_wds_loader(tiny_prepared, "train", augment=True, **kwargs))
     transforms = [(k, f) for k in range(4) for f in (False, True)]
@@ -256,7 +283,7 @@ def test_every_store_dtype_trains_with_augmentation_and_verifies(prepared_by_msi
     m = load_manifest(out)
     split = m.cities["synth_source"]["splits"]["train"]
     assert zarr.open_group(out / split["zarr"], mode="r")["msi"].dtype == np.dtype(dtype)
-    kwargs = dict(batch_size=4, batches_per_epoch=3, seed=1)
+    kwargs = dict(batch_size=4, batches_per_epoch=3, seed=1, ring_size=0)  # list() keeps every batch
     plain = list(make_wds_loader(out, "train", **kwargs))
     moved = list(make_wds_loader(out, "train", augment=True, **kwargs))
     # the same normalised MSI as stored in float32: exactly for uint16, within float16's 2**-11 of |raw| < 1e4

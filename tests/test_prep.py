@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -128,6 +129,33 @@ def test_three_array_tasks_give_the_same_dataset_and_rerun_does_nothing(tiny_spe
     for k in arrays1:
         np.testing.assert_array_equal(arrays3[k], arrays1[k], err_msg=k)
     assert run_prep(tiny_spec, TINY_PREP, out)["units"] == 0
+
+
+# what prep wrote for the tiny cities at 79da524, before prep was made faster (issue 20): the manifest without
+# "created" and "versions" (its shard sha256s, statistics and histograms included), and every zarr array's bytes
+PINNED_MANIFEST = "efadb974752ccbc5fc6772d8d311997cb3418630e09b61e32f025b2446da3e00"
+PINNED_ARRAYS = "ccade0d7d684f91526529b15c1f67a55f17c053488d7c34126f3c048f6a16782"
+
+
+def _pinned_digests(prep: Path) -> tuple[str, str]:
+    manifest = json.loads((prep / "manifest.json").read_text())
+    del manifest["created"], manifest["versions"]
+    arrays = hashlib.sha256()
+    for name, a in sorted(_dataset_digest(prep)[1].items()):
+        arrays.update(f"{name}:{a.dtype}:{a.shape}".encode())
+        arrays.update(a.tobytes())
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest(), arrays.hexdigest()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_prep_writes_the_pinned_bytes_at_one_and_two_workers(tiny_spec, tiny_prepared, tmp_path, workers):
+    """Speed-ups of prep change no byte: the same manifest (so the same shard sha256s) and zarr arrays."""
+    out = tiny_prepared
+    if workers > 1:
+        out = tmp_path / "prep"
+        run_prep(tiny_spec, TINY_PREP, out, workers=workers)
+        finalize(out)
+    assert _pinned_digests(out) == (PINNED_MANIFEST, PINNED_ARRAYS)
 
 
 def test_job_folder_refuses_another_config(tiny_spec, tiny_prepared):

@@ -108,7 +108,9 @@ class PreparedData:
     def loader(self, split: str, cities: Iterable[str], radiometric: RadiometricConfig | None = None,
                **kwargs: Any) -> Iterable[dict[str, torch.Tensor]]:
         """``data_prep.loaders.make_wds_loader`` (``kwargs``) of ``split``; tiles get the radiometric
-        augmentation ``radiometric`` (when its ``prob`` > 0), then this run's normalisation."""
+        augmentation ``radiometric`` (when its ``prob`` > 0), then this run's normalisation. A batch's
+        tensors may be reused by the loader two batches later (data_prep/loaders.py's module doc): the
+        tasks use each batch within its micro-step, backward included, before drawing the next."""
         from c2seg.data_prep.loaders import make_wds_loader
 
         loader = make_wds_loader(self.prep_dir, split, cities=list(cities), **kwargs)

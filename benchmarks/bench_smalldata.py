@@ -22,8 +22,11 @@ LogisticRegression and RandomForestClassifier (random_state = the seed) predict 
 scored by c2seg.metrics like `infer evaluate`. Prints one table per dataset (arm, mIoU, OA, train seconds) and
 c2seg's difference from the best classical arm; writes OUT/<dataset>/result.json.
 
-    python benchmarks/bench_smalldata.py --out runs/bench_smalldata --datasets enmap --seeds 0 --steps 300
-    python benchmarks/bench_smalldata.py --datasets enmap --override optim.lr=2e-3   # a probe: extra --set
+    python benchmarks/bench_smalldata.py --out runs/bench_smalldata --datasets enmap floods --seeds 0 --steps 120
+    python benchmarks/bench_smalldata.py --datasets enmap --override data.radiometric.prob=0 --tag _norad  # a probe
+
+A stand-in and its prep are kept in OUT/<dataset>/ and reused: give another --out for other stand-in options
+(--grid, --chip, --squares, --square-px, --data-seed).
 """
 
 from __future__ import annotations
@@ -300,7 +303,7 @@ def table(result: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="runs/bench_smalldata", help="stand-ins, preps, runs, result.json")
+    parser.add_argument("--out", default="runs/bench_smalldata", help="stand-ins, preps, runs, result.json (a stand-in there is reused)")
     parser.add_argument("--datasets", nargs="+", choices=sorted(LAYOUTS), default=["enmap"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0],
                         help="training seeds (c2seg's seed, the classifiers' random_state); reported per seed")
@@ -309,7 +312,8 @@ def main() -> None:
     parser.add_argument("--chip", type=int, default=64, help="chip side in px (the example specs' tile size)")
     parser.add_argument("--squares", type=int, default=4, help="enmap: labelled squares per chip")
     parser.add_argument("--square-px", type=int, default=4, help="enmap: side of a labelled square in px")
-    parser.add_argument("--steps", type=int, default=300, help="c2seg fine-tuning steps")
+    parser.add_argument("--steps", type=int, default=120,
+                        help="c2seg fine-tuning steps (default 120: a few minutes on 2 cores)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--model", default=DEMO_MODEL, help="c2seg model config (default: the 2-core demo model)")
     parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",

@@ -25,11 +25,16 @@ def test_stand_in_is_read_by_the_example_spec(tmp_path, name):
     x, y = labelled_pixels(spec, identity, layout.train_city, "train")
     assert x.shape == (len(y), sum(m.channels for m in spec.modalities))
     assert set(np.unique(y)) <= set(spec.scored_class_ids)
-    if layout.sparse:  # two 3 x 3 squares a chip at most
-        assert 0 < len(y) <= 2 * 2 * 9
+    # enmap: sparse labels, two 3 x 3 squares on each of the 2 train chips (here not overlapping); floods: every
+    # pixel of the 2 train chips of 16 x 16 px
+    assert len(y) == {"enmap": 2 * 2 * 9, "floods": 2 * 16 * 16}[name]
 
 
 def test_sparse_keeps_only_the_squares():
     label = np.full((16, 16), 3, np.uint8)
     out = _sparse(label, 0, 3, 2, np.random.default_rng(0))
-    assert 4 <= (out == 3).sum() <= 12 and set(np.unique(out)) == {0, 3}
+    # seed 0 draws the squares' top-left corners (12, 4), (9, 4), (7, 0): three 2 x 2 squares kept, the rest ignored
+    corners = [(12, 4), (9, 4), (7, 0)]
+    expected = {(r + i, c + j) for r, c in corners for i in range(2) for j in range(2)}
+    assert {tuple(p) for p in np.argwhere(out == 3).tolist()} == expected
+    assert set(np.unique(out)) == {0, 3}

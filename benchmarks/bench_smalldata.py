@@ -231,9 +231,21 @@ def classical_arms(seed: int) -> dict[str, object]:
             "random_forest": RandomForestClassifier(n_estimators=200, n_jobs=1, random_state=seed)}
 
 
-def classical(name: str, data: Path, prep: Path, seed: int) -> dict[str, dict]:
+@dataclass(frozen=True)
+class Pixels:
+    """The labelled pixels the classical arms learn from (train split) and are scored on (test split), and the
+    scored class ids."""
+
+    x: np.ndarray
+    y: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    class_ids: list[int]
+
+
+def read_pixels(name: str, data: Path, prep: Path) -> Pixels:
+    """The stand-in's labelled train and test pixels, read once for every seed."""
     from c2seg.data_prep.manifest import load_manifest
-    from c2seg.metrics import confusion_matrix, scores_from_confusion
     from c2seg.spec import load_spec
 
     layout = LAYOUTS[name]
@@ -241,13 +253,20 @@ def classical(name: str, data: Path, prep: Path, seed: int) -> dict[str, dict]:
     normalizer = load_manifest(prep).normalizer()
     x, y = labelled_pixels(spec, normalizer, layout.train_city, "train")
     x_test, y_test = labelled_pixels(spec, normalizer, layout.test_city, "test")
+    return Pixels(x, y, x_test, y_test, spec.scored_class_ids)
+
+
+def classical(pixels: Pixels, seed: int) -> dict[str, dict]:
+    from c2seg.metrics import confusion_matrix, scores_from_confusion
+
+    x, y, x_test, y_test = pixels.x, pixels.y, pixels.x_test, pixels.y_test
     out = {}
     for arm, clf in classical_arms(seed).items():
         t0 = time.perf_counter()
         clf.fit(x, y)
         seconds = time.perf_counter() - t0
-        scores = scores_from_confusion(confusion_matrix(y_test, clf.predict(x_test), spec.scored_class_ids),
-                                       spec.scored_class_ids)
+        scores = scores_from_confusion(confusion_matrix(y_test, clf.predict(x_test), pixels.class_ids),
+                                       pixels.class_ids)
         out[arm] = {"test": {"miou": round(scores.miou, 4), "oa": round(scores.oa, 4)}, "train_s": round(seconds, 1),
                     "train_pixels": int(len(y)), "test_pixels": int(len(y_test))}
     return out
@@ -260,8 +279,9 @@ def run_dataset(name: str, args) -> dict:
     prep = _prep(name, data, out / "prep")
     result: dict = {"dataset": name, "seeds": args.seeds, "steps": args.steps, "model": args.model,
                     "overrides": args.override, "runs": {}}
+    pixels = read_pixels(name, data, prep)
     for seed in args.seeds:
-        run = classical(name, data, prep, seed)
+        run = classical(pixels, seed)
         run["c2seg"] = c2seg_arm(name, data, prep, out / f"c2seg_seed{seed}{args.tag}", seed, args)
         result["runs"][seed] = run
     (out / f"result{args.tag}.json").write_text(json.dumps(result, indent=1))

@@ -281,8 +281,7 @@ def _run_tiles(job: Job, city: str, split: str, k: int) -> dict:
             kept.append(slot)
     with ThreadPoolExecutor(1) as pool:  # file writes, sha256, fsync and blosc all release the GIL
         shard = pool.submit(write_shard, job.out / sp.shard_path(k), samples)
-        for slots, tiles_of in zarr_parts:
-            write_tiles(job.out, city, split, slots, tiles_of)
+        write_tiles(job.out, city, split, zarr_parts)
         size, sha = shard.result()
     return {"unit": sp.unit_name(k), "city": city, "split": split, "kept": kept, "dropped_nodata": dropped,
             "class_histogram": hist.tolist(), "max_rel_error": max_err,

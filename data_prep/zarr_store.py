@@ -139,15 +139,19 @@ def consecutive_runs(slots: Sequence[int]) -> list[tuple[int, int]]:
     return runs
 
 
-def write_tiles(out: Path, city: str, split: str, slots: list[int], tiles: dict[str, np.ndarray]) -> None:
-    """Write ``tiles[name][i]`` to slot ``slots[i]`` of array ``name``; runs of consecutive slots go in one
-    call (each slot is one chunk)."""
+def write_tiles(out: Path, city: str, split: str, parts: list[tuple[list[int], dict[str, np.ndarray]]]) -> None:
+    """Write each part's ``tiles[name][i]`` to slot ``slots[i]`` of array ``name`` (the group opened once for
+    all parts); runs of consecutive slots go in one call (each slot is one chunk)."""
+    if not parts:
+        return
     g = zarr.open_group(group_path(out, city, split), mode="r+")
-    runs = consecutive_runs(slots)
-    for name, array in tiles.items():
-        arr = g[name]
-        for a, b in runs:
-            arr[slots[a] : slots[b - 1] + 1] = array[a:b]
+    arrays: dict[str, zarr.Array] = {}
+    for slots, tiles in parts:
+        runs = consecutive_runs(slots)
+        for name, array in tiles.items():
+            arr = arrays.setdefault(name, g[name])
+            for a, b in runs:
+                arr[slots[a] : slots[b - 1] + 1] = array[a:b]
 
 
 def write_kept(out: Path, city: str, split: str, kept: list[int]) -> None:

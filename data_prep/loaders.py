@@ -322,9 +322,9 @@ class ZarrTileDataset(Dataset):
     """Random access to the kept tiles of ``split`` in ``dataset.zarr`` (same sample dict as the shards,
     without the batch dimension); ``augment`` draws a random rot90 / flip per item.
 
-    ``__getitems__`` (used by DataLoader's batch sampler) reads a batch with one zarr call per array and
-    run of consecutive slots of a city (shuffled batches: mostly one tile per call), and normalises it at
-    once."""
+    ``__getitems__`` (used by DataLoader's batch sampler) reads a batch with one zarr request per city
+    (:func:`~c2seg.data_prep.zarr_store.read_slots`: every chunk of the batch's tiles decoded concurrently),
+    and normalises it at once."""
 
     def __init__(self, prep_dir: str | Path, split: str, cities: list[str] | None = None,
                  augment: bool = False) -> None:
@@ -361,7 +361,7 @@ class ZarrTileDataset(Dataset):
 
     def __getitems__(self, indices: list[int]) -> list[dict[str, torch.Tensor]]:
         """The items at ``indices``, read and normalised as one batch."""
-        from c2seg.data_prep.zarr_store import consecutive_runs, read_tiles  # zarr loads only where this is used
+        from c2seg.data_prep.zarr_store import read_slots  # zarr loads only where this is used
 
         by_city: dict[str, list[int]] = {}
         for i in indices:
@@ -369,15 +369,12 @@ class ZarrTileDataset(Dataset):
             by_city.setdefault(city, []).append(slot)
         stored: dict[tuple[str, int], StoredTile] = {}
         for city, slots in by_city.items():
-            arrays = self._city_arrays(city)
             slots = np.unique(slots).tolist()
-            for a, b in consecutive_runs(slots):  # one read per run of consecutive slots
-                run = slots[a:b]
-                data = {name: read_tiles(arr, run[0], run[-1] + 1) for name, arr in arrays.items()}
-                for j, slot in enumerate(run):
-                    stored[city, slot] = ({m: data[m][j] for m in self.assemble.modalities},
-                                          data["label"][j] if "label" in data else None,
-                                          self.assemble.city_ids[city])
+            data = read_slots(self._city_arrays(city), slots)
+            for j, slot in enumerate(slots):
+                stored[city, slot] = ({m: data[m][j] for m in self.assemble.modalities},
+                                      data["label"][j] if "label" in data else None,
+                                      self.assemble.city_ids[city])
         rng = np.random.default_rng(torch.randint(2**31, ()).item()) if self.augment else None
         batch = self.assemble([stored[self.index[i]] for i in indices], rng)
         return [{k: v[j] for k, v in batch.items()} for j in range(len(indices))]

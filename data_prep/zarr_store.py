@@ -6,11 +6,13 @@ split is labelled, ``windows`` ``(N, 4)`` int32 (row, col, height, width in the 
 ``kept`` array (written by finalize) lists the slots that hold tiles. Plain zarr reads it all.
 
 Every chunk of every array ends in a crc32c checksum (``Crc32cCodec``), so a corrupt chunk fails on read
-instead of decoding into wrong values; :func:`read_tiles` turns that failure into a :class:`ChunkError`
-naming the array and chunk. Stores written before the checksums stay readable (:func:`has_checksums`)."""
+instead of decoding into wrong values; :func:`read_tiles` and :func:`read_slots` turn that failure into a
+:class:`ChunkError` naming the array and chunk. Stores written before the checksums stay readable
+(:func:`has_checksums`)."""
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import itertools
 from collections.abc import Sequence
@@ -20,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
+from zarr.core.sync import sync
 
 from c2seg.errors import C2SegError
 from c2seg.spec import DatasetSpec
@@ -69,13 +72,43 @@ def array_dir(arr: zarr.Array) -> Path:
     return Path(arr.store_path.store.root) / arr.path
 
 
+DECODE_ERRORS = (ValueError, RuntimeError)  # crc32c mismatch (ValueError), blosc failure (RuntimeError)
+
+
 def read_tiles(arr: zarr.Array, start: int, stop: int) -> np.ndarray:
     """``arr[start:stop]``; a chunk that fails to decode raises :class:`ChunkError` naming it."""
     try:
         return arr[start:stop]
-    except (ValueError, RuntimeError) as exc:  # crc32c mismatch (ValueError), blosc failure (RuntimeError)
-        raise ChunkError(f"{array_dir(arr)}: chunk {_failing_chunk(arr, start, stop)} is corrupt, "
-                         f"it fails to decode ({exc})") from exc
+    except DECODE_ERRORS as exc:
+        raise _chunk_error(arr, start, stop, exc) from exc
+
+
+def read_slots(arrays: dict[str, zarr.Array], slots: Sequence[int]) -> dict[str, list[np.ndarray]]:
+    """``{name: [arr[slot] for slot in slots]}`` for increasing ``slots``, in one zarr request: each run of
+    consecutive slots of each array is one slice, and all are read at once (``asyncio.gather`` over the
+    arrays' ``async_array``), so zarr fetches, checks and decodes their chunks concurrently and pays its
+    per-call cost (a hop to its event loop) once, not once per tile and array. A chunk that fails to decode
+    raises :class:`ChunkError` naming it (the first failing read, run by run and array by array)."""
+    runs = [(slots[a], slots[b - 1] + 1) for a, b in consecutive_runs(slots)]
+    reads = [(name, arr, start, stop) for start, stop in runs for name, arr in arrays.items()]
+
+    async def read_all() -> list[np.ndarray | BaseException]:
+        return await asyncio.gather(*(arr.async_array.getitem(slice(start, stop)) for _, arr, start, stop in reads),
+                                    return_exceptions=True)
+
+    tiles: dict[str, list[np.ndarray]] = {name: [] for name in arrays}
+    for (name, arr, start, stop), block in zip(reads, sync(read_all())):
+        if isinstance(block, DECODE_ERRORS):
+            raise _chunk_error(arr, start, stop, block) from block
+        if isinstance(block, BaseException):
+            raise block
+        tiles[name].extend(block)
+    return tiles
+
+
+def _chunk_error(arr: zarr.Array, start: int, stop: int, exc: BaseException) -> ChunkError:
+    return ChunkError(f"{array_dir(arr)}: chunk {_failing_chunk(arr, start, stop)} is corrupt, "
+                      f"it fails to decode ({exc})")
 
 
 def _failing_chunk(arr: zarr.Array, start: int, stop: int) -> str:
@@ -85,7 +118,7 @@ def _failing_chunk(arr: zarr.Array, start: int, stop: int) -> str:
     for coords in itertools.product(rows, *(range(n) for n in arr.cdata_shape[1:])):
         try:
             arr.get_block_selection(coords)
-        except (ValueError, RuntimeError):
+        except DECODE_ERRORS:
             return arr.metadata.encode_chunk_key(coords)
     return f"of rows {start}:{stop} (none fails alone)"
 

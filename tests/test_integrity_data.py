@@ -105,6 +105,19 @@ def test_training_read_of_a_corrupt_chunk_names_array_and_chunk(prep_copy):
         dataset[item]
 
 
+def test_batch_read_names_the_first_corrupt_chunk_run_by_run(prep_copy):
+    """A batch read (one zarr request for all its tiles) fails on the first corrupt chunk in slot order (then
+    array order), whatever the order of the batch: the same error as reading the tiles one run at a time."""
+    group = _train_group(prep_copy)
+    early, late = sorted(_slots_in_shard_order(prep_copy))[1:4:2]  # not adjacent: two runs
+    key = _flip_byte_in_chunk(group, "msi", early)
+    _flip_byte_in_chunk(group, "hsi", late)
+    dataset = ZarrTileDataset(prep_copy, SPLIT, [CITY])
+    batch = [dataset.index.index((CITY, slot)) for slot in (late, early)]
+    with pytest.raises(ChunkError, match=f"^{group / 'msi'}: chunk {key} is corrupt, it fails to decode"):
+        dataset.__getitems__(batch)
+
+
 def _strip_checksums(group: Path) -> None:
     """Rewrite every array of ``group`` as a store written before the checksums (same values)."""
     g = zarr.open_group(group, mode="r+")

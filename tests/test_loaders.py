@@ -212,6 +212,28 @@ def test_zarr_batches_equal_items_and_collate_without_copy(tiny_prepared):
     assert sorted(seen) == sorted(_digest(ds[i]["msi"]) for i in range(len(ds)))
 
 
+def test_zarr_batch_is_one_zarr_request_per_city_and_reads_the_stored_tiles(tiny_prepared, monkeypatch):
+    """``__getitems__`` reads a shuffled batch with one zarr request per city (``read_slots``: every run of
+    consecutive slots of every array gathered), not one per tile and array; the tiles are ``arr[slot]``."""
+    import zarr
+
+    from c2seg.data_prep import zarr_store
+
+    ds = ZarrTileDataset(tiny_prepared, "train")
+    requests = []
+    monkeypatch.setattr(zarr_store, "sync", lambda coro: requests.append(coro) or zarr.core.sync.sync(coro))
+    order = [7, 2, len(ds) - 1, 0, 3, len(ds) - 2]  # both cities; runs 0, 2-3, 7 of the first
+    ds.__getitems__(order)
+    assert len(requests) == 2
+    arrays = ds._city_arrays("synth_source")
+    tiles = zarr_store.read_slots(arrays, [0, 2, 3, 7])
+    assert len(requests) == 3 and list(tiles) == ["hsi", "msi", "sar", "label"]
+    for name, arr in arrays.items():
+        assert [t.shape for t in tiles[name]] == [arr.shape[1:]] * 4
+        for slot, tile in zip([0, 2, 3, 7], tiles[name], strict=True):
+            np.testing.assert_array_equal(tile, arr[slot])
+
+
 @pytest.mark.parametrize("extra_ranks", [0, 1])
 def test_each_tile_once_with_equal_batches_pads_the_ranks_that_have_fewer(tiny_prepared, extra_ranks):
     """Under ZeRO-3 every rank must run as many forwards: the ranks with fewer val batches repeat one,

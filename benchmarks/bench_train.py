@@ -237,7 +237,7 @@ def _peer(arm: str, run_dir: Path, prep: Path, seed: int, steps: int, args) -> d
     target city predicted by the product's sliding-window inference (same window and overlap as
     :func:`_whole_city`); its target val scores."""
     _cli("--arm", arm, "--prep", str(prep), *_spec_args(prep), "--city", "synth_target", "--steps", str(steps),
-         "--seed", str(seed), "--out", str(run_dir), "--window", str(args.infer_window),
+         "--seed", str(seed), "--out", str(run_dir), "--window", str(_window(args)),
          "--overlap", str(WHOLE_CITY_OVERLAP), "--width", str(args.peer_width), "--lambda-adv", str(args.lambda_adv),
          "--set", f"data.batch_size={args.batch}", *_overrides(args), script=(str(ROOT / "benchmarks/peers.py"),))
     val = json.loads((run_dir / "peer_run.json").read_text())["val"]
@@ -294,7 +294,7 @@ def crosscity(args) -> dict:
             result.setdefault(f"{name}_samples", []).append(steps * args.batch)
             if scores is not None:
                 result.setdefault(name, []).append(scores)
-                result.setdefault(f"{name}_city", []).append(_whole_city(run_dir(name), prep, args.infer_window))
+                result.setdefault(f"{name}_city", []).append(_whole_city(run_dir(name), prep, _window(args)))
         for arm in PEER_ARMS:
             if args.only and arm not in args.only:
                 continue
@@ -315,6 +315,11 @@ def crosscity(args) -> dict:
                 result[f"{name}{part}_vs_{base}"] = {"per_seed": gains, "mean": round(sum(gains) / len(gains), 4),
                                                      "min": min(gains)}
     return result
+
+
+def _window(args) -> int:
+    """The whole-city inference window of every arm: ``--infer-window``, else the training tile size."""
+    return args.infer_window or args.tile
 
 
 def _overrides(args) -> list[str]:
@@ -471,8 +476,9 @@ def main() -> None:
     sub.choices["crosscity"].add_argument("--seeds", type=int, nargs="+", default=[0],
                                           help="training seeds; scores are reported per seed and averaged")
     sub.choices["crosscity"].add_argument("--tile", type=int, default=64)
-    sub.choices["crosscity"].add_argument("--infer-window", type=int, default=128,
-                                          help="whole-city inference window (px), as in the demo")
+    sub.choices["crosscity"].add_argument("--infer-window", type=int, default=None,
+                                          help="whole-city inference window (px) of every arm (default: --tile, "
+                                          "as the product's inference defaults to the training tile size)")
     sub.choices["crosscity"].add_argument("--only", nargs="+", default=None, choices=CROSSCITY_ARMS,
                                           metavar="ARM", help="run only these arms: " + ", ".join(CROSSCITY_ARMS)
                                           + " (unet, unet_adv: the peers of benchmarks/peers.py, trained for "

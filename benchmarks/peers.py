@@ -283,10 +283,12 @@ class PeerRun:
     lambda_adv: float
     val: dict[str, float]
     class_maps: list[str]
+    window: int = 128  # of the whole-city class maps (runs recorded before this field: 128)
 
 
 def run(args: argparse.Namespace) -> PeerRun:
-    """Train, validate and predict one peer arm (kept when ``OUT/peer_run.json`` records the same settings)."""
+    """Train, validate and predict one peer arm (kept when ``OUT/peer_run.json`` records the same settings; a
+    kept run asked for another ``--window`` predicts the city again with its saved weights)."""
     from c2seg.cli import spec_from_args
     from c2seg.train.config import load_train_config
     from c2seg.train.data import PreparedData
@@ -298,24 +300,29 @@ def run(args: argparse.Namespace) -> PeerRun:
                                           "optim.warmup_steps": max(1, args.steps // 10), **dict(args.set)})
     wanted = {"arm": args.arm, "seed": args.seed, "steps": args.steps, "batch_size": cfg.data.batch_size,
               "width": args.width, "lambda_adv": args.lambda_adv if args.arm == "unet_adv" else 0.0}
-    if record.is_file():
-        done = PeerRun(**json.loads(record.read_text()))
-        if all(getattr(done, k) == v for k, v in wanted.items()):
+    data = PreparedData(cfg.data.prep_dir, cfg.data.spec, cfg.data.normalization)
+    done = PeerRun(**json.loads(record.read_text())) if record.is_file() else None
+    if done is not None and all(getattr(done, k) == v for k, v in wanted.items()):
+        if done.window == args.window:
             print(f"{out}: finished run kept ({record})")
             return done
-    out.mkdir(parents=True, exist_ok=True)
-    data = PreparedData(cfg.data.prep_dir, cfg.data.spec, cfg.data.normalization)
-    torch.manual_seed(cfg.seed * 1000)  # as the product's loop seeds rank 0 before building the model
-    peer = build_peer(args.arm, data.spec, cfg, args.width, wanted["lambda_adv"])
-    train_s = train_peer(peer, data, cfg, data.spec, out / "metrics.jsonl")
-    val = validate(peer.model, data, data.spec, cfg.data.batch_size)
-    (out / "val_metrics.json").write_text(json.dumps(val, indent=1))
-    torch.save(peer.model.state_dict(), out / "model_state.pt")
-    maps = predict_city(peer.model, data, spec_from_args(args), args.city, out / "whole_city", args.window,
-                        args.overlap)
+        print(f"{out}: finished run kept, its city predicted again at window {args.window} px")
+        model = StackedUNet(data.spec, args.width)
+        model.load_state_dict(torch.load(out / "model_state.pt", weights_only=True))
+        train_s, val = done.train_s, done.val
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(cfg.seed * 1000)  # as the product's loop seeds rank 0 before building the model
+        peer = build_peer(args.arm, data.spec, cfg, args.width, wanted["lambda_adv"])
+        train_s = train_peer(peer, data, cfg, data.spec, out / "metrics.jsonl")
+        model = peer.model
+        val = validate(model, data, data.spec, cfg.data.batch_size)
+        (out / "val_metrics.json").write_text(json.dumps(val, indent=1))
+        torch.save(model.state_dict(), out / "model_state.pt")
+    maps = predict_city(model, data, spec_from_args(args), args.city, out / "whole_city", args.window, args.overlap)
     done = PeerRun(**wanted, samples=args.steps * cfg.data.batch_size, train_s=round(train_s, 1),
-                   parameters=sum(p.numel() for p in peer.model.parameters()), val=val,
-                   class_maps=[str(p) for p in maps])
+                   parameters=sum(p.numel() for p in model.parameters()), val=val,
+                   class_maps=[str(p) for p in maps], window=args.window)
     record.write_text(json.dumps(asdict(done), indent=1))
     return done
 

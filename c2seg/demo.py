@@ -44,7 +44,7 @@ class DemoConfig:
     data_root: str | None = None  # where the generated cities go (default: the spec's data_root)
     size: tuple[int, int] = (256, 384)
     seed: int = 0
-    infer_window: int = 128
+    infer_window: int | None = None  # px; None: the models' training tile size
     infer_overlap: float = 0.5
 
 
@@ -118,8 +118,8 @@ def _score(run: _Runner, inputs: StageInputs, name: StageName, cfg: DemoConfig) 
     inputs = replace(inputs, model=inputs.layout.model(name))
     export, infer, evaluate = scoring_stages(name)
     run.step(f"export {name}", command_line(export, inputs), done=inputs.layout.done(export))
-    run.step(f"infer {name}", [*command_line(infer, inputs), "--window", str(cfg.infer_window),
-                               "--overlap", str(cfg.infer_overlap)])
+    window = ["--window", str(cfg.infer_window)] if cfg.infer_window else []
+    run.step(f"infer {name}", [*command_line(infer, inputs), *window, "--overlap", str(cfg.infer_overlap)])
     run.step(f"evaluate {name}", command_line(evaluate, inputs))
     metrics: dict[str, Any] = json.loads((inputs.layout.predictions(inputs.model, inputs.city) / "metrics.json")
                                          .read_text())

@@ -54,7 +54,8 @@ def register(stages: argparse._SubParsersAction) -> None:
     add_split_arg(run, "predict")
     run.add_argument("--out", required=True, type=Path, help="output folder (DIR/<city>/ is written)")
     run.add_argument("--config", type=Path, help="settings YAML (configs/infer/default.yaml); flags override it")
-    run.add_argument("--window", type=int, help="window size in px (default 128)")
+    run.add_argument("--window", type=int, help="window size in px (default: the tile size the model "
+                     "was trained on, recorded in the exported model)")
     run.add_argument("--overlap", type=float, help="overlap fraction of neighbouring windows, 0 <= f < 1 (default 0.5)")
     run.add_argument("--blend", choices=["gaussian", "cosine"], help="blend weights (default gaussian)")
     run.add_argument("--tta", choices=["none", "flips", "d4"], help="test-time augmentation (default none)")

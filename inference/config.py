@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, replace
 
 from c2seg.errors import C2SegError
 from c2seg.inference.predictor import Tta
 from c2seg.inference.windows import Blend
 
+log = logging.getLogger("c2seg.infer")
+
 
 @dataclass(frozen=True)
 class InferConfig:
-    window: int = 128  # window size in px (a multiple of the model's patch size works best)
+    # window size in px; None: the tile size the model was trained on (a transformer's predictions depend on the
+    # window: its attention spans it and its position embeddings beyond the training tile were never trained)
+    window: int | None = None
     overlap: float = 0.5  # fraction of the window shared by neighbouring windows, in [0, 1)
     blend: Blend = "gaussian"
     tta: Tta = "none"
@@ -24,7 +29,7 @@ class InferConfig:
     wait_timeout_s: float = 3600.0  # how long rank 0 waits for the other ranks' blocks
 
     def __post_init__(self) -> None:
-        if self.window < 8:
+        if self.window is not None and self.window < 8:
             raise C2SegError(f"window must be >= 8 px, got {self.window}")
         if not 0.0 <= self.overlap < 1.0:
             raise C2SegError(f"overlap must be in [0, 1), got {self.overlap}")
@@ -34,6 +39,16 @@ class InferConfig:
             raise C2SegError(f"block must be a multiple of 16 (>= 16), got {self.block}")
         if self.cog_blocksize < 128 or self.cog_blocksize % 16:
             raise C2SegError(f"cog_blocksize must be a multiple of 16 (>= 128), got {self.cog_blocksize}")
+
+    def for_model(self, tile_size: int) -> InferConfig:
+        """These settings for a model trained on ``tile_size`` px tiles: the window defaults to that size; a
+        window of another size is kept, with a warning."""
+        if self.window is None:
+            return replace(self, window=tile_size)
+        if self.window != tile_size:
+            log.warning("window %d px, but the model was trained on %d px tiles: its predictions depend on the window "
+                        "(leave --window out to use the tile size)", self.window, tile_size)
+        return self
 
     def store_key(self) -> dict:
         """The settings that change the numbers: an existing output store must match them to resume."""

@@ -65,7 +65,10 @@ def infer_scene(scene: Scene, predict: PredictFn, normalize: Normalize, modaliti
                 overwrite: bool = False, first_block: int = 0) -> SceneOutputs | None:
     """Predict this rank's blocks of ``scene`` (block ``i`` goes to rank ``(first_block + i) % world_size``:
     a city of many one-block tiles is spread over every rank); on rank 0 also wait for all blocks and write
-    the outputs under ``out_dir`` (returned). Other ranks return None."""
+    the outputs under ``out_dir`` (returned). Other ranks return None. ``cfg.window`` must be set
+    (:meth:`InferConfig.for_model`)."""
+    if cfg.window is None:
+        raise C2SegError("infer_scene needs a window size: resolve the settings with InferConfig.for_model")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -165,6 +168,7 @@ def infer_city(model_path: str | Path, spec: DatasetSpec, city: str, out: str | 
         device = torch.device("cuda", dist.local_rank)
     model_path = Path(model_path)
     exported = load_exported(model_path, map_location=device)
+    cfg = cfg.for_model(exported.tile_size)
     # a modality the data lacks is no problem: the model takes any subset (checked per scene)
     problems = [p.text for p in spec_compatible(exported.spec, spec) if p.kind != "missing_modality"]
     if problems:

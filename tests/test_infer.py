@@ -15,6 +15,7 @@ from affine import Affine
 from rasterio.windows import Window as RioWindow
 
 from c2seg.data_prep.manifest import Normalizer
+from c2seg.errors import C2SegError
 from c2seg.data_prep.readers import open_city
 from c2seg.inference.cog import validate_cog, write_class_cog
 from c2seg.inference.config import InferConfig
@@ -191,3 +192,24 @@ def test_nodata_is_the_ignore_id_where_class_0_is_a_real_class(setup, tmp_path):
     tile = write_submission_tile(SimpleNamespace(classes=classes), scene, spec, tmp_path / "submission")
     with rasterio.open(tile) as ds:
         assert ds.nodata == 255 and np.array_equal(ds.read(1), classes)
+
+
+def test_window_defaults_to_the_training_tile_and_another_one_warns(caplog):
+    """A transformer's predictions depend on the window (attention spans it; positions beyond the training tile
+    were never trained), so inference uses the model's tile size unless told otherwise, and says so."""
+    assert InferConfig().window is None
+    assert InferConfig().for_model(64).window == 64
+    assert InferConfig().for_model(64).store_key()["window"] == 64
+    with caplog.at_level("WARNING", logger="c2seg.infer"):
+        assert InferConfig(window=64).for_model(64).window == 64
+        assert not caplog.records
+        assert InferConfig(window=128).for_model(64).window == 128
+    assert [r.getMessage() for r in caplog.records] == [
+        "window 128 px, but the model was trained on 64 px tiles: its predictions depend on the window "
+        "(leave --window out to use the tile size)"]
+
+
+def test_a_window_must_be_resolved_before_a_scene_is_predicted(setup, tmp_path):
+    spec, norm, model = setup
+    with pytest.raises(C2SegError, match="needs a window size"):
+        run(spec, open_city(spec, "synth_target")[0], norm, model, tmp_path)

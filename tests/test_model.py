@@ -221,25 +221,3 @@ def test_skip_stem_gives_skips_at_every_halving_down_to_half_a_patch(spec):
     assert [tuple(t.shape) for t in skips] == [(1, 8, 32, 40), (1, 16, 16, 20), (1, 32, 8, 10)]
     assert len(model.head.fuse) == 3
 
-
-def test_pixel_norm_normalises_each_pixel_alone():
-    """``conv_norm: pixel``: each pixel's channels are standardised on their own, so a pixel's features do not
-    change with the rest of the tile or inference window (GroupNorm's per-tile statistics do)."""
-    from c2seg.train.models.stem import PixelNorm, group_norm
-
-    x = torch.tensor([[[[1.0, 5.0]], [[3.0, 5.0]]]])  # (B=1, C=2, H=1, W=2): pixel 0 (1, 3), pixel 1 (5, 5)
-    out = PixelNorm(2)(x)
-    torch.testing.assert_close(out[0, :, 0, 0], torch.tensor([-1.0, 1.0]), atol=1e-4, rtol=0)
-    torch.testing.assert_close(out[0, :, 0, 1], torch.tensor([0.0, 0.0]))
-    other = x.clone()
-    other[..., 1] = 100.0  # another neighbour
-    assert torch.equal(PixelNorm(2)(other)[..., 0], out[..., 0])
-    assert not torch.equal(group_norm(2)(other)[..., 0], group_norm(2)(x)[..., 0])
-
-
-@pytest.mark.parametrize("norm, kind", [("group", torch.nn.GroupNorm), ("pixel", torch.nn.LayerNorm)])
-def test_conv_norm_is_used_by_the_stem_and_the_skip_decoder(spec, norm, kind):
-    model = FusionSegmenter(spec, _cfg("joint", decoder="skip", stem_dim=8, conv_norm=norm))
-    norms = [m for part in (model.stem, model.head) for m in part.modules()
-             if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm))]
-    assert len(norms) == 2 * 3 + 1 + 2 * 3 and all(isinstance(m, kind) for m in norms)

@@ -33,10 +33,6 @@ class ModelConfig:
     # features at every scale (U-Net-like skips; train/models/stem.py), stem_dim channels at full resolution
     decoder: Literal["light", "skip"] = "light"
     stem_dim: int = bounded(32, ge=1)
-    # the stem's and skip decoder's normalisation: group (GroupNorm, statistics per tile: a pixel's features
-    # depend on the rest of the tile or inference window) or pixel (LayerNorm over each pixel's channels). The
-    # shipped models use pixel; group stays the default so that models saved before this key load as trained
-    conv_norm: Literal["group", "pixel"] = "group"
     qkv_bias: bool = True
     # fine-tuning: chance of dropping one modality from a batch (a model that must also serve cities missing a
     # modality). Off: on the shift suite's haze pair it cost 10 points of whole-city mIoU (README)

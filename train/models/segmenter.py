@@ -23,9 +23,8 @@ class FusionSegmenter(nn.Module):
         self.cfg = cfg
         self.backbone = FusionBackbone(spec, cfg)
         if cfg.decoder == "skip":
-            self.stem = ConvStem(spec, cfg.stem_dim, cfg.patch_size, cfg.conv_norm)
-            self.head = SkipDecoder(cfg.embed_dim, cfg.decoder_dim, cfg.stem_dim, cfg.patch_size, spec.num_logits,
-                                    cfg.conv_norm)
+            self.stem = ConvStem(spec, cfg.stem_dim, cfg.patch_size)
+            self.head = SkipDecoder(cfg.embed_dim, cfg.decoder_dim, cfg.stem_dim, cfg.patch_size, spec.num_logits)
         else:
             self.head = SegDecoder(cfg.embed_dim, cfg.decoder_dim, cfg.patch_size, spec.num_logits)
         init_weights(self)

@@ -8,11 +8,11 @@ fusion model that path: each present modality's bands are projected to ``stem_di
 3x3 convolution at full resolution and one more per halving, down to 1/(patch_size/2):
 skips of ``stem_dim * 2**k`` channels at 1/2**k, k = 0 .. log2(patch_size) - 1.
 
-The convolutions' normalisation is ``conv_norm``: ``pixel`` (LayerNorm over each pixel's channels, the shipped
-models) or ``group`` (GroupNorm). GroupNorm standardises each channel group over the whole tile, so a pixel's
-features depend on what else the tile or inference window holds: a model trained on 64 px tiles read the
-haze pair's target city at 75.9 % mIoU through 128 px windows and 79.4 % through 64 px ones; with per-pixel
-norm (and no modality dropout) 94.1 % and 94.0 % (README, the peer benchmark).
+GroupNorm standardises each channel group over the whole tile, so a pixel's features depend on what else the
+tile or inference window holds; inference therefore defaults to the training tile size (inference/config.py).
+LayerNorm over each pixel's channels instead removed that dependence but also each pixel's brightness: on the
+shift suite it won on the haze pair and lost 13-15 points of whole-city mIoU on the gain and material pairs,
+so it was not kept (README, the peer benchmark).
 """
 
 from __future__ import annotations
@@ -30,24 +30,10 @@ def group_norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(8 if channels % 8 == 0 else 1, channels)
 
 
-class PixelNorm(nn.LayerNorm):
-    """LayerNorm over the channels of each pixel (ConvNeXt's channels-first LayerNorm): a pixel's features do
-    not depend on the rest of the tile or window, unlike GroupNorm's per-tile statistics."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-
-
-def conv_norm(channels: int, kind: str) -> nn.Module:
-    """The normalisation of the stem's and the skip decoder's convolutions: ``group`` or ``pixel``."""
-    return PixelNorm(channels) if kind == "pixel" else group_norm(channels)
-
-
-def double_conv(c_in: int, c_out: int, stride: int = 1, norm: str = "group") -> nn.Sequential:
-    """Two 3x3 convolutions with normalisation ``norm`` (:func:`conv_norm`) and GELU; the first one strided by
-    ``stride``."""
-    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1), conv_norm(c_out, norm), nn.GELU(),
-                         nn.Conv2d(c_out, c_out, 3, padding=1), conv_norm(c_out, norm), nn.GELU())
+def double_conv(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
+    """Two 3x3 convolutions with GroupNorm and GELU; the first one strided by ``stride``."""
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1), group_norm(c_out), nn.GELU(),
+                         nn.Conv2d(c_out, c_out, 3, padding=1), group_norm(c_out), nn.GELU())
 
 
 def skip_channels(stem_dim: int, patch_size: int) -> list[int]:
@@ -58,12 +44,12 @@ def skip_channels(stem_dim: int, patch_size: int) -> list[int]:
 class ConvStem(nn.Module):
     """Modality dict of (B, C, H, W) -> skips [(B, stem_dim, H, W), (B, 2 stem_dim, H/2, W/2), ...]."""
 
-    def __init__(self, spec: DatasetSpec, stem_dim: int, patch_size: int, norm: str = "group") -> None:
+    def __init__(self, spec: DatasetSpec, stem_dim: int, patch_size: int) -> None:
         super().__init__()
         self.spectral = nn.ModuleDict({m.name: nn.Conv2d(m.channels, stem_dim, 1) for m in spec.modalities})
         chans = skip_channels(stem_dim, patch_size)
-        self.levels = nn.ModuleList([double_conv(stem_dim, chans[0], norm=norm)] +
-                                    [double_conv(a, b, stride=2, norm=norm) for a, b in zip(chans, chans[1:])])
+        self.levels = nn.ModuleList([double_conv(stem_dim, chans[0])] +
+                                    [double_conv(a, b, stride=2) for a, b in zip(chans, chans[1:])])
 
     def forward(self, inputs: dict[str, torch.Tensor], names: list[str],
                 drop: str | None = None) -> list[torch.Tensor]:
@@ -83,13 +69,13 @@ class SkipDecoder(nn.Module):
     end: with ``large``'s 256 decoder channels the full-resolution convolutions run at 64)."""
 
     def __init__(self, embed_dim: int, decoder_dim: int, stem_dim: int, patch_size: int,
-                 num_logits: int, norm: str = "group") -> None:
+                 num_logits: int) -> None:
         super().__init__()
-        self.proj = nn.Sequential(nn.Conv2d(embed_dim, decoder_dim, 1), conv_norm(decoder_dim, norm), nn.GELU())
+        self.proj = nn.Sequential(nn.Conv2d(embed_dim, decoder_dim, 1), group_norm(decoder_dim), nn.GELU())
         self.up = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False)
         skips = list(reversed(skip_channels(stem_dim, patch_size)))  # coarsest first
         widths = [min(decoder_dim, 2 * c) for c in skips]
-        self.fuse = nn.ModuleList([double_conv(c_in + skip, c_out, norm=norm)
+        self.fuse = nn.ModuleList([double_conv(c_in + skip, c_out)
                                    for c_in, skip, c_out in zip([decoder_dim, *widths], skips, widths)])
         self.classifier = nn.Conv2d(widths[-1], num_logits, 1)
 

@@ -14,8 +14,8 @@ log = logging.getLogger("c2seg.infer")
 
 @dataclass(frozen=True)
 class InferConfig:
-    # window size in px; None: the tile size the model was trained on (a transformer's predictions depend on the
-    # window: its attention spans it and its position embeddings beyond the training tile were never trained)
+    # window size in px; None: the tile size the model was trained on. The model's predictions depend on the
+    # window: the stem's GroupNorm statistics and the attention span all of it (train/models/stem.py)
     window: int | None = None
     overlap: float = 0.5  # fraction of the window shared by neighbouring windows, in [0, 1)
     blend: Blend = "gaussian"

@@ -195,8 +195,8 @@ def test_nodata_is_the_ignore_id_where_class_0_is_a_real_class(setup, tmp_path):
 
 
 def test_window_defaults_to_the_training_tile_and_another_one_warns(caplog):
-    """A transformer's predictions depend on the window (attention spans it; positions beyond the training tile
-    were never trained), so inference uses the model's tile size unless told otherwise, and says so."""
+    """A c2seg model's predictions depend on the window (its GroupNorm statistics and attention span it), so
+    inference uses the model's tile size unless told otherwise, and says so."""
     assert InferConfig().window is None
     assert InferConfig().for_model(64).window == 64
     assert InferConfig().for_model(64).store_key()["window"] == 64

@@ -300,12 +300,13 @@ def run(args: argparse.Namespace) -> PeerRun:
                                           "optim.warmup_steps": max(1, args.steps // 10), **dict(args.set)})
     wanted = {"arm": args.arm, "seed": args.seed, "steps": args.steps, "batch_size": cfg.data.batch_size,
               "width": args.width, "lambda_adv": args.lambda_adv if args.arm == "unet_adv" else 0.0}
-    data = PreparedData(cfg.data.prep_dir, cfg.data.spec, cfg.data.normalization)
     done = PeerRun(**json.loads(record.read_text())) if record.is_file() else None
-    if done is not None and all(getattr(done, k) == v for k, v in wanted.items()):
-        if done.window == args.window:
-            print(f"{out}: finished run kept ({record})")
-            return done
+    kept = done is not None and all(getattr(done, k) == v for k, v in wanted.items())
+    if kept and done.window == args.window:
+        print(f"{out}: finished run kept ({record})")
+        return done
+    data = PreparedData(cfg.data.prep_dir, cfg.data.spec, cfg.data.normalization)
+    if kept:
         print(f"{out}: finished run kept, its city predicted again at window {args.window} px")
         model = StackedUNet(data.spec, args.width)
         model.load_state_dict(torch.load(out / "model_state.pt", weights_only=True))

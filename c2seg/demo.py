@@ -118,7 +118,7 @@ def _score(run: _Runner, inputs: StageInputs, name: StageName, cfg: DemoConfig) 
     inputs = replace(inputs, model=inputs.layout.model(name))
     export, infer, evaluate = scoring_stages(name)
     run.step(f"export {name}", command_line(export, inputs), done=inputs.layout.done(export))
-    window = ["--window", str(cfg.infer_window)] if cfg.infer_window else []
+    window = ["--window", str(cfg.infer_window)] if cfg.infer_window is not None else []
     run.step(f"infer {name}", [*command_line(infer, inputs), *window, "--overlap", str(cfg.infer_overlap)])
     run.step(f"evaluate {name}", command_line(evaluate, inputs))
     metrics: dict[str, Any] = json.loads((inputs.layout.predictions(inputs.model, inputs.city) / "metrics.json")

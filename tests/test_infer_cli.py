@@ -127,6 +127,16 @@ def test_changed_settings_are_refused_rather_than_mixed(tiny_spec, exported_mode
     assert proc.returncode == 0 and "12 of this rank's 12 blocks already done" in proc.stderr, proc.stderr[-2000:]
 
 
+def test_window_defaults_to_the_tile_size_the_model_records(tiny_spec, exported_model, one_rank):
+    """Without --window, `infer run` predicts through windows of the model's training tile size (32 px for this
+    export): the same settings as the 32 px run, so its finished work is kept."""
+    cmd = infer_cmd(exported_model, tiny_spec, "synth_target", one_rank.parent)
+    at = cmd.index("--window")
+    proc = subprocess.run(cmd[:at] + cmd[at + 2:], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "window 32 overlap 0.50" in proc.stderr and "12 of this rank's 12 blocks already done" in proc.stderr
+
+
 def test_tile_city_submission_has_one_tile_per_input_tile(tiny_spec, exported_model, tmp_path):
     spec = generate_dataset(tiny_spec.with_data_root(tmp_path / "tiles"), 64, 96, seed=1, fmt="tiles")
     spec_file = tmp_path / "tiles_spec.yaml"

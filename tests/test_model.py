@@ -220,4 +220,3 @@ def test_skip_stem_gives_skips_at_every_halving_down_to_half_a_patch(spec):
     skips = model.stem(x, ["hsi", "msi", "sar"])
     assert [tuple(t.shape) for t in skips] == [(1, 8, 32, 40), (1, 16, 16, 20), (1, 32, 8, 10)]
     assert len(model.head.fuse) == 3
-

@@ -16,7 +16,8 @@ note. The runs take turns within every pass, so load from other processes hits t
 
     .venv/bin/python benchmarks/bench_loaders.py --size 768x768 --batch-size 8
     .venv/bin/python benchmarks/bench_loaders.py --quick
-    .venv/bin/python benchmarks/bench_loaders.py --sweep   # batch 8 / 32 / 64 x 0 / 1 / 2 workers against (b)
+    .venv/bin/python benchmarks/bench_loaders.py --sweep   # batch 8 / 32 / 64 x 0 / 1 / 2 workers against (b),
+                                                           # steady state (epochs of SWEEP_TILES tiles)
 """
 
 from __future__ import annotations
@@ -48,6 +49,9 @@ from c2seg.data_prep.manifest import finalize, load_manifest  # noqa: E402
 from c2seg.data_prep.prep import run_prep  # noqa: E402
 from c2seg.data_prep.prep_config import PrepConfig  # noqa: E402
 from c2seg.data_prep.zarr_store import array_dir  # noqa: E402
+
+
+SWEEP_TILES = 4096  # tiles per epoch in the sweep (the train tiles cycled): 32 batches of 64 per worker at 2
 
 
 def rasterio_tiles(spec, manifest, prep: Path) -> int:
@@ -97,16 +101,34 @@ def zarr_chunks(manifest, prep: Path) -> int:
     return n
 
 
-def timed(runs: dict[str, Callable[[], int]], passes: int) -> dict[str, tuple[float, float]]:
-    """Per run: (first-pass rate, best rate of ``passes`` further passes) in tiles/s. The runs take
-    turns within each pass, so load from other processes on the machine hits them alike."""
-    rates: dict[str, list[float]] = {name: [] for name in runs}
+Run = Callable[[], "int | tuple[int, float, float]"]
+
+
+def steady(loader) -> tuple[int, float, float]:
+    """A loader's steady state: the tiles after its first batch, the seconds from the first batch to the
+    last, and the seconds to the first batch (with workers: spawning them, their imports, opening shards)."""
+    t0, first, n = time.perf_counter(), None, 0
+    for b in loader:
+        if first is None:
+            first = time.perf_counter()
+            continue
+        n += b["msi"].shape[0]
+    assert first is not None and n, "a steady-state run needs at least two batches"
+    return n, time.perf_counter() - first, first - t0
+
+
+def timed(runs: dict[str, Run], passes: int) -> dict[str, tuple[float, float, float]]:
+    """Per run: (first-pass rate, best rate of ``passes`` further passes, start-up seconds of that pass) in
+    tiles/s. A run returns its tiles (timed whole) or :func:`steady`'s figures. The runs take turns within
+    each pass, so load from other processes on the machine hits them alike."""
+    rates: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
     for _ in range(passes + 1):
         for name, run in runs.items():
             t0 = time.perf_counter()
-            n = run()
-            rates[name].append(n / (time.perf_counter() - t0))
-    return {name: (r[0], max(r[1:])) for name, r in rates.items()}
+            out = run()
+            n, seconds, startup = out if isinstance(out, tuple) else (out, time.perf_counter() - t0, 0.0)
+            rates[name].append((n / seconds, startup))
+    return {name: (r[0][0], *max(r[1:])) for name, r in rates.items()}
 
 
 def main() -> None:
@@ -119,7 +141,8 @@ def main() -> None:
     ap.add_argument("--work", default=None, help="folder for generated cities and prep (kept; default: temp)")
     ap.add_argument("--quick", action="store_true", help="384 x 384 cities, 2 passes")
     ap.add_argument("--sweep", action="store_true", help="only the WebDataset loader, at batch sizes 8, 32 and 64 "
-                                                         "with 0, 1 and 2 workers, against (b)")
+                                                         "with 0, 1 and 2 workers, against (b): epochs of "
+                                                         f"{SWEEP_TILES} tiles, timed from the first batch")
     args = ap.parse_args()
     size = (384, 384) if args.quick else parse_size(args.size)
     passes = 2 if args.quick else args.passes
@@ -148,9 +171,13 @@ def main() -> None:
                 zarr_ds[i]
             return len(zarr_ds)
 
-        raw = {"(b) shard bytes, no decoding": lambda: shard_bytes(m)}
+        def wds_steady(batch_size: int, workers: int) -> Run:
+            return lambda: steady(make_wds_loader(prep, "train", batch_size=batch_size, num_workers=workers,
+                                                  batches_per_epoch=SWEEP_TILES // batch_size))
+
+        raw: dict[str, Run] = {"(b) shard bytes, no decoding": lambda: shard_bytes(m)}
         if args.sweep:
-            runs = {**raw, **{f"WebDataset loader, batch {n}, {w} workers": wds(batch_size=n, workers=w)
+            runs = {**raw, **{f"WebDataset loader, batch {n}, {w} workers": wds_steady(n, w)
                               for n in (8, 32, 64) for w in (0, 1, 2)}}
         else:
             runs = {"(a) rasterio windows from GeoTIFF": lambda: rasterio_tiles(spec, m, prep), **raw,
@@ -165,10 +192,11 @@ def main() -> None:
     tile_mb = sum(mod.bands for mod in spec.modalities) * m.tile_size**2 * 2 / 2**20
     note = f"{total} train tiles of {m.tile_size} px ({tile_mb:.1f} MB float16), {spec.name}"
     refs = {ref: rates[name][1] for name in rates for ref in ("(a)", "(b)", "(c)") if name.startswith(ref)}
-    for name, (first, best) in rates.items():
+    for name, (first, best, startup) in rates.items():
         ratios = ", ".join(f"{best / rate:.2f} of {ref}" for ref, rate in refs.items())
         batch = "" if args.sweep else f"batch {bs}, "
-        figure("loaders", name, best, "tiles/s", f"{ratios}; first pass {first:.0f}; {batch}{note}")
+        start = f"; {startup:.1f} s to the first batch" if "loader, batch" in name else ""
+        figure("loaders", name, best, "tiles/s", f"{ratios}; first pass {first:.0f}{start}; {batch}{note}")
 
 
 if __name__ == "__main__":

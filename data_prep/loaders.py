@@ -18,9 +18,14 @@ batch stays valid until the loader yields the ``ring_size``-th batch after it: t
 current batch and the ``ring_size - 1`` before it. Training reads one batch per stream per micro-step
 and is done with it (backward included) before it asks for the next, so the default covers it with a
 batch to spare. Copy (``.clone()``) what you keep longer, or pass ``ring_size=0`` (new memory for every
-batch, as ``list(loader)`` needs). With workers, and in ``ZarrTileDataset`` (random access: callers keep
-items as long as they like), every batch gets new memory. ``label``, ``has_label`` and ``city_id`` are
-always new.
+batch, as ``list(loader)`` needs). With workers the same contract holds: each worker keeps a ring of
+``ring_size + PREFETCH`` batches of shared memory (a worker may run PREFETCH batches ahead of the consumer, and
+every worker yields the same number of batches, so its batch k's memory is rewritten only after the loader
+has yielded ``ring_size`` batches after it). New shared memory per batch cost a worker more than the
+normalisation (tmpfs pages are faulted and zeroed 4 KiB at a time: 63 ms per 130 MB batch, against 15 ms to
+normalise it) and held the loader at 72 tiles/s with one worker (benchmarks/bench_loaders.py --sweep). In
+``ZarrTileDataset`` (random access: callers keep items as long as they like) every batch gets new memory.
+``label``, ``has_label`` and ``city_id`` are always new.
 
 webdataset: its ``shuffle`` (the buffered sample shuffle within a slot) is the only thing the loaders
 run from it; reading the tar shards is done here, from memory maps (data_prep/shards.py). The
@@ -47,6 +52,7 @@ from c2seg.data_prep.stats import fill_as
 
 Piece = tuple[int, int, int]  # (shard index, first sample, stop)
 RING_SIZE = 2  # batches of float memory the WebDataset loader uses in turn (see the module doc)
+PREFETCH = 2  # batches each DataLoader worker may run ahead of the consumer (torch's prefetch_factor)
 
 
 def plan_epoch(shards: list[ShardInfo], *, slots: int, batch_size: int, city_weights: dict[str, float] | None = None,
@@ -140,20 +146,23 @@ def _one_thread():
         torch.set_num_threads(n)
 
 
+def _new_batch_tensor(shape: tuple[int, ...]) -> torch.Tensor:
+    """New float32 memory: in a DataLoader worker shared memory (a batch sent to the main process is moved
+    there anyway: filling it there saves that copy); elsewhere numpy's, which asks the kernel for transparent
+    huge pages on large arrays (madvise), so filling a batch faults once per 2 MiB instead of once per 4 KiB
+    page (torch.empty: 4 KiB); that first touch was about as slow as the normalisation itself."""
+    if get_worker_info() is not None:
+        return torch.empty(shape).share_memory_()
+    return torch.from_numpy(np.empty(shape, np.float32))
+
+
 def _batch_tensor(memory: dict[str, torch.Tensor] | None, modality: str, shape: tuple[int, ...]) -> torch.Tensor:
     """Float32 memory for one modality of a batch: ``memory``'s tensor when it has ``shape`` (else a new
-    one kept there), or, with no ``memory``, a new tensor; in a DataLoader worker a new one in shared memory
-    (a batch sent to the main process is moved there anyway: filling it there saves that copy).
-
-    New memory outside a worker is numpy's: numpy asks the kernel for transparent huge pages on large arrays
-    (madvise), so filling a batch faults once per 2 MiB instead of once per 4 KiB page (torch.empty: 4 KiB);
-    that first touch was about as slow as the normalisation itself."""
+    one kept there), or, with no ``memory``, a new tensor."""
     if memory is None:
-        if get_worker_info() is not None:
-            return torch.empty(shape).share_memory_()
-        return torch.from_numpy(np.empty(shape, np.float32))
+        return _new_batch_tensor(shape)
     if modality not in memory or memory[modality].shape != shape:
-        memory[modality] = torch.empty(shape)
+        memory[modality] = _new_batch_tensor(shape)
     return memory[modality]
 
 
@@ -274,8 +283,10 @@ class WdsTiles(IterableDataset):
         if self.shuffle_buffer > 1:
             tiles = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer,
                                 seed=int(np.random.default_rng(seed).integers(2**31)))(tiles)
-        # the ring: batch k is written into the memory of batch k - ring_size (none in a worker: see the module doc)
-        ring: list[dict[str, torch.Tensor]] = [{} for _ in range(self.ring_size if info is None else 0)]
+        # the ring: batch k is written into the memory of batch k - ring_size (in a worker, of its own batch
+        # k - ring_size - PREFETCH: see the module doc)
+        size = self.ring_size if info is None or not self.ring_size else self.ring_size + PREFETCH
+        ring: list[dict[str, torch.Tensor]] = [{} for _ in range(size)]
         batch: list[StoredTile] = []
         for tile in tiles:
             batch.append(tile)
@@ -314,7 +325,7 @@ def make_wds_loader(prep_dir: str | Path, split: str, *, cities: list[str] | Non
     dataset = WdsTiles(prep_dir, split, cities=cities, batch_size=batch_size, num_workers=num_workers,
                        rank=rank, world_size=world_size, city_weights=city_weights, augment=augment,
                        batches_per_epoch=batches_per_epoch, seed=seed, epoch=epoch, ring_size=ring_size)
-    return DataLoader(dataset, batch_size=None, num_workers=num_workers,
+    return DataLoader(dataset, batch_size=None, num_workers=num_workers, prefetch_factor=PREFETCH if num_workers else None,
                       multiprocessing_context="spawn" if num_workers else None)
 
 

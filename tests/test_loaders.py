@@ -4,6 +4,7 @@ and the Zarr random-access dataset."""
 from __future__ import annotations
 
 import hashlib
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -55,7 +56,7 @@ def test_two_ranks_two_workers_cover_an_epoch(tiny_prepared):
     seen, lengths = [], []
     for rank in range(2):
         loader = make_wds_loader(tiny_prepared, "train", batch_size=2, num_workers=2, rank=rank, world_size=2,
-                                 seed=5, epoch=1)
+                                 seed=5, epoch=1, ring_size=0)  # list() keeps every batch
         batches = list(loader)
         assert len(batches) == len(loader)
         lengths.append(len(batches))
@@ -114,6 +115,33 @@ def test_a_batch_is_kept_for_ring_size_batches_then_its_memory_is_reused(tiny_pr
     for b, e in zip(fresh, expected, strict=True):
         for key in b:
             assert torch.equal(b[key], e[key]), key
+
+
+def _shm_inode(t: torch.Tensor) -> int:
+    """The shared-memory file behind a tensor a DataLoader worker sent."""
+    return os.fstat(t.untyped_storage()._share_fd_cpu_()[0]).st_ino
+
+
+def test_workers_keep_the_lifetime_contract_with_a_ring_of_shared_memory(tiny_prepared):
+    """With 2 workers, batch k keeps its values while batch k + 1 is made (ring size 2), and each worker
+    rewrites the shared memory of its batch k - 4 (ring_size + PREFETCH): 8 memory blocks for 12 batches,
+    where ring size 0 gives 12."""
+    kwargs = dict(batch_size=2, batches_per_epoch=12, seed=3, num_workers=2)
+    expected = [{k: v.clone() for k, v in b.items()} for b in make_wds_loader(tiny_prepared, "train", ring_size=0,
+                                                                              **kwargs)]
+    held = []
+    for k, batch in enumerate(make_wds_loader(tiny_prepared, "train", ring_size=2, **kwargs)):
+        held.append(batch)
+        for key in batch:
+            assert torch.equal(batch[key], expected[k][key]), key
+        if k >= 1:
+            for key in batch:
+                assert torch.equal(held[k - 1][key], expected[k - 1][key]), key
+    blocks = [_shm_inode(b["hsi"]) for b in held]
+    assert len(set(blocks)) == 8
+    assert all(blocks[k] == blocks[k - 8] for k in range(8, 12))
+    fresh = make_wds_loader(tiny_prepared, "train", ring_size=0, **kwargs)
+    assert len({_shm_inode(b["hsi"]) for b in list(fresh)}) == 12
 
 
 def test_zarr_dataset_and_same_augmentation_for_all(tiny_prepared):

@@ -317,6 +317,60 @@ def crosscity(args) -> dict:
     return result
 
 
+ARM_NAMES = {"source_only": "c2seg source-only, from scratch", "adapted": "c2seg from scratch, adapted",
+             "source_only_more": "c2seg source-only, more steps", "pretrained_source_only": "c2seg pretrained, "
+             "source-only", "pretrained_adapted": "**c2seg chain**", "unet": "U-Net", "unet_adv": "adversarial U-Net"}
+
+
+def table(args) -> dict:
+    """The arms x pairs table of crosscity runs: whole-city mIoU (%) of every arm, pair and seed found under the
+    ``--out`` folders (``ARM_seedS/whole_city/metrics.json`` in OUT for the default pair, in OUT/pair_NAME for
+    the others; a later folder's run replaces an earlier one's), as the mean and the per-seed values, and the
+    chain minus the best peer (the peer with the best mean over the seeds both have), paired by seed."""
+    scores: dict[str, dict[str, dict[int, float]]] = {}  # arm -> pair -> seed -> mIoU
+    for root in map(Path, args.out):
+        for pair in SHIFT_PROFILES:
+            folder = root if pair == "default" else root / f"pair_{pair}"
+            for arm in ARM_NAMES:
+                for run in sorted(folder.glob(f"{arm}_seed*")):
+                    metrics = run / "whole_city" / "metrics.json"
+                    if metrics.is_file():
+                        seed = int(run.name.removeprefix(f"{arm}_seed"))
+                        miou = 100 * json.loads(metrics.read_text())["miou"]
+                        scores.setdefault(arm, {}).setdefault(pair, {})[seed] = miou
+    pairs = [p for p in SHIFT_PROFILES if any(p in by_pair for by_pair in scores.values())]
+    lead = {pair: _lead(scores, pair) for pair in pairs}
+    print("| arm | " + " | ".join(f"`{p}`" for p in pairs) + " |\n|---|" + "---|" * len(pairs))
+    for arm in (a for a in ARM_NAMES if a in scores):
+        print(f"| {ARM_NAMES[arm]} | " + " | ".join(_cell(scores[arm].get(p, {})) for p in pairs) + " |")
+    print("| chain minus the best peer | " + " | ".join(
+        "not run" if lead[p] is None else f"{_cell(lead[p][1], signed=True)} vs {ARM_NAMES[lead[p][0]]}" for p in pairs) + " |")
+    return {"scores": scores, "chain_minus_best_peer": lead}
+
+
+def _lead(scores: dict[str, dict[str, dict[int, float]]], pair: str) -> tuple[str, dict[int, float]] | None:
+    """(the best peer, the chain minus that peer per seed) on ``pair``, over the seeds both have."""
+    chain = scores.get("pretrained_adapted", {}).get(pair, {})
+    best = None
+    for peer in PEER_ARMS:
+        peer_scores = scores.get(peer, {}).get(pair, {})
+        seeds = sorted(set(chain) & set(peer_scores))
+        if seeds:
+            diff = {s: chain[s] - peer_scores[s] for s in seeds}
+            if best is None or sum(diff.values()) / len(diff) < sum(best[1].values()) / len(best[1]):
+                best = (peer, diff)
+    return best
+
+
+def _cell(by_seed: dict[int, float], signed: bool = False) -> str:
+    """'mean (s0 value, s1 value, ...)' of one arm on one pair."""
+    if not by_seed:
+        return "not run"
+    fmt = "+.1f" if signed else ".1f"
+    mean = sum(by_seed.values()) / len(by_seed)
+    return f"{mean:{fmt}} (" + ", ".join(f"s{s} {v:{fmt}}" for s, v in sorted(by_seed.items())) + ")"
+
+
 def _window(args) -> int:
     """The whole-city inference window of every arm: ``--infer-window``, else the training tile size."""
     return args.infer_window or args.tile
@@ -493,6 +547,10 @@ def main() -> None:
                                           help="generate the city pair with this domain-shift profile (c2seg data "
                                           "generate --shift; docs/demo-data.md) and run in OUT/pair_NAME; default: "
                                           "the demo's pair in OUT")
+    tab = sub.add_parser("table", help="the arms x pairs table of earlier crosscity runs")
+    tab.add_argument("--out", nargs="+", default=["runs/bench_crosscity"],
+                     help="crosscity --out folders; a later folder's run of an arm, pair and seed replaces an "
+                     "earlier one's")
     fus = sub.add_parser("fusion")
     for p in (sub.choices["crosscity"], fus):
         p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
@@ -524,7 +582,8 @@ def main() -> None:
         return
     if args.what in ("overhead", "memory"):
         args.size = int(args.size)
-    result = {"overhead": overhead, "memory": memory, "crosscity": crosscity, "fusion": fusion}[args.what](args)
+    result = {"overhead": overhead, "memory": memory, "crosscity": crosscity, "fusion": fusion,
+              "table": table}[args.what](args)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(result, indent=1))
         report(args.what, result)

@@ -105,8 +105,9 @@ def main() -> None:
         shutil.rmtree(out, ignore_errors=True)
         t0 = time.perf_counter()
         counts = run_prep(spec, cfg, out, workers=args.workers)
+        t1 = time.perf_counter()
         finalize(out)
-        prep_s = time.perf_counter() - t0
+        prep_s, finalize_s = time.perf_counter() - t0, time.perf_counter() - t1
         out_mb = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 2**20
         limit_s = read_s + plain_write(out, work / "plain")
         shutil.rmtree(out, ignore_errors=True)
@@ -115,7 +116,8 @@ def main() -> None:
     note = f"{len(spec.cities)} cities {size[0]}x{size[1]} px, {spec.name}, {mb:.0f} MB float32 input"
     figure("prep", "read only, by row windows", mb / read_s, "MB/s", note)
     figure("prep", "limit: read + plain write of the output", mb / limit_s, "MB/s", f"{out_mb:.0f} MB written")
-    figure("prep", f"prep + finalize (workers={args.workers})", mb / prep_s, "MB/s", note)
+    figure("prep", f"prep + finalize (workers={args.workers})", mb / prep_s, "MB/s",
+           f"{note}; {counts['units']} units; finalize (one process) {finalize_s:.1f} of {prep_s:.1f} s")
     figure("prep", "prep tiles", counts["tiles"] / prep_s, "tiles/s", f"{counts['tiles']} tiles")
     figure("prep", "ratio prep / limit", limit_s / prep_s, "x", "1 = prep as fast as reading + writing plainly")
     figure("prep", "ratio prep / read only", read_s / prep_s, "x", "1 = prep as fast as only reading")

@@ -66,6 +66,9 @@ def register(stages: argparse._SubParsersAction) -> None:
                      help="keep blended per-class probabilities and write <scene>.probs.tif")
     run.add_argument("--no-quicklook", dest="quicklook", action="store_false", default=None,
                      help="skip the quicklook PNG")
+    run.add_argument("--predict-absent", action="store_true", default=None,
+                     help="also predict the classes partial adaptation found absent from the model's target city "
+                     "(by default a model that records them never predicts them)")
     run.add_argument("--device", help="auto (GPU if present), cpu, cuda, cuda:N (default auto)")
     run.add_argument("--modalities", help="comma-separated subset of the model's modalities to use "
                                           "(the model must have been trained with modality dropout)")
@@ -131,7 +134,7 @@ def _config(args: argparse.Namespace):
     data = load_yaml(args.config) if args.config else {}
     flags = {"window": args.window, "overlap": args.overlap, "blend": args.blend, "tta": args.tta,
              "batch_size": args.batch_size, "block": args.block, "save_probs": args.save_probs,
-             "quicklook": args.quicklook, "device": args.device}
+             "quicklook": args.quicklook, "device": args.device, "predict_absent": args.predict_absent}
     data.update({k: v for k, v in flags.items() if v is not None})
     cfg = from_dict(InferConfig, data, source=str(args.config or "command line"))
     log.debug("settings: %s", asdict(cfg))

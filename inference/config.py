@@ -23,6 +23,9 @@ class InferConfig:
     batch_size: int = 8
     block: int = 2048  # output block (zarr chunk) size: the unit of work split across ranks
     save_probs: bool = False  # keep blended probabilities and write a per-class probability GeoTIFF
+    # a model adapted with partial adaptation records the classes it found in its target city; the others
+    # (absent there: their source pixels were left out while adapting) get probability 0, unless this is true
+    predict_absent: bool = False
     quicklook: bool = True
     cog_blocksize: int = 512  # internal tile size of the class-map COG
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -52,4 +55,5 @@ class InferConfig:
 
     def store_key(self) -> dict:
         """The settings that change the numbers: an existing output store must match them to resume."""
-        return {"window": self.window, "overlap": self.overlap, "blend": self.blend, "tta": self.tta}
+        return {"window": self.window, "overlap": self.overlap, "blend": self.blend, "tta": self.tta,
+                "predict_absent": self.predict_absent}

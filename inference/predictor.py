@@ -51,13 +51,15 @@ def pick_device(device: str = "auto") -> torch.device:
 class Predictor:
     """``model(dict of (B, C, H, W) tensors) -> logits (B, L, H, W)`` turned into probabilities
     ``(B, K, H, W)`` float32 over ``class_ids`` (softmax over those logits only, so the ignore class is
-    never predicted), averaged over the TTA transforms."""
+    never predicted), averaged over the TTA transforms; the classes ``absent`` get probability 0."""
 
     def __init__(self, model: nn.Module, class_ids: tuple[int, ...], device: torch.device | str = "cpu",
-                 tta: Tta = "none") -> None:
+                 tta: Tta = "none", absent: tuple[int, ...] = ()) -> None:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.class_index = torch.as_tensor(class_ids, dtype=torch.long, device=self.device)
+        self.logit_shift = torch.tensor([-torch.inf if c in absent else 0.0 for c in class_ids],
+                                        device=self.device)[None, :, None, None]
         self.transforms = tta_transforms(tta)
 
     def _autocast(self):
@@ -74,7 +76,7 @@ class Predictor:
         for forward, inverse in self.transforms:
             with self._autocast():
                 logits = self.model({m: forward(x) for m, x in batch.items()})
-            probs = torch.softmax(logits.float().index_select(1, self.class_index), dim=1)
+            probs = torch.softmax(logits.float().index_select(1, self.class_index) + self.logit_shift, dim=1)
             probs = inverse(probs)
             total = probs if total is None else total + probs
         if len(self.transforms) > 1:

@@ -175,7 +175,12 @@ def infer_city(model_path: str | Path, spec: DatasetSpec, city: str, out: str | 
         raise C2SegError(f"{model_path}: the model does not fit spec {spec.source_file or spec.name}: "
                          + "; ".join(problems))
     class_ids = exported.spec.scored_class_ids
-    predictor = Predictor(exported.model, class_ids, device, cfg.tta)
+    absent = () if cfg.predict_absent or exported.target_classes is None else \
+        tuple(c for c in class_ids if c not in exported.target_classes)
+    if absent:
+        log.info("the model's partial adaptation found %s absent from its target city: never predicted "
+                 "(--predict-absent predicts them)", ", ".join(exported.spec.class_name(c) for c in absent))
+    predictor = Predictor(exported.model, class_ids, device, cfg.tta, absent)
     normalize = Normalizer(exported.spec, city_normalization(exported, spec, city))
     store_key = {"model_sha256": file_sha256(model_path)}  # the weights, not the file's name or mtime
     scenes = open_city(spec, city, split)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 import rasterio
@@ -188,11 +190,13 @@ def test_class_balance_evens_out_the_classes_of_the_target_loss(power):
         FinetuneConfig(pseudo_class_balance=1.5)
 
 
-def test_partial_adaptation_leaves_out_the_classes_the_source_model_hardly_predicts(tiny_prepared, finetuned_tiny,
-                                                                                     tmp_path):
+def test_partial_adaptation_leaves_out_the_classes_the_source_model_hardly_predicts(tiny_spec, tiny_prepared,
+                                                                                     finetuned_tiny, tmp_path, caplog):
     """finetune.target_class_min_share: the classes the source model (the run's init_from) predicts on less than
     that share of the target city's train pixels count as absent while adapting; the log names them, the
     checkpoint keeps the classes left in (so a resumed run does not re-estimate them from its teacher)."""
+    from c2seg.inference.config import InferConfig
+    from c2seg.inference.runner import infer_city
     from c2seg.train.export import export_model, load_exported
     from c2seg.train.finetune import predict_classes
 
@@ -222,6 +226,15 @@ def test_partial_adaptation_leaves_out_the_classes_the_source_model_hardly_predi
     weights = run / "checkpoints" / (run / "checkpoints" / "LATEST").read_text().strip() / "weights.pt"
     saved = torch.load(weights, map_location="cpu", weights_only=True)
     assert saved["extra"]["target_classes"] == expected
+    adapted = export_model(run, tmp_path / "adapted.pt")  # the exported model keeps them, and inference too
+    assert load_exported(adapted).target_classes == expected
+    with caplog.at_level(logging.INFO, logger="c2seg.infer"):
+        maps = infer_city(adapted, tiny_spec, "synth_target", tmp_path / "pred", InferConfig(device="cpu"))
+    said = next(r.getMessage() for r in caplog.records if "partial adaptation found" in r.getMessage())
+    assert all(name in said for name in absent), said
+    for scene in maps:
+        with rasterio.open(scene.class_map) as f:
+            assert set(np.unique(f.read(1)).tolist()) <= {*expected, spec.ignore_id}
     # a resumed run keeps the stored classes (here edited to tell them apart from a new estimate)
     saved["extra"]["target_classes"] = expected[:1]
     torch.save(saved, weights)

@@ -213,3 +213,17 @@ def test_a_window_must_be_resolved_before_a_scene_is_predicted(setup, tmp_path):
     spec, norm, model = setup
     with pytest.raises(C2SegError, match="needs a window size"):
         run(spec, open_city(spec, "synth_target")[0], norm, model, tmp_path)
+
+
+def test_absent_classes_get_probability_zero_and_the_others_share_it(setup):
+    spec, _, model = setup
+    ids = spec.scored_class_ids
+    gen = torch.Generator().manual_seed(0)
+    x = {m.name: torch.randn(2, m.bands, 16, 16, generator=gen).numpy() for m in spec.modalities}
+    every = Predictor(model, ids, "cpu")(x)
+    absent = (ids[0], ids[2])
+    probs = Predictor(model, ids, "cpu", absent=absent)(x)
+    assert (every[:, [0, 2]] > 0).all() and (probs[:, [0, 2]] == 0).all()
+    np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-5)
+    kept = [i for i in range(len(ids)) if ids[i] not in absent]  # the kept classes keep their odds
+    np.testing.assert_allclose(probs[:, kept], every[:, kept] / every[:, kept].sum(1, keepdims=True), rtol=1e-5)

@@ -32,6 +32,8 @@ class ExportedModel:
     tile_size: int
     normalization_mode: str = "pooled"  # per_city: each city standardised with its own statistics
     city_normalization: dict[str, dict[str, dict[str, list[float]]]] = field(default_factory=dict)
+    # partial adaptation's classes of the target city (train/finetune.py); None: every scored class
+    target_classes: list[int] | None = None
 
     def normalization_for(self, city: str) -> dict[str, dict[str, list[float]]]:
         """The ``{modality: {"mean", "std"}}`` statistics to normalise ``city``'s inputs with: the pooled ones,
@@ -56,7 +58,8 @@ def export_model(run_dir: str | Path, out: str | Path, weights: str = "student")
     if weights == "ema" and "ema" not in saved.extra:
         raise CheckpointError(f"{run_dir}: the run has no EMA teacher (finetune.adapt was off)")
     state_dict = saved.extra["ema"] if weights == "ema" else saved.state_dict
-    save_weights(out, replace(saved, kind="model", state_dict=state_dict, extra={}))
+    kept = {"target_classes": saved.extra["target_classes"]} if "target_classes" in saved.extra else {}
+    save_weights(out, replace(saved, kind="model", state_dict=state_dict, extra=kept))
     log.info("exported %s weights of %s (step %d) to %s", weights, run_dir, saved.step, out)
     return Path(out)
 
@@ -82,4 +85,4 @@ def load_exported(path: str | Path, map_location: str | torch.device = "cpu") ->
     model.load_state_dict(saved.state_dict)
     model.to(map_location).eval()
     return ExportedModel(model, spec, cfg, saved.normalization, list(saved.modalities), int(saved.tile_size),
-                         saved.normalization_mode, saved.city_normalization)
+                         saved.normalization_mode, saved.city_normalization, saved.extra.get("target_classes"))

@@ -7,7 +7,7 @@ One ``torch.save`` dict: ``{"format": "c2seg-weights", "version": 2, "kind", "ta
 
 - ``kind``: ``checkpoint`` (a training checkpoint's consolidated weights; ``extra`` holds the task's state
   such as the EMA teacher, the classes kept while adapting and the critic) or ``model`` (an exported model:
-  what inference needs, ``extra`` empty).
+  what inference needs; ``extra`` holds ``target_classes``, partial adaptation's classes, when there are).
 - ``task``: ``pretrain`` (an encoder, no segmentation head) or ``finetune`` (a whole segmenter).
 - ``normalization``: the pooled statistics ``{modality: {"mean", "std"}}``; ``city_normalization`` each
   prepared city's (used when ``normalization_mode`` is ``per_city``).

@@ -14,7 +14,8 @@ floods  configs/datasets/example_floods.yaml: Sen1Floods11-like chips, S1Hand/<R
         leaves parcels unlabelled).
 
 Then, through the real CLIs: `c2seg data prep` with the example spec; per seed `c2seg train finetune`
-(source-only, from scratch, configs/train/source_only_demo.yaml with the demo model, --steps steps),
+(source-only, from scratch, configs/train/source_only_demo.yaml with --model, by default the demo model with
+a per-pixel head, configs/models/demo_pixel.yaml; --steps steps),
 `train export`, `infer run` / `infer evaluate --split test` on the test chips, and the same on the model's own
 train chips (does it fit its training pixels?). On exactly the train split's labelled pixels, read from the files
 by the product's readers and normalised with the prep's statistics (what the model is fed), scikit-learn's
@@ -47,7 +48,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.bench_train import _cli, _train, _train_seconds  # noqa: E402  (after the path insert)
 
 SOURCE_ONLY = "configs/train/source_only_demo.yaml"
-DEMO_MODEL = "configs/models/demo.yaml"
+SMALL_DATA_MODEL = "configs/models/demo_pixel.yaml"  # the guide's model for small labelled sets
 REGIONS = ("Bolivia", "Ghana", "India", "Mekong", "Paraguay", "Somalia", "Spain", "USA")
 SPLIT_SHARES = (("train", 0.6), ("val", 0.15), ("test", 0.25))
 
@@ -335,7 +336,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=120,
                         help="c2seg fine-tuning steps (default 120: a few minutes on 2 cores)")
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--model", default=DEMO_MODEL, help="c2seg model config (default: the 2-core demo model)")
+    parser.add_argument("--model", default=SMALL_DATA_MODEL,
+                        help="c2seg model config (default: the 2-core demo model with a per-pixel head)")
     parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                         help="extra `--set KEY=VALUE` for c2seg's training run (probes)")
     parser.add_argument("--tag", default="", help="suffix of the run folders and result file (probes)")

@@ -83,6 +83,20 @@ def test_a_dropped_modality_changes_nothing_and_keeps_every_parameter_in_the_gra
         assert not torch.equal(model(other_msi), model(inputs))
 
 
+@DECODERS
+def test_the_pixel_head_starts_at_zero_and_learns_from_the_present_modalities(spec, decoder):
+    torch.manual_seed(0)
+    plain = FusionSegmenter(spec, _cfg("joint", decoder=decoder, stem_dim=8))
+    torch.manual_seed(0)
+    model = FusionSegmenter(spec, _cfg("joint", decoder=decoder, stem_dim=8, pixel_head=True))
+    inputs = _inputs(spec)
+    with torch.no_grad():
+        assert torch.equal(model(inputs), plain(inputs))  # the same model until the head learns
+    model(inputs, drop="msi").sum().backward()
+    assert model.pixel["hsi"].weight.grad.abs().sum() > 0
+    assert model.pixel["msi"].weight.grad.abs().sum() == 0
+
+
 def test_modality_dropout_draws_one_modality_with_its_chance():
     from c2seg.train.finetune import modality_to_drop
 

@@ -33,6 +33,9 @@ class ModelConfig:
     # features at every scale (U-Net-like skips; train/models/stem.py), stem_dim channels at full resolution
     decoder: Literal["light", "skip"] = "light"
     stem_dim: int = bounded(32, ge=1)
+    # + a per-pixel linear classifier of the input bands, added to the logits (zero at the start): the
+    # per-pixel model hyperspectral users compare against, inside the segmenter (train/models/segmenter.py)
+    pixel_head: bool = False
     qkv_bias: bool = True
     # fine-tuning: chance of dropping one modality from a batch (a model that must also serve cities missing a
     # modality). Off: it cost the source-only model 12 points of whole-city mIoU on the shift suite's haze pair

@@ -1,7 +1,9 @@
 """The fusion segmenter: ``model(inputs) -> logits (B, spec.num_logits, H, W)`` for a dict of
 normalised (B, C, H, W) tensors, one per modality; any non-empty subset of the modalities works.
 ``decoder: light`` upsamples the transformer's features alone (SegDecoder); ``decoder: skip`` adds a
-convolutional stem whose full-resolution features join the decoder at every scale (train/models/stem.py)."""
+convolutional stem whose full-resolution features join the decoder at every scale (train/models/stem.py).
+``pixel_head`` adds a per-pixel linear classifier of the input bands to the logits (each modality its own 1x1
+convolution, zero at the start), the per-pixel model that hyperspectral users compare against."""
 
 from __future__ import annotations
 
@@ -28,6 +30,11 @@ class FusionSegmenter(nn.Module):
         else:
             self.head = SegDecoder(cfg.embed_dim, cfg.decoder_dim, cfg.patch_size, spec.num_logits)
         init_weights(self)
+        if cfg.pixel_head:  # after init_weights: it starts at zero, so the model starts as without it
+            self.pixel = nn.ModuleDict({m.name: nn.Conv2d(m.channels, spec.num_logits, 1) for m in spec.modalities})
+            for conv in self.pixel.values():
+                nn.init.zeros_(conv.weight)
+                nn.init.zeros_(conv.bias)
 
     def forward(self, inputs: dict[str, torch.Tensor], drop: str | None = None) -> torch.Tensor:
         """Logits for ``inputs``; ``drop`` (modality dropout, chosen by the training task): a modality left
@@ -40,5 +47,9 @@ class FusionSegmenter(nn.Module):
         padded = {m: F.pad(inputs[m], pad) if any(pad) else inputs[m] for m in names}
         features = self.backbone(padded, drop)
         if self.cfg.decoder == "skip":
-            return self.head(features, self.stem(padded, names, drop))[..., :h, :w]
-        return self.head(features)[..., :h, :w]
+            logits = self.head(features, self.stem(padded, names, drop))[..., :h, :w]
+        else:
+            logits = self.head(features)[..., :h, :w]
+        if self.cfg.pixel_head:
+            logits = logits + sum(self.pixel[m](inputs[m]) * (0.0 if m == drop else 1.0) for m in names)
+        return logits

@@ -90,26 +90,32 @@ def test_batches_normalised_labelled_and_equal_per_rank(tiny_prepared):
     assert set(m.normalizer().as_dict()) == {"hsi", "msi", "sar"}
 
 
+def _hold_each_batch(loader, expected: list[dict]) -> list[dict]:
+    """Every batch of ``loader``, checked as it comes against ``expected`` (fresh copies), and the batch before it
+    checked to be intact (the lifetime contract of ring size 2)."""
+    held: list[dict] = []
+    for k, batch in enumerate(loader):
+        held.append(batch)
+        for key in batch:
+            assert torch.equal(batch[key], expected[k][key]), key
+            if k >= 1:
+                assert torch.equal(held[k - 1][key], expected[k - 1][key]), key
+    return held
+
+
 def test_a_batch_is_kept_for_ring_size_batches_then_its_memory_is_reused(tiny_prepared):
     """The lifetime contract (module doc): with ring size 2, batch k keeps its values while batch k + 1 is
     made, and batch k + 2 is written into its memory; ring size 0 gives every batch new memory."""
     kwargs = dict(batch_size=2, batches_per_epoch=4, seed=3)
     expected = [{k: v.clone() for k, v in b.items()} for b in make_wds_loader(tiny_prepared, "train", **kwargs)]
     assert not torch.equal(expected[0]["hsi"], expected[2]["hsi"])  # so an overwrite would show
-    held = []
-    for k, batch in enumerate(make_wds_loader(tiny_prepared, "train", ring_size=2, **kwargs)):
-        held.append(batch)
-        for key in batch:
-            assert torch.equal(batch[key], expected[k][key]), key
-        if k >= 1:
-            for key in batch:  # the batch before is untouched
-                assert torch.equal(held[k - 1][key], expected[k - 1][key]), key
-        if k >= 2:  # the batch two back now holds this batch's modalities, in the same memory
-            for m in ("hsi", "msi", "sar"):
-                assert held[k - 2][m].data_ptr() == batch[m].data_ptr()
-                assert torch.equal(held[k - 2][m], expected[k][m])
-            assert torch.equal(held[k - 2]["label"], expected[k - 2]["label"])  # labels are never reused
+    held = _hold_each_batch(make_wds_loader(tiny_prepared, "train", ring_size=2, **kwargs), expected)
     assert len(held) == 4
+    for k in (2, 3):  # the batch two back now holds batch k's modalities, in the same memory
+        for m in ("hsi", "msi", "sar"):
+            assert held[k - 2][m].data_ptr() == held[k][m].data_ptr()
+            assert torch.equal(held[k - 2][m], expected[k][m])
+        assert torch.equal(held[k - 2]["label"], expected[k - 2]["label"])  # labels are never reused
     fresh = list(make_wds_loader(tiny_prepared, "train", ring_size=0, **kwargs))
     assert len({b["hsi"].data_ptr() for b in fresh}) == 4
     for b, e in zip(fresh, expected, strict=True):
@@ -129,14 +135,7 @@ def test_workers_keep_the_lifetime_contract_with_a_ring_of_shared_memory(tiny_pr
     kwargs = dict(batch_size=2, batches_per_epoch=12, seed=3, num_workers=2)
     expected = [{k: v.clone() for k, v in b.items()} for b in make_wds_loader(tiny_prepared, "train", ring_size=0,
                                                                               **kwargs)]
-    held = []
-    for k, batch in enumerate(make_wds_loader(tiny_prepared, "train", ring_size=2, **kwargs)):
-        held.append(batch)
-        for key in batch:
-            assert torch.equal(batch[key], expected[k][key]), key
-        if k >= 1:
-            for key in batch:
-                assert torch.equal(held[k - 1][key], expected[k - 1][key]), key
+    held = _hold_each_batch(make_wds_loader(tiny_prepared, "train", ring_size=2, **kwargs), expected)
     blocks = [_shm_inode(b["hsi"]) for b in held]
     assert len(set(blocks)) == 8
     assert all(blocks[k] == blocks[k - 8] for k in range(8, 12))

@@ -167,6 +167,15 @@ def barrier() -> None:
             dist.barrier()
 
 
+def leave_process_group() -> None:
+    """End a finished run's process group on every rank, after a barrier (no-op without one). Left to the
+    interpreter's exit, the group's and the store's threads were torn down in no set order, and a rank of a
+    finished 2-rank run aborted ('terminate called without an active exception', SIGABRT)."""
+    if distributed():
+        barrier()
+        dist.destroy_process_group()
+
+
 def gather_objects(obj: Any) -> list[Any]:
     """Every rank's ``obj`` (picklable, produced by this program), in rank order, on every rank."""
     if not distributed():

@@ -26,7 +26,7 @@ from torch import nn
 from tqdm import tqdm
 
 from c2seg.config import to_dict
-from c2seg.distributed import mean_over_ranks, world_size
+from c2seg.distributed import leave_process_group, mean_over_ranks, world_size
 from c2seg.spec import DatasetSpec
 from c2seg.train.checkpoint import (StopRequest, check_same_model, load_checkpoint, load_weights, resolve_resume,
                               save_checkpoint, saved_state)
@@ -214,6 +214,7 @@ def run_training(cfg: TrainConfig, make_task, data, resume: str | None = None,
         if stopping and step < cfg.steps:
             log.warning("stopped at step %d after a signal; continue with --resume auto", step)
             tracker.close("KILLED")
+            leave_process_group()
             return EXIT_INTERRUPTED
     step_log.bar.close()
     if env.rank == 0:
@@ -221,4 +222,5 @@ def run_training(cfg: TrainConfig, make_task, data, resume: str | None = None,
         tracker.close()
         log.info("%s finished: %d steps, run dir %s", task.name, step, out)
     sys.stdout.flush()
+    leave_process_group()
     return 0

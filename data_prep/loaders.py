@@ -22,7 +22,7 @@ batch, as ``list(loader)`` needs). With workers the same contract holds: each wo
 ``ring_size + PREFETCH`` batches of shared memory (a worker may run PREFETCH batches ahead of the consumer, and
 every worker yields the same number of batches, so its batch k's memory is rewritten only after the loader
 has yielded ``ring_size`` batches after it). New shared memory per batch cost a worker more than the
-normalisation (tmpfs pages are faulted and zeroed 4 KiB at a time: 63 ms per 130 MB batch, against 15 ms to
+normalisation (tmpfs pages are faulted and zeroed 4 KiB at a time: 63 ms per 130 MB batch, against about 17 ms to
 normalise it) and held the loader at 69 tiles/s with one worker (benchmarks/bench_loaders.py --sweep). In
 ``ZarrTileDataset`` (random access: callers keep items as long as they like) every batch gets new memory.
 ``label``, ``has_label`` and ``city_id`` are always new.

@@ -156,10 +156,9 @@ def main() -> None:
         m = load_manifest(prep)
         zarr_ds = ZarrTileDataset(prep, "train")
 
-        def wds(augment: bool = False, ring_size: int = RING_SIZE, batch_size: int = bs,
-                workers: int = 0) -> Callable[[], int]:
+        def wds(augment: bool = False, ring_size: int = RING_SIZE) -> Callable[[], int]:
             return lambda: sum(b["msi"].shape[0] for b in make_wds_loader(
-                prep, "train", batch_size=batch_size, augment=augment, ring_size=ring_size, num_workers=workers))
+                prep, "train", batch_size=bs, augment=augment, ring_size=ring_size))
 
         def zarr_batches() -> int:
             loader = torch.utils.data.DataLoader(zarr_ds, batch_size=bs, shuffle=True, drop_last=True,

@@ -1,5 +1,8 @@
 """The job layout seen by every stage: SLURM array tasks and ranks."""
 
+import subprocess
+import sys
+
 import pytest
 
 from c2seg.distributed import array_task, detect_env, slurm_master
@@ -52,3 +55,18 @@ def test_slurm_master_port_comes_from_job_id_and_requeue_count(job_id, restarts,
     if restarts is not None:
         env["SLURM_RESTART_COUNT"] = restarts
     assert slurm_master(env) == ("node7", port)
+
+
+def test_exit_without_teardown_keeps_the_code_and_the_buffered_output(tmp_path):
+    """A finished multi-rank run ends through it: its exit status and its last log lines (still buffered in
+    the file handler and stdout) must survive skipping the interpreter's teardown; atexit handlers must not run."""
+    script = ("import atexit, logging, sys\n"
+              "from c2seg.distributed import exit_without_teardown\n"
+              f"logging.basicConfig(filename={str(tmp_path / 'log')!r}, level=logging.INFO)\n"
+              "atexit.register(print, 'atexit ran')\n"
+              "logging.getLogger('run').info('finished: 7 steps')\n"
+              "sys.stdout.write('last line')\n"
+              "exit_without_teardown(3)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert (done.returncode, done.stdout) == (3, "last line")
+    assert (tmp_path / "log").read_text() == "INFO:run:finished: 7 steps\n"

@@ -56,6 +56,7 @@ def register(stages: argparse._SubParsersAction) -> None:
 
 def _run_training(args: argparse.Namespace) -> int:
     from c2seg.config import parse_override
+    from c2seg.distributed import detect_env, exit_without_teardown
     from c2seg.train.config import load_train_config
     from c2seg.train.data import PreparedData
     from c2seg.train.finetune import FinetuneTask
@@ -66,7 +67,10 @@ def _run_training(args: argparse.Namespace) -> int:
     cfg = load_train_config(args.config, overrides)
     data = PreparedData(cfg.data.prep_dir, cfg.data.spec, cfg.data.normalization)
     task = PretrainTask if args.task == "pretrain" else FinetuneTask
-    return run_training(cfg, task, data, resume=args.resume, config_path=str(args.config))
+    code = run_training(cfg, task, data, resume=args.resume, config_path=str(args.config))
+    if detect_env().world_size > 1:
+        exit_without_teardown(code)
+    return code
 
 
 def _export(args: argparse.Namespace) -> int:

@@ -14,8 +14,8 @@ floods  configs/datasets/example_floods.yaml: Sen1Floods11-like chips, S1Hand/<R
         leaves parcels unlabelled).
 
 Then, through the real CLIs: `c2seg data prep` with the example spec; per seed `c2seg train finetune`
-(source-only, from scratch, configs/train/source_only_demo.yaml with --model, by default the demo model with
-a per-pixel head, configs/models/demo_pixel.yaml; --steps steps),
+(from scratch, --config: by default configs/train/small_labelled.yaml, the guide's recipe for small labelled
+sets, whose per-pixel head is fitted first as a logistic regression of the labelled train pixels; --steps steps),
 `train export`, `infer run` / `infer evaluate --split test` on the test chips, and the same on the model's own
 train chips (does it fit its training pixels?). On exactly the train split's labelled pixels, read from the files
 by the product's readers and normalised with the prep's statistics (what the model is fed), scikit-learn's
@@ -27,7 +27,7 @@ c2seg's difference from the best classical arm; writes OUT/<dataset>/result.json
     python benchmarks/bench_smalldata.py --datasets enmap --override data.radiometric.prob=0 --tag _norad  # a probe
 
 A stand-in and its prep are kept in OUT/<dataset>/ and reused: give another --out for other stand-in options
-(--grid, --chip, --squares, --square-px, --data-seed).
+(--grid, --chip, --squares, --square-px, --mixing, --data-seed).
 """
 
 from __future__ import annotations
@@ -47,8 +47,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench_train import _cli, _train, _train_seconds  # noqa: E402  (after the path insert)
 
-SOURCE_ONLY = "configs/train/source_only_demo.yaml"
-SMALL_DATA_MODEL = "configs/models/demo_pixel.yaml"  # the guide's model for small labelled sets
+SMALL_LABELLED = "configs/train/small_labelled.yaml"  # the guide's recipe for small labelled sets
 REGIONS = ("Bolivia", "Ghana", "India", "Mekong", "Paraguay", "Somalia", "Spain", "USA")
 SPLIT_SHARES = (("train", 0.6), ("val", 0.15), ("test", 0.25))
 
@@ -96,6 +95,19 @@ def _sparse(label: np.ndarray, ignore_id: int, squares: int, side: int, rng: np.
                                                                                       squares)):
         keep[r:r + side, c:c + side] = True
     return np.where(keep, label, np.uint8(ignore_id))
+
+
+def _mixed(data: dict[str, np.ndarray], names: list[str], mixing: float, rng: np.random.Generator) -> None:
+    """Mixed pixels, in place: each pixel's values of every modality in ``names`` become ``(1 - w) x + w x'``,
+    ``x'`` those of a random pixel of the same chip and ``w`` uniform in [0, ``mixing``) (the same partner and
+    weight in every modality). At 30 m a pixel holds several materials and takes light from its neighbours, so
+    the classes' spectra overlap pixel by pixel while the parcels still differ; the label stays the pixel's own."""
+    h, w = data["label"].shape
+    weight = rng.uniform(0, mixing, (h, w)).astype(np.float32)
+    partner = rng.integers(0, h * w, h * w)
+    for name in names:
+        values = data[name].reshape(data[name].shape[0], -1)
+        data[name] = ((1 - weight.ravel()) * values + weight.ravel() * values[:, partner]).reshape(data[name].shape)
 
 
 def _band_tags(m) -> list[dict[str, str]]:
@@ -152,6 +164,8 @@ def generate(name: str, root: Path, args) -> Path:
         window = Window(i // args.grid * args.chip, i % args.grid * args.chip, args.chip, args.chip)
         data = synth.render(window)
         at = transform @ Affine.translation(window.col, window.row)
+        if args.mixing > 0:
+            _mixed(data, list(spec.modality_names), args.mixing, rng)
         label = data["label"]
         if layout.sparse:
             label = _sparse(label, spec.ignore_id, args.squares, args.square_px, rng)
@@ -193,11 +207,12 @@ def c2seg_arm(name: str, data: Path, prep: Path, run_dir: Path, seed: int, args)
     """Source-only fine-tuning from scratch, export, and scores on the test chips and on its own train chips."""
     layout = LAYOUTS[name]
     spec_args = ["--spec", str(ROOT / layout.spec), "--data-root", str(data)]
-    extra = ["--set", f"data.prep_dir={prep}", "--set", "init_from=null", "--set", "tracking.enabled=false",
-             "--set", f"model={ROOT / args.model}", "--set", f"seed={seed}", "--set", f"data.batch_size={args.batch}",
+    model = ["--set", f"model={ROOT / args.model}"] if args.model else []
+    extra = ["--set", f"data.prep_dir={prep}", "--set", "init_from=null", "--set", "tracking.enabled=false", *model,
+             "--set", f"seed={seed}", "--set", f"data.batch_size={args.batch}",
              "--resume", "auto", *[a for o in args.override for a in ("--set", o)]]
     t0 = time.perf_counter()
-    val = _train("finetune", SOURCE_ONLY, run_dir, args.steps, extra)
+    val = _train("finetune", args.config, run_dir, args.steps, extra)
     wall = time.perf_counter() - t0
     model = run_dir / "model.pt"
     _cli("train", "export", "--run-dir", str(run_dir), "--out", str(model))
@@ -278,7 +293,8 @@ def run_dataset(name: str, args) -> dict:
     out = Path(args.out).resolve() / name
     data = generate(name, out / "data", args)
     prep = _prep(name, data, out / "prep")
-    result: dict = {"dataset": name, "seeds": args.seeds, "steps": args.steps, "model": args.model,
+    result: dict = {"dataset": name, "seeds": args.seeds, "steps": args.steps, "config": args.config,
+                    "model": args.model,
                     "overrides": args.override, "runs": {}}
     pixels = read_pixels(name, data, prep)
     for seed in args.seeds:
@@ -304,7 +320,8 @@ def table(result: dict) -> str:
     scores on its own train chips."""
     runs = result["runs"]
     arms = list(next(iter(runs.values())))
-    lines = [f"{result['dataset']}: seeds {result['seeds']}, c2seg {result['steps']} steps of {result['model']}"
+    lines = [f"{result['dataset']}: seeds {result['seeds']}, c2seg {result['steps']} steps of {result['config']}"
+             + (f" with {result['model']}" if result["model"] else "")
              + (f", --set {' '.join(result['overrides'])}" if result["overrides"] else ""),
              f"  {'arm':<22}{'mIoU':>8}{'OA':>8}{'train s':>10}"]
     for arm in arms:
@@ -333,11 +350,17 @@ def main() -> None:
     parser.add_argument("--chip", type=int, default=64, help="chip side in px (the example specs' tile size)")
     parser.add_argument("--squares", type=int, default=4, help="enmap: labelled squares per chip")
     parser.add_argument("--square-px", type=int, default=4, help="enmap: side of a labelled square in px")
+    parser.add_argument("--mixing", type=float, default=0.0,
+                        help="mixed pixels: each pixel's values mixed with those of a random pixel of its chip, at a "
+                             "weight uniform in [0, MIXING) (default 0: pure pixels, which the classifiers get all "
+                             "right); 0.6 makes per-pixel spectra overlap between classes")
     parser.add_argument("--steps", type=int, default=120,
                         help="c2seg fine-tuning steps (default 120: a few minutes on 2 cores)")
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--model", default=SMALL_DATA_MODEL,
-                        help="c2seg model config (default: the 2-core demo model with a per-pixel head)")
+    parser.add_argument("--config", default=SMALL_LABELLED,
+                        help="c2seg's training config (default: the guide's recipe for small labelled sets: the demo "
+                             "model with a per-pixel head fitted first, no radiometric augmentation)")
+    parser.add_argument("--model", default=None, help="c2seg model config instead of the training config's")
     parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                         help="extra `--set KEY=VALUE` for c2seg's training run (probes)")
     parser.add_argument("--tag", default="", help="suffix of the run folders and result file (probes)")

@@ -8,7 +8,7 @@ from argparse import Namespace
 import numpy as np
 import pytest
 
-from benchmarks.bench_smalldata import LAYOUTS, ROOT, _sparse, generate, labelled_pixels
+from benchmarks.bench_smalldata import LAYOUTS, ROOT, _mixed, _sparse, generate, labelled_pixels
 from c2seg.data_prep.readers import open_city
 from c2seg.spec import load_spec
 
@@ -16,7 +16,7 @@ from c2seg.spec import load_spec
 @pytest.mark.parametrize("name", ["enmap", "floods"])
 def test_stand_in_is_read_by_the_example_spec(tmp_path, name):
     layout = LAYOUTS[name]
-    generate(name, tmp_path, Namespace(grid=2, chip=16, data_seed=0, squares=2, square_px=3))
+    generate(name, tmp_path, Namespace(grid=2, chip=16, data_seed=0, squares=2, square_px=3, mixing=0.0))
     spec = load_spec(ROOT / layout.spec, data_root=tmp_path)
     train = open_city(spec, layout.train_city, "train")
     test = open_city(spec, layout.test_city, "test")
@@ -38,3 +38,17 @@ def test_sparse_keeps_only_the_squares():
     expected = {(r + i, c + j) for r, c in corners for i in range(2) for j in range(2)}
     assert {tuple(p) for p in np.argwhere(out == 3).tolist()} == expected
     assert set(np.unique(out)) == {0, 3}
+
+
+def test_mixed_pixels_blend_every_modality_with_one_partner_pixel():
+    label = np.arange(4, dtype=np.uint8).reshape(2, 2)
+    data = {"label": label.copy(), "hsi": np.stack([np.arange(4.0).reshape(2, 2), 10 + np.arange(4.0).reshape(2, 2)]),
+            "sar": np.full((1, 2, 2), -12.0)}
+    original = {k: v.copy() for k, v in data.items()}
+    _mixed(data, ["hsi", "sar"], 0.6, np.random.default_rng(0))
+    rng = np.random.default_rng(0)  # the draws _mixed makes: a weight per pixel, then a partner per pixel
+    weight, partner = rng.uniform(0, 0.6, (2, 2)).ravel(), rng.integers(0, 4, 4)
+    flat = original["hsi"].reshape(2, -1)
+    np.testing.assert_allclose(data["hsi"].reshape(2, -1), (1 - weight) * flat + weight * flat[:, partner], rtol=1e-6)
+    np.testing.assert_allclose(data["sar"], original["sar"], rtol=1e-6)  # a constant band stays constant
+    assert np.array_equal(data["label"], label)  # the label stays the pixel's own

@@ -206,6 +206,11 @@ class FinetuneConfig:
     mask_ratio: float = bounded(0.7, ge=0, lt=1)
     mask_block: int = bounded(8, ge=1)
     adapt_warmup_steps: int = bounded(0, ge=0)  # no target loss before this step
+    # the model's per-pixel head (ModelConfig.pixel_head) at the start of a fresh run: zero, or fitted as a
+    # logistic regression of (a uniform sample of at most pixel_fit_pixels of) the source cities' labelled
+    # train pixels, so that training learns the context as a correction of it (train/pixel_fit.py)
+    pixel_head_init: Literal["zero", "fit"] = "zero"
+    pixel_fit_pixels: int = bounded(100_000, ge=1)
     mix: Literal["classmix", "none"] = "classmix"
     eval_every: int = bounded(50, ge=1)
     eval_batches: int | None = bounded(None, ge=1)  # per rank; None: the whole val split

@@ -36,6 +36,7 @@ from c2seg.train.engine import engine_dtype, iter_full_state
 from c2seg.train.loop import Task
 from c2seg.train.models import FusionSegmenter
 from c2seg.train.models.critic import SOURCE, TARGET, OutputCritic, domain_loss
+from c2seg.train.pixel_fit import fit_pixel_head
 from c2seg.train.pretrain import load_backbone
 from c2seg.plots import confusion_figure, preview_figure
 from c2seg.train.weights import Weights
@@ -208,6 +209,9 @@ class FinetuneTask(Task):
         self.cfg, self.ft, self.spec, self.data = cfg, cfg.finetune, spec, data
         self.module = FusionSegmenter(spec, model_cfg)
         self.model_cfg = model_cfg
+        if self.ft.pixel_head_init == "fit" and not model_cfg.pixel_head:
+            raise C2SegError(f"finetune.pixel_head_init=fit needs a model with pixel_head: true ({cfg.model} has "
+                             f"none)")
         cities = select_cities(spec, cfg.data, data.manifest)
         self.sources, self.targets, self.val_cities = list(cities.sources), list(cities.targets), list(cities.val)
         self.scored = torch.tensor(spec.scored_class_ids)
@@ -241,6 +245,18 @@ class FinetuneTask(Task):
         except RuntimeError as exc:
             raise C2SegError(f"init_from: the segmenter's weights do not fit this model; was it trained with "
                              f"another model config? ({str(exc).splitlines()[0]})") from exc
+
+    def prepare_fresh_run(self, rank: int) -> None:
+        """``pixel_head_init: fit``: the per-pixel head fitted to the source cities' labelled train pixels
+        (collective; train/pixel_fit.py)."""
+        if self.ft.pixel_head_init != "fit":
+            return
+        batches = self.data.each_tile_once("train", self.sources, self.cfg.data.batch_size, rank, world_size())
+        try:
+            fit_pixel_head(self.module, batches, list(self.spec.modality_names), self.scored, self.spec.num_logits,
+                           self.ft.pixel_fit_pixels, self.cfg.seed, rank, self.class_weights)
+        except ValueError as exc:
+            raise C2SegError(f"finetune.pixel_head_init=fit: {exc} in the train split of {self.sources}") from exc
 
     def start(self, engine, first_batch: int) -> None:
         d = self.cfg.data

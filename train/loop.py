@@ -56,6 +56,10 @@ class Task:
     def init_from(self, weights: Weights) -> None:
         raise NotImplementedError
 
+    def prepare_fresh_run(self, rank: int) -> None:
+        """Before the engine of a run that starts at step 0 (not a resumed one), on every rank (may be
+        collective): e.g. fitting a head to the data."""
+
     def before_step(self, engine, step: int) -> None:
         """Before optimizer step ``step + 1`` (0-based ``step``), on every rank (may be collective)."""
 
@@ -188,6 +192,8 @@ def run_training(cfg: TrainConfig, make_task, data, resume: str | None = None,
     if init is not None:
         task.init_from(init)
         log.info("initialised from %s", cfg.init_from)
+    if ckpt is None:
+        task.prepare_fresh_run(env.rank)
     engine = create_engine(task.module, cfg, world)
     step = 0
     if resumed is not None:

@@ -207,8 +207,8 @@ def c2seg_arm(name: str, data: Path, prep: Path, run_dir: Path, seed: int, args)
     """Source-only fine-tuning from scratch, export, and scores on the test chips and on its own train chips."""
     layout = LAYOUTS[name]
     spec_args = ["--spec", str(ROOT / layout.spec), "--data-root", str(data)]
-    model = ["--set", f"model={ROOT / args.model}"] if args.model else []
-    extra = ["--set", f"data.prep_dir={prep}", "--set", "init_from=null", "--set", "tracking.enabled=false", *model,
+    model_set = ["--set", f"model={ROOT / args.model}"] if args.model else []
+    extra = ["--set", f"data.prep_dir={prep}", "--set", "init_from=null", "--set", "tracking.enabled=false", *model_set,
              "--set", f"seed={seed}", "--set", f"data.batch_size={args.batch}",
              "--resume", "auto", *[a for o in args.override for a in ("--set", o)]]
     t0 = time.perf_counter()
@@ -294,8 +294,7 @@ def run_dataset(name: str, args) -> dict:
     data = generate(name, out / "data", args)
     prep = _prep(name, data, out / "prep")
     result: dict = {"dataset": name, "seeds": args.seeds, "steps": args.steps, "config": args.config,
-                    "model": args.model,
-                    "overrides": args.override, "runs": {}}
+                    "model": args.model, "overrides": args.override, "runs": {}}
     pixels = read_pixels(name, data, prep)
     for seed in args.seeds:
         run = classical(pixels, seed)

@@ -33,7 +33,8 @@ def sample_labelled_pixels(batches: Iterable[dict[str, torch.Tensor]], modalitie
     """``(x (N, bands), y (N,))``: the pixels of ``batches`` whose label is in ``keep_ids``, the bands of
     ``modalities`` side by side; at most ``max_pixels``, a uniform sample of them (the smallest random keys)."""
     gen = torch.Generator().manual_seed(seed)
-    xs, ys, keys = torch.empty(0), torch.empty(0, dtype=torch.long), torch.empty(0)
+    xs: torch.Tensor | None = None
+    ys, keys = torch.empty(0, dtype=torch.long), torch.empty(0)
     for batch in batches:
         if batch.get("padding"):
             continue
@@ -41,12 +42,12 @@ def sample_labelled_pixels(batches: Iterable[dict[str, torch.Tensor]], modalitie
         keep = torch.isin(label, keep_ids)
         bands = torch.cat([batch[m].float() for m in modalities], dim=1)  # (B, C, H, W)
         x = bands.permute(0, 2, 3, 1)[keep]
-        xs, ys = torch.cat([xs.reshape(-1, x.shape[1]), x]), torch.cat([ys, label[keep]])
+        xs, ys = (x if xs is None else torch.cat([xs, x])), torch.cat([ys, label[keep]])
         keys = torch.cat([keys, torch.rand(len(x), generator=gen)])
         if len(keys) > max_pixels:
             kept = keys.topk(max_pixels, largest=False).indices
             xs, ys, keys = xs[kept], ys[kept], keys[kept]
-    return xs, ys
+    return (xs if xs is not None else torch.empty(0, 0)), ys
 
 
 def fit_logistic(x: torch.Tensor, y: torch.Tensor, num_logits: int, max_iter: int = 1000,

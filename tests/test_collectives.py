@@ -41,8 +41,8 @@ WORKER = textwrap.dedent("""
             out["raw_cpu"] = "accepted"
         except RuntimeError as exc:
             out["raw_cpu"] = str(exc).splitlines()[0]
+        dist.destroy_process_group()  # no barrier first: it would need CUDA
     print("RESULT " + json.dumps(out), flush=True)
-    dist.destroy_process_group()
 """)
 
 

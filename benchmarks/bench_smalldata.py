@@ -1,7 +1,8 @@
 """Small labelled data as users bring it: c2seg against the classical per-pixel baselines (issue 21).
 
-Generates stand-ins in two public layouts, with the spectra of the demo generator (data_prep.synth: one
-generated city cut into chips), matching the shipped example specs:
+Generates stand-ins in two public layouts, matching the shipped example specs, from one of two generators
+(--generator): the demo's (data_prep.synth: one generated city cut into chips), or benchmarks/synth_fields.py's
+landscape of mixed-material fields, built apart from it (clouds on the floods chips' S2, speckled SAR):
 
 enmap   configs/datasets/example_enmap.yaml: an EnMAP L2A-like tile set, images/<chip>.tif (224 bands, float32,
         ENVI band tags wavelength / fwhm / wavelength_units) and labels/<chip>.tif (uint8, 0 unlabelled), with
@@ -15,19 +16,21 @@ floods  configs/datasets/example_floods.yaml: Sen1Floods11-like chips, S1Hand/<R
 
 Then, through the real CLIs: `c2seg data prep` with the example spec; per seed `c2seg train finetune`
 (from scratch, --config: by default configs/train/small_labelled.yaml, the guide's recipe for small labelled
-sets, whose per-pixel head is fitted first as a logistic regression of the labelled train pixels; --steps steps),
-`train export`, `infer run` / `infer evaluate --split test` on the test chips, and the same on the model's own
-train chips (does it fit its training pixels?). On exactly the train split's labelled pixels, read from the files
-by the product's readers and normalised with the prep's statistics (what the model is fed), scikit-learn's
-LogisticRegression and RandomForestClassifier (random_state = the seed) predict the test chips' labelled pixels,
-scored by c2seg.metrics like `infer evaluate`. Prints one table per dataset (arm, mIoU, OA, train seconds) and
-c2seg's difference from the best classical arm; writes OUT/<dataset>/result.json.
+sets, whose spatial-spectral per-pixel head is fitted first as a logistic regression of the labelled train pixels;
+--steps steps, validated every --eval-every), `train export` (the weights of the best val mIoU, which the recipe
+keeps), `infer run` / `infer evaluate --split test` on the test chips, and the same on the model's own train chips
+(does it fit its training pixels?). On exactly the train split's labelled pixels, read from the files by the
+product's readers and normalised with the prep's statistics (what the model is fed), scikit-learn's
+LogisticRegression and RandomForestClassifier (random_state = the seed), and a LogisticRegression of each pixel's
+bands with their 3 x 3 and 7 x 7 means (the classical spatial-spectral arm), predict the test chips' labelled
+pixels, scored by c2seg.metrics like `infer evaluate`. Prints one table per dataset (arm, mIoU, OA, train seconds)
+and c2seg's difference from the best classical arm; writes OUT/<dataset>/result.json.
 
     python benchmarks/bench_smalldata.py --out runs/bench_smalldata --datasets enmap floods --seeds 0 --steps 120
     python benchmarks/bench_smalldata.py --datasets enmap --override data.radiometric.prob=0 --tag _norad  # a probe
 
 A stand-in and its prep are kept in OUT/<dataset>/ and reused: give another --out for other stand-in options
-(--grid, --chip, --squares, --square-px, --mixing, --data-seed).
+(--generator, --grid, --chip, --squares, --square-px, --mixing, --data-seed).
 """
 
 from __future__ import annotations
@@ -63,6 +66,7 @@ class Layout:
     chip_name: Callable[[int, np.random.Generator], str]
     write_lists: Callable[[Path, dict[str, list[str]]], None]
     sparse: bool
+    clouds: float  # FieldSynth's cloud share (EnMAP L2A masks its clouds; Sen1Floods11's S2 chips keep theirs)
 
 
 def _enmap_lists(root: Path, splits: dict[str, list[str]]) -> None:
@@ -80,10 +84,11 @@ def _floods_lists(root: Path, splits: dict[str, list[str]]) -> None:
 
 LAYOUTS = {
     "enmap": Layout("configs/datasets/example_enmap.yaml", "tiles", "tiles_test",
-                    lambda i, rng: f"ENMAP01_L2A_{i:04d}", _enmap_lists, sparse=True),
+                    lambda i, rng: f"ENMAP01_L2A_{i:04d}", _enmap_lists, sparse=True,
+                    clouds=0.0),
     "floods": Layout("configs/datasets/example_floods.yaml", "chips", "chips",
                      lambda i, rng: f"{REGIONS[i % len(REGIONS)]}_{rng.integers(10**5, 10**6)}", _floods_lists,
-                     sparse=False),
+                     sparse=False, clouds=0.08),
 }
 
 
@@ -138,14 +143,31 @@ def _chip_splits(names: list[str], rng: np.random.Generator) -> dict[str, list[s
     return {split: order[a:b] for (split, _), a, b in zip(SPLIT_SHARES, bounds[:-1], bounds[1:])}
 
 
+def _landscape(name: str, spec, args):
+    """The generated scene the chips are cut from, its grid transform and CRS: one city of the demo generator
+    (``--generator citysynth``) or a FieldSynth landscape (``fields``), ``args.grid * args.chip`` px a side."""
+    from affine import Affine
+
+    from benchmarks.synth_fields import FieldSynth
+    from c2seg.data_prep.synth import with_format
+    from c2seg.data_prep.synth.city import CitySynth
+    from c2seg.data_prep.synth.writers import DEFAULT_CRS, city_transform
+
+    size = args.grid * args.chip
+    if args.generator == "fields":
+        origin = Affine(spec.grid_resolution_m, 0.0, 600000.0, 0.0, -spec.grid_resolution_m, 5300000.0)
+        return FieldSynth(spec, size, args.data_seed, cloud_share=LAYOUTS[name].clouds), origin, DEFAULT_CRS
+    city_spec = with_format(spec, "geotiff")
+    synth = CitySynth(city_spec, city_spec.cities[0], size, size, args.data_seed)
+    return (synth, *city_transform(city_spec, synth))
+
+
 def generate(name: str, root: Path, args) -> Path:
-    """Write the ``name`` stand-in under ``root`` (kept when its split lists exist): one generated city of
+    """Write the ``name`` stand-in under ``root`` (kept when its split lists exist): one generated scene of
     ``args.grid`` x ``args.grid`` chips of ``args.chip`` px, cut into chips in the layout's files."""
     from affine import Affine
 
-    from c2seg.data_prep.synth import with_format
-    from c2seg.data_prep.synth.city import CitySynth
-    from c2seg.data_prep.synth.writers import city_transform, label_codes
+    from c2seg.data_prep.synth.writers import label_codes
     from c2seg.raster import Window
     from c2seg.spec import load_spec
 
@@ -153,9 +175,7 @@ def generate(name: str, root: Path, args) -> Path:
     spec = load_spec(ROOT / layout.spec, data_root=root)
     if (root / ".complete").is_file():
         return root
-    city_spec = with_format(spec, "geotiff")
-    synth = CitySynth(city_spec, city_spec.cities[0], args.grid * args.chip, args.grid * args.chip, args.data_seed)
-    transform, crs = city_transform(city_spec, synth)
+    synth, transform, crs = _landscape(name, spec, args)
     rng = np.random.default_rng(args.data_seed)
     names = []
     files = spec.city(layout.train_city).files
@@ -210,6 +230,7 @@ def c2seg_arm(name: str, data: Path, prep: Path, run_dir: Path, seed: int, args)
     model_set = ["--set", f"model={ROOT / args.model}"] if args.model else []
     extra = ["--set", f"data.prep_dir={prep}", "--set", "init_from=null", "--set", "tracking.enabled=false", *model_set,
              "--set", f"seed={seed}", "--set", f"data.batch_size={args.batch}",
+             "--set", f"finetune.eval_every={args.eval_every}",
              "--resume", "auto", *[a for o in args.override for a in ("--set", o)]]
     t0 = time.perf_counter()
     val = _train("finetune", args.config, run_dir, args.steps, extra)
@@ -223,39 +244,52 @@ def c2seg_arm(name: str, data: Path, prep: Path, run_dir: Path, seed: int, args)
 
 
 # ---- the classical arms on the same pixels ----------------------------------------------------------------------
-def labelled_pixels(spec, normalizer, city: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+SPATIAL_MEANS = (3, 7)  # the spatial-spectral arm's windows: each pixel's bands and their 3 x 3 and 7 x 7 means
+
+
+def labelled_pixels(spec, normalizer, city: str, split: str, means: tuple[int, ...] = ()) -> tuple[np.ndarray,
+                                                                                                  np.ndarray]:
     """``(X, y)`` of every labelled pixel of ``city``'s chips of ``split``: the modalities' bands, read by the
-    product's readers and normalised with the prep's pooled statistics, side by side; y the class ids."""
+    product's readers and normalised with the prep's pooled statistics, and their chip's window ``means`` (as
+    c2seg's per-pixel head reads them), side by side; y the class ids."""
+    import torch
+
     from c2seg.data_prep.readers import open_city
+    from c2seg.train.models.segmenter import pixel_features
 
     xs, ys = [], []
     for scene in open_city(spec, city, split):
         with scene:
             label = scene.read_label()
             keep = label != spec.ignore_id
-            bands = np.concatenate([normalizer(m, scene.read(m)) for m in spec.modality_names])
+            bands = np.concatenate([pixel_features(torch.from_numpy(normalizer(m, scene.read(m)))[None].float(),
+                                                   means)[0].numpy() for m in spec.modality_names])
             xs.append(bands[:, keep].T)
             ys.append(label[keep])
     return np.concatenate(xs), np.concatenate(ys)
 
 
-def classical_arms(seed: int) -> dict[str, object]:
+def classical_arms(seed: int) -> dict[str, tuple[object, bool]]:
+    """Per arm: the classifier, and whether it reads the spatial-spectral features (SPATIAL_MEANS)."""
     from sklearn.ensemble import RandomForestClassifier
     from sklearn.linear_model import LogisticRegression
 
-    return {"logistic_regression": LogisticRegression(max_iter=2000, random_state=seed),
-            "random_forest": RandomForestClassifier(n_estimators=200, n_jobs=1, random_state=seed)}
+    return {"logistic_regression": (LogisticRegression(max_iter=2000, random_state=seed), False),
+            "random_forest": (RandomForestClassifier(n_estimators=200, n_jobs=1, random_state=seed), False),
+            "logistic_regression_3x3_7x7": (LogisticRegression(max_iter=2000, random_state=seed), True)}
 
 
 @dataclass(frozen=True)
 class Pixels:
-    """The labelled pixels the classical arms learn from (train split) and are scored on (test split), and the
-    scored class ids."""
+    """The labelled pixels the classical arms learn from (train split) and are scored on (test split): their
+    bands, then those with their window means; and the scored class ids."""
 
     x: np.ndarray
     y: np.ndarray
     x_test: np.ndarray
     y_test: np.ndarray
+    x_means: np.ndarray
+    x_test_means: np.ndarray
     class_ids: list[int]
 
 
@@ -269,15 +303,18 @@ def read_pixels(name: str, data: Path, prep: Path) -> Pixels:
     normalizer = load_manifest(prep).normalizer()
     x, y = labelled_pixels(spec, normalizer, layout.train_city, "train")
     x_test, y_test = labelled_pixels(spec, normalizer, layout.test_city, "test")
-    return Pixels(x, y, x_test, y_test, spec.scored_class_ids)
+    x_means, _ = labelled_pixels(spec, normalizer, layout.train_city, "train", SPATIAL_MEANS)
+    x_test_means, _ = labelled_pixels(spec, normalizer, layout.test_city, "test", SPATIAL_MEANS)
+    return Pixels(x, y, x_test, y_test, x_means, x_test_means, spec.scored_class_ids)
 
 
 def classical(pixels: Pixels, seed: int) -> dict[str, dict]:
     from c2seg.metrics import confusion_matrix, scores_from_confusion
 
-    x, y, x_test, y_test = pixels.x, pixels.y, pixels.x_test, pixels.y_test
+    y, y_test = pixels.y, pixels.y_test
     out = {}
-    for arm, clf in classical_arms(seed).items():
+    for arm, (clf, spatial) in classical_arms(seed).items():
+        x, x_test = (pixels.x_means, pixels.x_test_means) if spatial else (pixels.x, pixels.x_test)
         t0 = time.perf_counter()
         clf.fit(x, y)
         seconds = time.perf_counter() - t0
@@ -322,10 +359,10 @@ def table(result: dict) -> str:
     lines = [f"{result['dataset']}: seeds {result['seeds']}, c2seg {result['steps']} steps of {result['config']}"
              + (f" with {result['model']}" if result["model"] else "")
              + (f", --set {' '.join(result['overrides'])}" if result["overrides"] else ""),
-             f"  {'arm':<22}{'mIoU':>8}{'OA':>8}{'train s':>10}"]
+             f"  {'arm':<30}{'mIoU':>8}{'OA':>8}{'train s':>10}"]
     for arm in arms:
         miou, oa = 100 * _mean(runs, arm, "test", "miou"), 100 * _mean(runs, arm, "test", "oa")
-        lines.append(f"  {arm:<22}{miou:>7.1f}%{oa:>7.1f}%{_mean(runs, arm, 'train_s'):>10.1f}")
+        lines.append(f"  {arm:<30}{miou:>7.1f}%{oa:>7.1f}%{_mean(runs, arm, 'train_s'):>10.1f}")
     best = max((a for a in arms if a != "c2seg"), key=lambda a: _mean(runs, a, "test", "miou"))
     d_miou = 100 * (_mean(runs, "c2seg", "test", "miou") - _mean(runs, best, "test", "miou"))
     d_oa = 100 * (_mean(runs, "c2seg", "test", "oa") - _mean(runs, best, "test", "oa"))
@@ -345,6 +382,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0],
                         help="training seeds (c2seg's seed, the classifiers' random_state); reported per seed")
     parser.add_argument("--data-seed", type=int, default=0, help="seed of the generated city, chip splits and labels")
+    parser.add_argument("--generator", choices=["citysynth", "fields"], default="citysynth",
+                        help="stand-in generator: the demo's city (default) or benchmarks/synth_fields.py's "
+                             "landscape of mixed-material fields, clouds on the floods chips and SAR speckle")
     parser.add_argument("--grid", type=int, default=6, help="chips per side of the generated city (default 6: 36)")
     parser.add_argument("--chip", type=int, default=64, help="chip side in px (the example specs' tile size)")
     parser.add_argument("--squares", type=int, default=4, help="enmap: labelled squares per chip")
@@ -356,6 +396,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=120,
                         help="c2seg fine-tuning steps (default 120: a few minutes on 2 cores)")
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--eval-every", type=int, default=20,
+                        help="c2seg's validation interval in steps (the recipe keeps the weights of the best val "
+                             "mIoU, the fitted start included, and those are exported)")
     parser.add_argument("--config", default=SMALL_LABELLED,
                         help="c2seg's training config (default: the guide's recipe for small labelled sets: the demo "
                              "model with a per-pixel head fitted first, no radiometric augmentation)")

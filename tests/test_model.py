@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from c2seg.config import ConfigError
+from c2seg.errors import C2SegError
 from c2seg.spec import load_spec
 from c2seg.train.cli import count_parameters
 from c2seg.train.config import ModelConfig, PretrainConfig, load_model_config
@@ -208,6 +209,12 @@ def test_model_config_rejects_unknown_keys_and_bad_values(tmp_path):
         load_model_config(bad)
     bad.write_text("name: x\nembed_dim: 64\ndepth: 2\nnum_heads: 5\n")
     with pytest.raises(ConfigError, match="not divisible"):
+        load_model_config(bad)
+    bad.write_text("name: x\nembed_dim: 64\ndepth: 2\nnum_heads: 4\npixel_head: true\npixel_head_means: [3, 4]\n")
+    with pytest.raises(C2SegError, match=r"pixel_head_means must be odd window sides >= 3, got \[3, 4\]"):
+        load_model_config(bad)
+    bad.write_text("name: x\nembed_dim: 64\ndepth: 2\nnum_heads: 4\npixel_head_means: [3]\n")
+    with pytest.raises(C2SegError, match="pixel_head_means needs pixel_head: true"):
         load_model_config(bad)
 
 

@@ -3,13 +3,16 @@ regression it fits (its optimum, at 1 and at 2 ranks), and the head it sets."""
 
 from __future__ import annotations
 
+import json
 import textwrap
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from c2seg.train.models.segmenter import pixel_features
 from c2seg.train.pixel_fit import fit_logistic, fit_pixel_head, sample_labelled_pixels
+from c2seg.train.weights import read_weights
 from tests.fixtures_train import ROOT, checkpoint_tensors, run_script_ranks, run_train, tiny_args
 
 IGNORE = 255
@@ -48,8 +51,12 @@ def test_every_labelled_pixel_is_sampled_below_the_cap_and_a_seeded_sample_above
 
 
 def _objective_gradient(x, y, weight, bias) -> torch.Tensor:
-    w, b = weight.double().requires_grad_(), bias.double().requires_grad_()
-    loss = F.cross_entropy(x.double() @ w.T + b, y) + ((w ** 2).sum() + (b ** 2).sum()) / (2 * len(y))
+    """The gradient of scikit-learn's objective at C = 1 (mean cross-entropy, L2 / N on the weights only) over
+    the classes the pixels have."""
+    present = torch.bincount(y, minlength=len(bias)) > 0
+    w, b = weight[present].double().requires_grad_(), bias[present].double().requires_grad_()
+    column = torch.cumsum(present, 0) - 1  # a present class's column among the present ones
+    loss = F.cross_entropy(x.double() @ w.T + b, column[y]) + (w ** 2).sum() / (2 * len(y))
     loss.backward()
     return torch.cat([w.grad.reshape(-1), b.grad])
 
@@ -59,6 +66,7 @@ def test_the_fit_is_the_l2_logistic_regression_optimum():
     weight, bias = fit_logistic(x, y, num_logits=4)  # a 4th logit (unscored) that no pixel has
     assert weight.shape == (4, 5) and bias.shape == (4,)
     assert _objective_gradient(x, y, weight, bias).abs().max() < 1e-5  # stationary: the (convex) optimum
+    assert not weight[3].any() and bias[3] == bias[:3].min() - 10  # the class no pixel has: never the likeliest
     assert weight[:, 0].argmax() == 2 and weight[:, 0].argmin() == 0  # band 0 grows with the class
     accuracy = float(((x @ weight.T + bias).argmax(1) == y).float().mean())
     assert round(accuracy * len(y)) == 264 and len(y) == 360
@@ -71,18 +79,38 @@ def test_no_labelled_pixel_is_one_clear_error():
         fit_logistic(x, y, 3)
 
 
-def test_the_head_gives_the_fitted_logits():
+def test_pixel_features_are_the_bands_then_their_window_means_inside_the_tile():
+    bands = torch.arange(16.0).reshape(1, 1, 4, 4)
+    features = pixel_features(bands, (3,))
+    assert features.shape == (1, 2, 4, 4)
+    assert torch.equal(features[0, 0], bands[0, 0])
+    assert features[0, 1].tolist() == [[2.5, 3.0, 4.0, 4.5], [4.5, 5.0, 6.0, 6.5], [8.5, 9.0, 10.0, 10.5],
+                                       [10.5, 11.0, 12.0, 12.5]]  # a corner: the mean of its 4 pixels in the tile
+    assert torch.equal(pixel_features(bands, ()), bands)
+
+
+def test_sampled_pixels_carry_the_window_means_after_the_bands():
+    plain, _ = sample_labelled_pixels(_batches(), ["a", "b"], KEEP, 10_000, seed=0)
+    x, _ = sample_labelled_pixels(_batches(), ["a", "b"], KEEP, 10_000, seed=0, means=(3, 5))
+    assert x.shape == (plain.shape[0], 3 * 3 + 2 * 3)  # per modality: bands, 3 x 3 means, 5 x 5 means
+    assert torch.equal(x[:, :3], plain[:, :3]) and torch.equal(x[:, 9:11], plain[:, 3:])
+
+
+@pytest.mark.parametrize("means", [(), (3,)])
+def test_the_head_gives_the_fitted_logits(means):
     from torch import nn
 
+    width = 1 + len(means)
     module = nn.Module()
-    module.pixel = nn.ModuleDict({"a": nn.Conv2d(3, 4, 1), "b": nn.Conv2d(2, 4, 1)})
-    fit_pixel_head(module, _batches(), ["a", "b"], KEEP, 4, max_pixels=10_000, seed=0, rank=0)
-    x, y = sample_labelled_pixels(_batches(), ["a", "b"], KEEP, 10_000, seed=0)
+    module.pixel = nn.ModuleDict({"a": nn.Conv2d(3 * width, 4, 1), "b": nn.Conv2d(2 * width, 4, 1)})
+    fit_pixel_head(module, _batches(), ["a", "b"], KEEP, 4, max_pixels=10_000, seed=0, rank=0, means=means)
+    x, y = sample_labelled_pixels(_batches(), ["a", "b"], KEEP, 10_000, seed=0, means=means)
     weight, bias = fit_logistic(x, y, 4)
     batch = _batches(seed=5, n=1)[0]
+    features = {m: pixel_features(batch[m], means) for m in ("a", "b")}
     with torch.no_grad():
-        logits = module.pixel["a"](batch["a"]) + module.pixel["b"](batch["b"])
-    bands = torch.cat([batch["a"], batch["b"]], 1).permute(0, 2, 3, 1)
+        logits = module.pixel["a"](features["a"]) + module.pixel["b"](features["b"])
+    bands = torch.cat([features["a"], features["b"]], 1).permute(0, 2, 3, 1)
     torch.testing.assert_close(logits.permute(0, 2, 3, 1), bands @ weight.T + bias, atol=1e-5, rtol=1e-5)
 
 
@@ -112,14 +140,16 @@ def test_two_ranks_fit_one_head_the_same_as_one_rank_on_all_pixels():
 
 def test_a_two_rank_finetune_starts_from_the_fit_of_its_source_train_pixels(tiny_prepared, tmp_path):
     """Through the CLI, 2 ranks, ZeRO-2: the fit runs before the engine, so the optimizer's own copies start from
-    it (lr 0 keeps it through the step), and it is the fit of the source cities' labelled train pixels."""
+    it (lr 0 keeps it through the step), and it is the fit of the source cities' labelled train pixels; with
+    keep_best, the start is validated and kept by both ranks together (rank 0 writes it)."""
     from c2seg.train.data import PreparedData
 
     model = tmp_path / "tiny_pixel.yaml"
     model.write_text((ROOT / "configs/models/tiny.yaml").read_text() + "pixel_head: true\n")
     run = tmp_path / "run"
     proc = run_train(tiny_args("finetune", tiny_prepared, run, f"model={model}", "finetune.adapt=false",
-                               "finetune.pixel_head_init=fit", "optim.lr=0", "steps=1", "checkpoint_every=1"),
+                               "finetune.pixel_head_init=fit", "optim.lr=0", "steps=1", "checkpoint_every=1",
+                               "finetune.keep_best=true", "finetune.eval_every=1"),
                      nproc=2)
     assert proc.stderr.count("per-pixel head fitted to") == 2  # each rank its share
     _, tensors = checkpoint_tensors(run)
@@ -133,6 +163,9 @@ def test_a_two_rank_finetune_starts_from_the_fit_of_its_source_train_pixels(tiny
     assert not tensors[f"state_dict.pixel.{names[1]}.bias"].any()  # the bias is the first modality's
     # the optimum of those pixels' objective (where L-BFGS stops in its flat valley depends on the ranks' sums)
     assert _objective_gradient(x, y, weight, bias).abs().max() < 1e-4
+    assert json.loads((run / "best" / "score.json").read_text())["step"] == 0
+    assert torch.equal(read_weights(run / "best" / "weights.pt").state_dict[f"pixel.{names[0]}.bias"],
+                       tensors[f"state_dict.pixel.{names[0]}.bias"])  # lr 0: the start is the step-1 model
 
 
 def test_the_fit_needs_a_model_with_a_pixel_head(tiny_prepared, tmp_path):

@@ -39,6 +39,7 @@ from c2seg.train.weights import CheckpointError, Weights, first_line, read_weigh
 
 log = logging.getLogger("c2seg.train")
 STATE_FILE = "train_state.json"
+BEST_DIR = "best"  # finetune.keep_best's weights, in the run dir
 # model config keys that do not change the weights' layout: a run may resume with other values
 NOT_ARCHITECTURE = ("name", "activation_checkpointing", "modality_dropout")
 
@@ -136,6 +137,35 @@ def save_checkpoint(engine, output_dir: str | Path, state: dict[str, Any], weigh
         log.info("checkpoint saved: %s", path)
     barrier()
     return path
+
+
+class BestWeights:
+    """``finetune.keep_best``: the weights of the best val mIoU so far, in OUTPUT/best/weights.pt (a weights file
+    of kind ``checkpoint``, its step and score in OUTPUT/best/score.json). A resumed run compares with the kept
+    score; a ``fresh`` run drops what an earlier run of the folder kept. Only rank 0's score decides."""
+
+    def __init__(self, output_dir: str | Path, enabled: bool, weights_meta: dict[str, Any], fresh: bool) -> None:
+        self.dir, self.enabled, self.meta = Path(output_dir) / BEST_DIR, enabled, weights_meta
+        if enabled and fresh and rank() == 0:
+            shutil.rmtree(self.dir, ignore_errors=True)
+        score = self.dir / "score.json"
+        self.score = json.loads(score.read_text())["val_miou"] if enabled and score.is_file() else -float("inf")
+
+    def offer(self, engine, step: int, values: dict[str, float]) -> None:
+        """Keep the model at ``step`` if its ``values`` (rank 0's validation) beat the kept score (collective:
+        every rank calls it)."""
+        if not self.enabled:
+            return
+        miou = values.get("val_miou", -float("inf"))
+        if not any_rank(miou > self.score):
+            return
+        weights = full_state_dict(engine, rank0_only=True)
+        if rank() == 0:
+            save_weights(self.dir / "weights.pt", Weights(kind="checkpoint", step=step, state_dict=weights,
+                                                          **self.meta))
+            write_text_atomic(self.dir / "score.json", json.dumps({"step": step, "val_miou": miou}))
+            log.info("step %d: best val mIoU so far (%.3f), weights kept in %s", step, miou, self.dir)
+            self.score = miou
 
 
 def resolve_resume(resume: str | None, output_dir: str | Path) -> Path | None:

@@ -41,8 +41,10 @@ def register(stages: argparse._SubParsersAction) -> None:
                        "model config, dataset spec, normalisation) loadable without DeepSpeed.")
     p.add_argument("--run-dir", required=True, type=Path, help="output_dir of a finetune run")
     p.add_argument("--out", required=True, type=Path, help="model file to write, e.g. models/adapted.pt")
-    p.add_argument("--weights", choices=("student", "ema"), default="student",
-                   help="export the trained student (validated; default) or the EMA teacher")
+    p.add_argument("--weights", choices=("auto", "student", "ema", "best"), default="auto",
+                   help="student: the trained student of the newest checkpoint (the validated model); ema: its "
+                   "mean teacher; best: the student of the best val mIoU (finetune.keep_best); auto (default): "
+                   "best when the run kept one, else student")
     p.set_defaults(func=_export)
     p = sub.add_parser("params", help="print a model config's parameter count for a dataset spec",
                        description="Build the model on the meta device (no memory) and print its parameter "

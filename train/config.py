@@ -36,6 +36,9 @@ class ModelConfig:
     # + a per-pixel linear classifier of the input bands, added to the logits (zero at the start): the
     # per-pixel model hyperspectral users compare against, inside the segmenter (train/models/segmenter.py)
     pixel_head: bool = False
+    # sides (odd, px) of the windows whose band means the per-pixel head also reads beside each pixel's own
+    # bands, e.g. [3, 7]: a linear classifier of spatial-spectral features, as classical HSI pipelines use
+    pixel_head_means: tuple[int, ...] = ()
     qkv_bias: bool = True
     # fine-tuning: chance of dropping one modality from a batch (a model that must also serve cities missing a
     # modality). Off: it cost the source-only model 12 points of whole-city mIoU on the shift suite's haze pair
@@ -56,6 +59,10 @@ class ModelConfig:
             raise C2SegError("embed_dim must be a multiple of 4 and the head size even")
         if self.patch_size < 1 or self.patch_size & (self.patch_size - 1):
             raise C2SegError(f"patch_size must be a power of two, got {self.patch_size}")
+        if any(k < 3 or k % 2 == 0 for k in self.pixel_head_means):
+            raise C2SegError(f"pixel_head_means must be odd window sides >= 3, got {list(self.pixel_head_means)}")
+        if self.pixel_head_means and not self.pixel_head:
+            raise C2SegError("pixel_head_means needs pixel_head: true")
 
 
 @dataclass(frozen=True)
@@ -214,6 +221,10 @@ class FinetuneConfig:
     mix: Literal["classmix", "none"] = "classmix"
     eval_every: int = bounded(50, ge=1)
     eval_batches: int | None = bounded(None, ge=1)  # per rank; None: the whole val split
+    # keep the weights of the best val mIoU, the start of the run (step 0) included, in OUTPUT/best/ (early
+    # stopping on val: on a small labelled set the context can overfit until the model is worse than its
+    # fitted per-pixel head alone); `train export` then exports them
+    keep_best: bool = False
 
     def __post_init__(self) -> None:
         check_bounds(self)

@@ -14,7 +14,7 @@ import torch
 
 from c2seg.errors import C2SegError
 from c2seg.spec import DatasetSpec, spec_from_dict
-from c2seg.train.checkpoint import CheckpointError, load_weights
+from c2seg.train.checkpoint import BEST_DIR, CheckpointError, load_weights
 from c2seg.train.config import ModelConfig, model_config_from_dict
 from c2seg.train.models import FusionSegmenter
 from c2seg.train.weights import Weights, read_weights, save_weights
@@ -48,10 +48,16 @@ class ExportedModel:
         return self.city_normalization[city]
 
 
-def export_model(run_dir: str | Path, out: str | Path, weights: str = "student") -> Path:
-    """Write the newest checkpoint of a finetune run as an exported model file. ``weights``: ``student``
-    (the validated model) or ``ema`` (the mean teacher)."""
-    saved = load_weights(run_dir)
+def export_model(run_dir: str | Path, out: str | Path, weights: str = "auto") -> Path:
+    """Write a finetune run's weights as an exported model file. ``weights``: ``student`` (the validated model
+    of the newest checkpoint), ``ema`` (its mean teacher), ``best`` (the student of the best val mIoU, kept by
+    ``finetune.keep_best``), or ``auto``: ``best`` when the run kept one, else ``student``."""
+    best = Path(run_dir) / BEST_DIR / "weights.pt"
+    if weights == "auto":
+        weights = "best" if best.is_file() else "student"
+    if weights == "best" and not best.is_file():
+        raise CheckpointError(f"{run_dir}: the run kept no best weights (finetune.keep_best was off)")
+    saved = load_weights(best if weights == "best" else run_dir)
     if saved.task != "finetune":
         raise CheckpointError(f"{run_dir}: a {saved.task} run has no segmentation head; export a "
                               "finetune run (pretrained encoders are used with init_from)")

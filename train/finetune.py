@@ -254,9 +254,13 @@ class FinetuneTask(Task):
         batches = self.data.each_tile_once("train", self.sources, self.cfg.data.batch_size, rank, world_size())
         try:
             fit_pixel_head(self.module, batches, list(self.spec.modality_names), self.scored, self.spec.num_logits,
-                           self.ft.pixel_fit_pixels, self.cfg.seed, rank, self.class_weights)
+                           self.ft.pixel_fit_pixels, self.cfg.seed, rank, self.class_weights,
+                           self.model_cfg.pixel_head_means)
         except ValueError as exc:
             raise C2SegError(f"finetune.pixel_head_init=fit: {exc} in the train split of {self.sources}") from exc
+        with torch.no_grad():  # the context starts silent: at step 0 the model is the fitted per-pixel classifier
+            self.module.head.classifier.weight.zero_()
+            self.module.head.classifier.bias.zero_()
 
     def start(self, engine, first_batch: int) -> None:
         d = self.cfg.data
@@ -420,7 +424,7 @@ class FinetuneTask(Task):
         ema_update(self.teacher.state_dict(), iter_full_state(engine), ema_decay_at(step, self.ft.ema_decay))
 
     def wants_validation(self, step: int) -> bool:
-        return step % self.ft.eval_every == 0
+        return step % self.ft.eval_every == 0 and (step > 0 or self.ft.keep_best)
 
     def validate(self, engine, step: int, tracker) -> dict[str, float]:
         """Scores of the student on the val split of the validation cities (every rank a share; confusion

@@ -28,8 +28,8 @@ from tqdm import tqdm
 from c2seg.config import to_dict
 from c2seg.distributed import leave_process_group, mean_over_ranks, world_size
 from c2seg.spec import DatasetSpec
-from c2seg.train.checkpoint import (StopRequest, check_same_model, load_checkpoint, load_weights, resolve_resume,
-                              save_checkpoint, saved_state)
+from c2seg.train.checkpoint import (BestWeights, StopRequest, check_same_model, load_checkpoint, load_weights,
+                                    resolve_resume, save_checkpoint, saved_state)
 from c2seg.train.config import ModelConfig, TrainConfig, load_model_config
 from c2seg.train.determinism import data_wait_seconds, seed_micro_batch
 from c2seg.train.engine import create_engine, init_distributed
@@ -206,6 +206,9 @@ def run_training(cfg: TrainConfig, make_task, data, resume: str | None = None,
     gas = cfg.deepspeed.gradient_accumulation_steps
     task.start(engine, step * gas)
     step_log = _StepLog(cfg, task.name, step, env.rank, tracker)
+    best = BestWeights(out, cfg.finetune.keep_best and task.name == "finetune", weights_meta, fresh=ckpt is None)
+    if step == 0 and task.wants_validation(0):
+        best.offer(engine, 0, task.validate(engine, 0, tracker))
     while step < cfg.steps:
         logs = _train_step(task, engine, cfg, env.rank, step)
         step += 1
@@ -216,7 +219,7 @@ def run_training(cfg: TrainConfig, make_task, data, resume: str | None = None,
                                           "zero_stage": cfg.deepspeed.zero_stage}, weights_meta,
                             task.extra_weights(), cfg.keep_checkpoints)
         if not stopping and (task.wants_validation(step) or step == cfg.steps):
-            task.validate(engine, step, tracker)
+            best.offer(engine, step, task.validate(engine, step, tracker))
         if stopping and step < cfg.steps:
             log.warning("stopped at step %d after a signal; continue with --resume auto", step)
             tracker.close("KILLED")

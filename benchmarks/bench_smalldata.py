@@ -294,18 +294,27 @@ class Pixels:
 
 
 def read_pixels(name: str, data: Path, prep: Path) -> Pixels:
-    """The stand-in's labelled train and test pixels, read once for every seed."""
+    """The stand-in's labelled train and test pixels, read once (with their window means) for every seed."""
     from c2seg.data_prep.manifest import load_manifest
     from c2seg.spec import load_spec
 
     layout = LAYOUTS[name]
     spec = load_spec(ROOT / layout.spec, data_root=data)
     normalizer = load_manifest(prep).normalizer()
-    x, y = labelled_pixels(spec, normalizer, layout.train_city, "train")
-    x_test, y_test = labelled_pixels(spec, normalizer, layout.test_city, "test")
-    x_means, _ = labelled_pixels(spec, normalizer, layout.train_city, "train", SPATIAL_MEANS)
-    x_test_means, _ = labelled_pixels(spec, normalizer, layout.test_city, "test", SPATIAL_MEANS)
-    return Pixels(x, y, x_test, y_test, x_means, x_test_means, spec.scored_class_ids)
+    x_means, y = labelled_pixels(spec, normalizer, layout.train_city, "train", SPATIAL_MEANS)
+    x_test_means, y_test = labelled_pixels(spec, normalizer, layout.test_city, "test", SPATIAL_MEANS)
+    bands = _band_columns(spec, SPATIAL_MEANS)
+    return Pixels(x_means[:, bands], y, x_test_means[:, bands], y_test, x_means, x_test_means, spec.scored_class_ids)
+
+
+def _band_columns(spec, means: tuple[int, ...]) -> np.ndarray:
+    """The columns of the pixels' own bands among the features with window ``means`` (per modality: its bands,
+    then their means, as :func:`labelled_pixels` lays them out)."""
+    width, columns, start = 1 + len(means), [], 0
+    for m in spec.modalities:
+        columns.extend(range(start, start + m.channels))
+        start += m.channels * width
+    return np.array(columns)
 
 
 def classical(pixels: Pixels, seed: int) -> dict[str, dict]:

@@ -9,7 +9,8 @@ from argparse import Namespace
 import numpy as np
 import pytest
 
-from benchmarks.bench_smalldata import LAYOUTS, ROOT, _mixed, _sparse, generate, labelled_pixels
+from benchmarks.bench_smalldata import (LAYOUTS, ROOT, SPATIAL_MEANS, _band_columns, _mixed, _sparse, generate,
+                                       labelled_pixels)
 from c2seg.data_prep.readers import open_city
 from c2seg.raster import Window
 from c2seg.spec import load_spec
@@ -28,6 +29,9 @@ def test_stand_in_is_read_by_the_example_spec(tmp_path, name, generator):
     identity = type("Identity", (), {"__call__": lambda self, m, v: v})()
     x, y = labelled_pixels(spec, identity, layout.train_city, "train")
     assert x.shape == (len(y), sum(m.channels for m in spec.modalities))
+    with_means, _ = labelled_pixels(spec, identity, layout.train_city, "train", SPATIAL_MEANS)
+    assert with_means.shape == (len(y), 3 * x.shape[1])
+    assert np.array_equal(with_means[:, _band_columns(spec, SPATIAL_MEANS)], x)  # the bands, found among them
     assert set(np.unique(y)) <= set(spec.scored_class_ids)
     # enmap: sparse labels, two 3 x 3 squares on each of the 2 train chips (here not overlapping); floods: every
     # pixel of the 2 train chips of 16 x 16 px
@@ -80,7 +84,7 @@ def test_field_synth_is_deterministic_and_labels_whole_fields():
     assert np.array_equal(window["s2"], data["s2"][:, 8:18, 16:28])
 
 
-def test_field_synth_clouds_cover_the_optical_bands_only():
+def test_field_synth_clouds_brighten_the_optical_bands_and_keep_the_labels():
     _, clear = _field_synth()
     _, cloudy = _field_synth(cloud_share=0.25)
     cloud = cloudy.cloud

@@ -43,6 +43,23 @@ def test_a_run_that_never_beats_its_start_exports_the_fitted_per_pixel_classifie
         torch.testing.assert_close(exported.model(inputs), pixel_only)
 
 
+def test_the_kept_weights_are_those_of_the_best_validation(tiny_prepared, tmp_path):
+    """A training run (lr > 0) validated at every step: the kept step is the first of the best val mIoU logged,
+    and the exported model is the checkpoint of that step."""
+    run = tmp_path / "run"
+    run_train(tiny_args("finetune", tiny_prepared, run, "finetune.adapt=false", "finetune.keep_best=true",
+                        "finetune.eval_every=1", "optim.lr=3e-3", "steps=4", "checkpoint_every=1",
+                        "keep_checkpoints=5"))
+    vals = [json.loads(line) for line in (run / "val_metrics.jsonl").read_text().splitlines()]
+    best = max(vals, key=lambda v: v["miou"])  # the first of the best: a tie does not replace
+    assert json.loads((run / "best" / "score.json").read_text()) == {"step": best["step"], "val_miou": best["miou"]}
+    assert best["step"] > 0  # 4 steps improve on the random start here, so a later step replaced it
+    kept = read_weights(run / "best" / "weights.pt")
+    at_step = read_weights(run / "checkpoints" / f"step_{best['step']:08d}" / "weights.pt")
+    assert kept.step == best["step"]
+    assert all(torch.equal(kept.state_dict[k], at_step.state_dict[k]) for k in kept.state_dict)
+
+
 def test_a_resumed_run_keeps_the_better_score_it_saved(tmp_path):
     (tmp_path / "best").mkdir()
     (tmp_path / "best" / "score.json").write_text(json.dumps({"step": 40, "val_miou": 0.9}))

@@ -206,7 +206,7 @@ def run_training(cfg: TrainConfig, make_task, data, resume: str | None = None,
     gas = cfg.deepspeed.gradient_accumulation_steps
     task.start(engine, step * gas)
     step_log = _StepLog(cfg, task.name, step, env.rank, tracker)
-    best = BestWeights(out, cfg.finetune.keep_best and task.name == "finetune", weights_meta, fresh=ckpt is None)
+    best = BestWeights(out, cfg.finetune.keep_best, weights_meta, fresh=ckpt is None)
     if step == 0 and task.wants_validation(0):
         best.offer(engine, 0, task.validate(engine, 0, tracker))
     while step < cfg.steps:
